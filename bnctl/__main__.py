@@ -1,0 +1,3 @@
+from bnctl.cli import main
+
+main()

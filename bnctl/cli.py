@@ -1,0 +1,263 @@
+"""bnctl's command line: each command parses, calls one library function, and reports.
+
+Heavy imports (torch, matplotlib) happen inside the commands that need them so
+that `bnctl --help` and `bnctl plot` start quickly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+from bnctl.errors import BnctlError
+
+app = typer.Typer(
+    name="bnctl",
+    help="Run, compare and understand Batch Normalization experiments on CNNs.\n\n"
+         "Quick start:  bnctl train --config configs/quickstart.yaml",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _reports_errors(command: Callable) -> Callable:
+    """Turn bnctl's known errors into a short message and exit code; no traceback unless --debug."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except BnctlError as err:
+            if _state["debug"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+        except Exception as err:  # a bug in bnctl or an environment problem: still no wall of text by default
+            if _state["debug"]:
+                raise
+            err_console.print(f"[bold red]internal error:[/] {type(err).__name__}: {err}\n"
+                              "run again with `bnctl --debug ...` for the traceback", soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+# ------------------------------------------------------------------ train
+
+class _RichReporter:
+    """A progress bar during each epoch and one table row when it ends."""
+
+    COLUMNS = [("epoch", 5), ("train loss", 10), ("train acc", 9), ("test loss", 9), ("test acc", 8),
+               ("lr", 9), ("time", 7), ("img/s", 7)]
+
+    def __init__(self, total_epochs: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.total_epochs = total_epochs
+        self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}/" + str(total_epochs)), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+                                 console=console, transient=True)
+        self.task = None
+        self.header_shown = False
+
+    def epoch_start(self, epoch: int, steps: int) -> None:
+        if not self.header_shown:
+            console.print("[bold]" + "  ".join(f"{name:>{w}}" for name, w in self.COLUMNS))
+            self.header_shown = True
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=steps, epoch=epoch, loss="-")
+
+    def step(self, done: int, loss: float) -> None:
+        self.progress.update(self.task, completed=done, loss=f"{loss:.3f}")
+
+    def epoch_end(self, row: dict[str, Any]) -> None:
+        self.progress.remove_task(self.task)
+        self.progress.stop()
+        cells = [f"{row['epoch']}", f"{row['train_loss']:.4f}", f"{row['train_acc']:.2f}%", f"{row['test_loss']:.4f}",
+                 f"{row['test_acc']:.2f}%", f"{row['lr']:.2e}", f"{row['epoch_time_s']:.1f}s",
+                 f"{row['images_per_s']:.0f}"]
+        console.print("  ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, self.COLUMNS)))
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _resume_config(run_dir: Path, overrides: list[str]):
+    from bnctl import config as config_mod
+
+    allowed = {"train.epochs", "device"}
+    parsed = config_mod.parse_overrides(overrides)
+    changed = sorted(set(parsed) - allowed)
+    if changed:
+        raise BnctlError(f"--resume continues a run as configured; only {', '.join(sorted(allowed))} may change "
+                         f"(got {', '.join(changed)}). Start a new run to change anything else.")
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise BnctlError(f"{run_dir} is not a bnctl run directory (no config.yaml)")
+    return config_mod.load(cfg_path, overrides)
+
+
+@app.command()
+@_reports_errors
+def train(
+    overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                                    help="Override config keys, e.g. optimizer.lr=0.01 train.epochs=5"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML experiment config."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Exact run directory (must be new or empty)."),
+    runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where new run directories are created."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
+) -> None:
+    """Train a model as a YAML config describes; write metrics, checkpoints and curves to a run directory."""
+    from bnctl import config as config_mod
+
+    overrides = overrides or []
+    if resume is None and config is None:
+        raise BnctlError("give --config FILE (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
+    if resume is not None and (config is not None or run_dir is not None):
+        raise BnctlError("--resume takes its config from the run directory; drop --config/--run-dir")
+    if resume is not None:
+        cfg = _resume_config(resume, overrides)
+        summary_path = resume / "summary.json"
+        done = json.loads(summary_path.read_text()).get("epochs_completed", 0) if summary_path.is_file() else 0
+        if done >= cfg.train.epochs:
+            console.print(f"{resume} already completed {done} epoch(s); nothing to do "
+                          f"(extend it with: bnctl train --resume {resume} train.epochs=N)")
+            return
+    else:
+        cfg = config_mod.load(config, overrides)
+
+    from bnctl import engine, plotting  # heavy imports only once the config is known to be valid
+    from bnctl.diagnostics import BNProbe
+
+    reporter = _RichReporter(cfg.train.epochs)
+    started: dict[str, Path] = {}
+
+    def announce(path: Path) -> None:
+        started["dir"] = path
+        verb = "resuming" if resume is not None else "run directory"
+        console.print(f"[dim]{verb}:[/] {path}")
+
+    try:
+        result = engine.fit(cfg, runs_root=runs_root, run_dir=run_dir, resume=resume, reporter=reporter,
+                            on_run_dir=announce, probe_factory=BNProbe.for_experiment)
+    finally:
+        reporter.close()
+        if "dir" in started and (started["dir"] / "metrics.csv").is_file():
+            try:
+                plotting.plot_run(started["dir"])
+            except BnctlError:
+                pass  # no complete epoch yet: nothing to draw
+    best = result.summary["best"]
+    console.print(f"[bold green]done[/] best test accuracy {best['test_acc']:.2f}% at epoch {best['epoch']} "
+                  f"in {result.summary['wall_time_s']:.1f}s")
+    console.print(str(result.run_dir))
+
+
+# ------------------------------------------------------------------ eval
+
+@app.command("eval")
+@_reports_errors
+def eval_(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint, e.g. RUN_DIR/checkpoints/best.pt"),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Override data.root stored in the checkpoint."),
+    device: Optional[str] = typer.Option(None, "--device", help="Evaluate on this device instead of the run's."),
+    bn_mode: str = typer.Option("running", "--bn-mode",
+                                help="running: BN uses population statistics (correct). "
+                                     "batch: each test batch's own statistics (what a model left in train mode does)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Test batch size (matters for --bn-mode batch)."),
+    recalibrate: int = typer.Option(0, "--recalibrate", min=0,
+                                    help="Recompute BN statistics from N training images first (precise BN)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Evaluate a checkpoint on the test split in eval mode; write eval.json and confusion.png."""
+    from bnctl import engine, plotting, rundir
+
+    if bn_mode not in ("running", "batch"):
+        raise BnctlError(f"unknown --bn-mode '{bn_mode}'; choose running or batch")
+    result = engine.evaluate_checkpoint(checkpoint, data_root=data_root, device=device, bn_mode=bn_mode,
+                                        batch_size=batch_size, recalibrate=recalibrate)
+    out_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    eval_path = out_dir / "eval.json"
+    rundir.write_json(eval_path, result)
+    plotting.plot_confusion(eval_path)
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{checkpoint} (epoch {result['epoch']}, BN mode: {bn_mode})", title_justify="left")
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    for cls, acc in result["per_class_acc"].items():
+        table.add_row(cls, f"{acc:.2f}%")
+    console.print(table)
+    if "recalibration" in result:
+        rec = result["recalibration"]
+        console.print(f"before recalibration: accuracy {rec['before_acc']:.2f}%  loss {rec['before_loss']:.4f}  "
+                      f"(recalibrated on {rec['images']} training images)")
+    console.print(f"[bold]test loss {result['loss']:.4f}  accuracy {result['acc']:.2f}%[/]  "
+                  f"({result['images']} images)")
+    console.print(f"[dim]wrote {eval_path} and {eval_path.with_name('confusion.png')}[/]")
+
+
+# ------------------------------------------------------------------ plot and compare
+
+@app.command()
+@_reports_errors
+def plot(run_dir: Path = typer.Argument(..., help="A run directory holding metrics.csv.")) -> None:
+    """Redraw a run's figures from its files (metrics.csv, diagnostics.csv, eval.json)."""
+    from bnctl import plotting
+
+    for path in plotting.plot_run(run_dir):
+        console.print(str(path))
+
+
+@app.command()
+@_reports_errors
+def compare(
+    run_dirs: List[Path] = typer.Argument(..., help="Two or more run directories."),
+    out: Path = typer.Option(Path("compare.png"), "--out", "-o", help="Where to write the overlay figure."),
+) -> None:
+    """Overlay several runs' curves in one figure and tabulate their final and best metrics."""
+    from rich.table import Table
+
+    from bnctl import plotting
+
+    runs = [plotting.load_run(d) for d in run_dirs]
+    rows = plotting.compare_table(runs)
+    table = Table(title="Runs")
+    for col in ("run", "status", "epochs", "final train acc", "final test acc", "best test acc", "best epoch", "wall time"):
+        table.add_column(col, justify="left" if col in ("run", "status") else "right")
+    pct = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731
+    for r in rows:
+        table.add_row(r["run"], r["status"], str(r["epochs"]), pct(r["final_train_acc"]), pct(r["final_test_acc"]),
+                      pct(r["best_test_acc"]), str(r["best_epoch"]), f"{r['wall_time_s']:.1f}s")
+    console.print(table)
+    console.print(str(plotting.plot_compare(runs, out)))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

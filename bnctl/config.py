@@ -1,0 +1,273 @@
+"""The experiment's one typed config tree: schema, loading, overrides, saving.
+
+Everything past this module works with :class:`Config` objects; no other module
+reads raw YAML or dicts. Defaults live here, once, with their units and intent.
+Importing this module must stay cheap (no torch): the CLI validates a config
+before it pays for the heavy imports.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bnctl.errors import ConfigError
+
+# Names accepted by each registry. The registries themselves live next to the
+# code they build (data.DATASETS, norms.NORMS, models.MODELS, engine.OPTIMIZERS,
+# engine.SCHEDULERS); tests check that both lists agree.
+DatasetName = Literal["synthetic", "cifar10", "imagefolder"]
+ModelName = Literal["seed_cnn", "vgg", "resnet20"]
+NormName = Literal["batch", "batch_manual", "ghost", "group", "layer", "instance", "none"]
+InitName = Literal["default", "kaiming", "xavier", "normal"]
+OptimizerName = Literal["adam", "adamw", "sgd"]
+SchedulerName = Literal["none", "cosine", "step", "onecycle"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Augment = Literal["none", "crop_flip"]
+
+# Norms that normalize with batch statistics: they cannot train on one sample.
+BATCH_STAT_NORMS = frozenset({"batch", "batch_manual", "ghost"})
+
+PositiveFloat = Field(gt=0)
+
+
+class _Section(BaseModel):
+    """Base for every section: unknown keys are errors, assignments re-validate."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    name: DatasetName = "synthetic"
+    root: str = "./data"  # cifar10: folder holding cifar-10-batches-py/; imagefolder: holds train/ and test/
+    download: bool = False  # cifar10 only; needs network access
+    train_size: int = Field(5000, ge=10)  # synthetic only: images generated for training
+    test_size: int = Field(1000, ge=10)  # synthetic only: images generated for testing
+    synthetic_seed: int = 0  # synthetic only: the dataset's own seed, independent of the run's seed
+    train_limit: Optional[int] = Field(None, ge=1)  # use only the first N training images (quick runs)
+    image_size: int = Field(32, ge=8)  # imagefolder: images are resized to this square size
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalization, on the 0..1 scale
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    augment: Augment = "none"  # crop_flip: random 4-pixel-padded crop + horizontal flip, on device
+
+    @model_validator(mode="after")
+    def _std_positive(self) -> "DataConfig":
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"data.std must be > 0 in every channel, got {list(self.std)}")
+        return self
+
+
+class ModelConfig(_Section):
+    name: ModelName = "seed_cnn"
+    norm: NormName = "batch"
+    width: float = Field(1.0, gt=0)  # channel multiplier (1.0 = the published widths)
+    depth: Optional[int] = Field(None, ge=1)  # None = standard depth; vgg: 11|13|16|19 (11); resnet20: 6n+2 (20)
+    fc_norm: bool = True  # seed_cnn: normalize the hidden fully connected layer too (as the notebook does)
+    virtual_batch_size: int = Field(32, ge=2)  # ghost: samples per virtual batch
+    groups: int = Field(8, ge=1)  # group: channel groups per GroupNorm
+    bn_momentum: Optional[float] = Field(0.1, ge=0, le=1)  # PyTorch convention: new = (1-m)*old + m*batch; None = cumulative average
+    bn_eps: float = Field(1e-5, gt=0)  # added to the variance before the square root
+    bn_affine: bool = True  # learn the scale (gamma) and shift (beta)
+    bn_track_running_stats: bool = True  # False: eval mode uses batch statistics too
+    init: InitName = "default"  # default = PyTorch's own layer initialization
+    init_std: float = Field(0.02, gt=0)  # init=normal: standard deviation of the weights
+    init_scale: float = Field(1.0, gt=0)  # multiplies every conv/linear weight after init (sensitivity studies)
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout probability before the last layer
+
+
+class OptimizerConfig(_Section):
+    name: OptimizerName = "adam"
+    lr: float = Field(1e-3, gt=0)  # peak learning rate (onecycle's max_lr)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    nesterov: bool = False  # sgd only
+    betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw only
+    weight_decay: float = Field(0.0, ge=0)  # on conv/linear parameters
+    norm_weight_decay: float = Field(0.0, ge=0)  # on normalization scales and shifts (decaying them is rarely wanted)
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> "OptimizerConfig":
+        if self.name == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("optimizer.nesterov needs optimizer.momentum > 0")
+        return self
+
+
+class SchedulerConfig(_Section):
+    name: SchedulerName = "none"  # stepped once per training step, not per epoch
+    step_size: int = Field(30, ge=1)  # step: epochs between decays
+    gamma: float = Field(0.1, gt=0, le=1)  # step: decay factor
+    warmup_pct: float = Field(0.3, gt=0, lt=1)  # onecycle: fraction of steps spent warming up
+    min_lr: float = Field(0.0, ge=0)  # cosine: final learning rate
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(64, ge=1)  # the incomplete last training batch is dropped (BN needs >1 sample)
+    eval_batch_size: int = Field(1000, ge=1)
+    precision: Precision = "fp32"  # bf16: autocast on CPU or CUDA; fp16: CUDA only, with a gradient scaler
+    channels_last: bool = False  # NHWC memory layout (faster convolutions on many CPUs and GPUs)
+    compile: bool = False  # torch.compile the model (slow first epoch, faster after)
+    eval_train: bool = False  # add a clean eval-mode pass over the training set (clean_train_* columns)
+    diagnostics: bool = False  # record BN statistics to diagnostics.csv
+    diagnostics_every: int = Field(50, ge=1)  # steps between diagnostic samples
+    save_every: int = Field(1, ge=1)  # epochs between checkpoints (last.pt); best.pt is always kept current
+
+
+class Config(_Section):
+    name: str = Field("experiment", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")  # auto: cuda, then mps, then cpu
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if self.model.norm in BATCH_STAT_NORMS and self.train.batch_size == 1:
+            raise ValueError(
+                f"train.batch_size=1 cannot train with model.norm={self.model.norm}: batch normalization "
+                "estimates each channel's mean and variance from the batch, and one sample has no variance "
+                "at the fully connected layer. Use batch_size >= 2 or a per-sample norm (group, layer)."
+            )
+        if self.model.norm == "ghost" and self.train.batch_size % self.model.virtual_batch_size == 1:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} leaves a ghost batch of one sample with "
+                f"model.virtual_batch_size={self.model.virtual_batch_size}; choose sizes that divide evenly"
+            )
+        if self.train.precision == "fp16" and not self.device.startswith("cuda"):
+            if self.device != "auto":
+                raise ValueError("train.precision=fp16 needs a CUDA device; use bf16 on CPU")
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent, _, leaf = key.rpartition(".")
+            lines.append(f"  {key}: unknown key{_suggest(leaf, parent)}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if _short(e.get("input")) else ""))
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool)) and len(repr(value)) < 60
+
+
+def _section_fields(parent: str) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in [p for p in parent.split(".") if p]:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _suggest(leaf: str, parent: str) -> str:
+    close = difflib.get_close_matches(leaf, _section_fields(parent), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def validate(raw: Any, source: str = "") -> Config:
+    """Validate a raw mapping into a Config, raising ConfigError with dotted keys."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {source} must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def read_yaml(path: Path) -> Any:
+    """Read a YAML file with the safe loader, turning every failure into a ConfigError."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"config path is a directory, not a YAML file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"YAML syntax error in {path}{where}: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"YAML error in {path}: {err}") from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ['optimizer.lr=0.01', ...] into {'optimizer.lr': 0.01}, values as YAML scalars."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like KEY=VALUE, e.g. optimizer.lr=0.01")
+        try:
+            parsed[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{item}': cannot parse the value '{text}'") from None
+    return parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a raw config mapping; unknown keys are caught by validation."""
+    for key, value in overrides.items():
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load(path: Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when path is None), apply overrides and validate."""
+    raw = read_yaml(path) if path is not None else {}
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, parse_overrides(overrides or []))
+    return validate(raw, str(path) if path else "")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain YAML/JSON-safe types (for run dirs and checkpoints)."""
+    return cfg.model_dump(mode="json")
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; used to show how runs differ."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out

@@ -1,0 +1,272 @@
+"""Datasets as uint8 tensors, and batches served from the training device.
+
+Every dataset is decoded once into ``uint8`` tensors of shape (N, 3, H, W) plus
+int64 labels. :class:`Batches` keeps them on the device and forms each batch by
+index-slicing a seeded permutation; normalization and augmentation then run on
+the whole batch at once. No worker processes, no per-image Python on the hot path.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from bnctl.config import DataConfig
+from bnctl.errors import DataError
+
+
+@dataclass
+class ImageData:
+    """A train/test pair of uint8 image tensors with their labels and class names."""
+
+    train_x: torch.Tensor  # (N, 3, H, W) uint8
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.train_x.shape[-2:])  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------ synthetic
+
+SYNTHETIC_CLASSES = [f"{deg:03d}deg" for deg in range(0, 180, 18)]
+
+
+def _synthetic_split(n: int, rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Draw n images of oriented gratings: the class is the stripes' orientation.
+
+    Each image is a grating at one of ten orientations 18 degrees apart, seen
+    through a soft window at a random place, with random frequency, phase,
+    colours, background and pixel noise. Orientation jitter makes neighbouring
+    classes overlap a little, so the task is learnable but not trivially so.
+    """
+    labels = rng.permutation(np.arange(n) % len(SYNTHETIC_CLASSES))
+    theta = labels * (np.pi / len(SYNTHETIC_CLASSES)) + rng.normal(0.0, 0.08, n)
+    freq = rng.uniform(0.10, 0.28, n)  # cycles per pixel
+    phase = rng.uniform(0.0, 2 * np.pi, n)
+    cx, cy = rng.uniform(8, 24, n), rng.uniform(8, 24, n)
+    radius = rng.uniform(6.0, 12.0, n)
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    xx, yy = xx[None], yy[None]  # (1, H, W), broadcast against per-image (n, 1, 1)
+    col = lambda a: a[:, None, None]  # noqa: E731 - per-image scalar -> (n, 1, 1)
+    proj = xx * col(np.cos(theta)) + yy * col(np.sin(theta))
+    stripes = np.sin(2 * np.pi * col(freq) * proj + col(phase))  # (n, H, W) in [-1, 1]
+    window = np.exp(-((xx - col(cx)) ** 2 + (yy - col(cy)) ** 2) / (2 * col(radius) ** 2))
+
+    fg_a, fg_b, bg = (rng.uniform(0.0, 1.0, (n, 3, 1, 1)) for _ in range(3))
+    mix = (stripes[:, None] + 1) / 2  # 0..1: which of the two stripe colours
+    grating = fg_a * mix + fg_b * (1 - mix)
+    img = bg * (1 - window[:, None]) + grating * window[:, None]
+    img = img + rng.normal(0.0, 0.12, img.shape)
+    img = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return img, labels.astype(np.int64)
+
+
+def load_synthetic(cfg: DataConfig) -> ImageData:
+    """bnctl's embedded dataset: deterministic, offline, 10 classes of 32x32 RGB."""
+    rng = np.random.default_rng(cfg.synthetic_seed)
+    tx, ty = _synthetic_split(cfg.train_size, rng)
+    vx, vy = _synthetic_split(cfg.test_size, rng)
+    return ImageData(torch.from_numpy(tx), torch.from_numpy(ty), torch.from_numpy(vx),
+                     torch.from_numpy(vy), list(SYNTHETIC_CLASSES))
+
+
+# ------------------------------------------------------------------ CIFAR-10
+
+CIFAR_DIR = "cifar-10-batches-py"
+CIFAR_TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR_TEST_FILES = ["test_batch"]
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# The only globals a CIFAR-10 batch file needs: numpy arrays and bytes. Anything
+# else in a pickle (os.system, eval, ...) is refused before it can run.
+_CIFAR_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds numpy arrays, so a tampered file cannot run code."""
+
+    def find_class(self, module: str, name: str):  # noqa: D401 - pickle hook
+        if (module, name) not in _CIFAR_ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            entry = _CifarUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise DataError(f"{path} is not a valid CIFAR-10 batch file ({err})") from None
+    if not isinstance(entry, dict) or "data" not in entry:
+        raise DataError(f"{path} is not a valid CIFAR-10 batch file (no 'data' entry)")
+    data = np.asarray(entry["data"], dtype=np.uint8)
+    labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise DataError(f"{path}: expected N x 3072 pixels and N labels, got {data.shape} and {labels.shape}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _download_cifar(root: Path) -> None:
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+    except Exception as err:  # network errors come in many types; all mean the same to the user
+        raise DataError(
+            f"could not download CIFAR-10 into {root} ({type(err).__name__}: {err}); "
+            f"without network access, copy the extracted '{CIFAR_DIR}' folder there"
+        ) from None
+
+
+def load_cifar10(cfg: DataConfig) -> ImageData:
+    """CIFAR-10 from its official 'python version' files under data.root."""
+    root = Path(cfg.root).expanduser()
+    folder = root / CIFAR_DIR
+    needed = CIFAR_TRAIN_FILES + CIFAR_TEST_FILES
+    if cfg.download and not all((folder / f).is_file() for f in needed):
+        _download_cifar(root)
+    missing = [f for f in needed if not (folder / f).is_file()]
+    if missing:
+        raise DataError(
+            f"CIFAR-10 not found: looked for {folder}/ ({', '.join(missing)} missing). "
+            f"Get it with data.download=true (needs network), or extract cifar-10-python.tar.gz into {root}"
+        )
+    train = [_read_cifar_batch(folder / f) for f in CIFAR_TRAIN_FILES]
+    test = [_read_cifar_batch(folder / f) for f in CIFAR_TEST_FILES]
+    cat = lambda parts, i: torch.from_numpy(np.concatenate([p[i] for p in parts]))  # noqa: E731
+    return ImageData(cat(train, 0), cat(train, 1), cat(test, 0), cat(test, 1), list(CIFAR_CLASSES))
+
+
+# ------------------------------------------------------------------ image folders
+
+def _read_image_folder(split_dir: Path, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.datasets import ImageFolder
+
+    try:
+        folder = ImageFolder(str(split_dir), loader=lambda p: p)  # we decode below, once, into uint8
+    except (FileNotFoundError, OSError) as err:
+        raise DataError(f"image folder {split_dir}: {err}. Expected {split_dir}/<class>/<image files>") from None
+    empty = [c for c in folder.classes if not any(t == folder.class_to_idx[c] for _, t in folder.samples)]
+    if empty:
+        raise DataError(f"image folder {split_dir}: no images in class folder(s) {', '.join(empty)}")
+    images = np.empty((len(folder.samples), size, size, 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(folder.samples):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                images[i] = np.asarray(im)
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"cannot decode image {path}: {err}") from None
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    y = torch.tensor([t for _, t in folder.samples], dtype=torch.int64)
+    return x, y, list(folder.classes)
+
+
+def load_imagefolder(cfg: DataConfig) -> ImageData:
+    """Images in data.root/{train,test}/<class>/*, resized to data.image_size."""
+    root = Path(cfg.root).expanduser()
+    missing = [s for s in ("train", "test") if not (root / s).is_dir()]
+    if missing:
+        raise DataError(
+            f"image folder dataset at {root}: missing split folder(s) {', '.join(missing)}; "
+            f"expected {root}/train/<class>/* and {root}/test/<class>/*"
+        )
+    tx, ty, classes = _read_image_folder(root / "train", cfg.image_size)
+    vx, vy, test_classes = _read_image_folder(root / "test", cfg.image_size)
+    if classes != test_classes:
+        raise DataError(f"{root}: train and test have different class folders ({classes} vs {test_classes})")
+    return ImageData(tx, ty, vx, vy, classes)
+
+
+DATASETS: dict[str, Callable[[DataConfig], ImageData]] = {
+    "synthetic": load_synthetic,
+    "cifar10": load_cifar10,
+    "imagefolder": load_imagefolder,
+}
+
+
+def load_dataset(cfg: DataConfig) -> ImageData:
+    """Load the configured dataset as uint8 tensors, applying data.train_limit."""
+    if cfg.name not in DATASETS:
+        raise DataError(f"unknown dataset '{cfg.name}'; choose one of {', '.join(DATASETS)}")
+    data = DATASETS[cfg.name](cfg)
+    if cfg.train_limit is not None:
+        data.train_x, data.train_y = data.train_x[: cfg.train_limit], data.train_y[: cfg.train_limit]
+    return data
+
+
+# ------------------------------------------------------------------ batching
+
+def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random pad-and-crop plus horizontal flip of a whole uint8 batch at once."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (n,1,h,1)
+    cols = dx[:, None] + torch.arange(w, device=x.device)  # (n,w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]  # flipping = reading columns backwards
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+class Batches:
+    """One split resident on the device, served as normalized float batches.
+
+    Training order and augmentation draw from ``generator`` (a CPU generator the
+    engine owns and checkpoints), so a seed fixes every batch exactly.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, device: torch.device,
+                 mean, std, shuffle: bool = False, drop_last: bool = False, augment: str = "none",
+                 generator: torch.Generator | None = None, channels_last: bool = False):
+        self.x = x.to(device)
+        self.y = y.to(device)
+        self.batch_size = batch_size
+        self.shuffle, self.drop_last, self.augment = shuffle, drop_last, augment
+        self.generator = generator
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # (x/255 - mean)/std folded into one multiply-add.
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.scale, self.shift = 1.0 / (255.0 * std_t), -mean_t / std_t
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else len(self.y)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.y)
+        order = torch.randperm(n, generator=self.generator).to(self.x.device) if self.shuffle else None
+        for i in range(len(self)):
+            sl = slice(i * self.batch_size, min((i + 1) * self.batch_size, n))
+            idx = order[sl] if order is not None else sl
+            xb = self.x[idx]
+            if self.augment == "crop_flip":
+                xb = crop_flip(xb, self.generator)
+            xb = torch.addcmul(self.shift, xb.float(), self.scale)
+            yield xb.contiguous(memory_format=self.memory_format), self.y[idx]

@@ -1,0 +1,118 @@
+"""BN diagnostics: what the normalization layers see and do during training.
+
+Every conv/linear layer is paired with the normalization layer that follows it
+(or its place, when model.norm=none, so runs with and without BN are comparable).
+Every ``train.diagnostics_every`` steps, hooks record for each pair:
+
+- input_mean, input_std        the activations entering the norm (the conv/linear output)
+- output_mean, output_std      the activations leaving it (train mode, so batch-normalized)
+- running_mean_avg, running_var_avg   channel averages of BN's population estimates
+- gamma_mean, gamma_std, beta_mean    the learned scale and shift
+- weight_norm, grad_norm       L2 norms of the conv/linear weight and its gradient
+
+Between samples the hooks return at once, so leaving diagnostics on is cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnctl import rundir
+from bnctl.norms import is_norm
+
+COLUMNS = ["step", "epoch", "layer", "stat", "value"]
+
+
+def layer_pairs(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module | None]]:
+    """(friendly name, conv/linear layer, the norm right after it or None) in model order."""
+    modules = list(model.modules())
+    pairs, counts = [], {"conv": 0, "fc": 0}
+    for i, m in enumerate(modules):
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        kind = "conv" if isinstance(m, nn.Conv2d) else "fc"
+        counts[kind] += 1
+        nxt = modules[i + 1] if i + 1 < len(modules) else None
+        if nxt is None or not (is_norm(nxt) or isinstance(nxt, nn.Identity)):
+            continue  # the classifier's last layer, which nothing normalizes
+        pairs.append((f"{kind}{counts[kind]}", m, nxt if is_norm(nxt) else None))
+    return pairs
+
+
+class BNProbe:
+    """Forward/backward hooks that sample BN statistics every few steps into diagnostics.csv."""
+
+    def __init__(self, model: nn.Module, path: Path, every: int, keep_before_epoch: int = 1):
+        self.every, self.active = every, False
+        self.step, self.epoch = 0, 0
+        self.pairs = layer_pairs(model)
+        self.rows: list[tuple] = []
+        self._pending: list[tuple[str, str, torch.Tensor]] = []
+        self._handles = []
+        for name, layer, norm in self.pairs:
+            self._handles.append(layer.register_forward_hook(self._input_hook(name)))
+            if norm is not None:
+                self._handles.append(norm.register_forward_hook(self._output_hook(name, norm)))
+        kept = []
+        if keep_before_epoch > 1 and path.is_file():  # a resumed run keeps the samples of its finished epochs
+            kept = [tuple(r[c] for c in COLUMNS) for r in rundir.read_csv(path) if r["epoch"] < keep_before_epoch]
+        self.writer = rundir.CsvAppender(path, COLUMNS)
+        self.writer.extend(kept)
+
+    @classmethod
+    def for_experiment(cls, exp: Any, run_dir: Path, start_epoch: int) -> "BNProbe":
+        return cls(exp.model, run_dir / rundir.DIAGNOSTICS_FILE, exp.cfg.train.diagnostics_every, start_epoch)
+
+    # -- hooks
+    def _input_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if self.active and module.training:
+                x = output.detach().float()
+                self._pending += [(name, "input_mean", x.mean()), (name, "input_std", x.std())]
+        return hook
+
+    def _output_hook(self, name: str, norm: nn.Module):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not (self.active and module.training):
+                return
+            y = output.detach().float()
+            found = [(name, "output_mean", y.mean()), (name, "output_std", y.std())]
+            if getattr(norm, "running_mean", None) is not None:
+                found += [(name, "running_mean_avg", norm.running_mean.mean()),
+                          (name, "running_var_avg", norm.running_var.mean())]
+            if getattr(norm, "weight", None) is not None:
+                found += [(name, "gamma_mean", norm.weight.detach().mean()),
+                          (name, "gamma_std", norm.weight.detach().std()),
+                          (name, "beta_mean", norm.bias.detach().mean())]
+            self._pending += found
+        return hook
+
+    # -- called by the training loop
+    def start_step(self, step: int, epoch: int) -> None:
+        self.step, self.epoch = step, epoch
+        self.active = step % self.every == 0
+
+    def after_backward(self) -> None:
+        if not self.active:
+            return
+        for name, layer, _ in self.pairs:
+            self._pending.append((name, "weight_norm", layer.weight.detach().norm()))
+            if layer.weight.grad is not None:
+                self._pending.append((name, "grad_norm", layer.weight.grad.detach().norm()))
+        values = torch.stack([v.float() for _, _, v in self._pending]).tolist()  # one device sync per sample
+        self.rows += [(self.step, self.epoch, n, s, v) for (n, s, _), v in zip(self._pending, values)]
+        self._pending.clear()
+        self.active = False
+
+    def flush(self) -> None:
+        self.writer.extend(self.rows)
+        self.rows.clear()
+
+    def close(self) -> None:
+        self._pending.clear()
+        for h in self._handles:
+            h.remove()

@@ -1,0 +1,493 @@
+"""Training and evaluation: train_one_epoch, evaluate, fit.
+
+The same code runs on CPU, CUDA or MPS; only the device differs. Data stays on
+the device as uint8 (see data.Batches); evaluation is always eval mode under
+inference mode, because BN's behaviour depends on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnctl import checkpoint, config as config_mod, rundir
+from bnctl.config import Config
+from bnctl.data import Batches, ImageData, load_dataset
+from bnctl.errors import ConfigError, DataError, DivergedError, InterruptedRun
+from bnctl.models import build_model
+from bnctl.norms import is_norm, uses_batch_stats
+
+METRIC_COLUMNS = [
+    "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
+    "epoch_time_s", "train_time_s", "eval_time_s", "images_per_s",
+]
+CLEAN_TRAIN_COLUMNS = ["clean_train_loss", "clean_train_acc"]
+
+
+# ------------------------------------------------------------------ devices and precision
+
+def resolve_device(name: str) -> torch.device:
+    """Turn the config's device string into a torch.device, or explain why it is unavailable."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but this machine has no usable CUDA GPU; use device=cpu or device=auto")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device=mps but Apple's Metal backend is not available here; use device=cpu or auto")
+    return torch.device(name)
+
+
+@dataclass
+class Precision:
+    """Autocast and gradient scaling for one device and precision setting."""
+
+    device: torch.device
+    name: str = "fp32"
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.name == "fp16" and self.device.type != "cuda":
+            raise ConfigError(f"train.precision=fp16 needs a CUDA device (got {self.device}); use bf16 instead")
+        # Only fp16 needs loss scaling; a disabled scaler passes straight through.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.name == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------ optimizers and schedules
+
+def _param_groups(model: nn.Module, cfg: config_mod.OptimizerConfig) -> list[dict]:
+    """Norm scales/shifts get their own weight decay (usually none)."""
+    norm_params = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)}
+    norm = [p for p in model.parameters() if id(p) in norm_params]
+    rest = [p for p in model.parameters() if id(p) not in norm_params]
+    groups = [{"params": rest, "weight_decay": cfg.weight_decay}]
+    if norm:
+        groups.append({"params": norm, "weight_decay": cfg.norm_weight_decay})
+    return groups
+
+
+def _fast_impl(device: torch.device) -> dict[str, bool]:
+    # Fused kernels exist for CPU and CUDA optimizers and are markedly faster on small models.
+    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+OPTIMIZERS: dict[str, Callable[[list[dict], config_mod.OptimizerConfig, torch.device], torch.optim.Optimizer]] = {
+    "adam": lambda g, c, d: torch.optim.Adam(g, lr=c.lr, betas=c.betas, **_fast_impl(d)),
+    "adamw": lambda g, c, d: torch.optim.AdamW(g, lr=c.lr, betas=c.betas, **_fast_impl(d)),
+    "sgd": lambda g, c, d: torch.optim.SGD(g, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, **_fast_impl(d)),
+}
+
+
+def make_optimizer(model: nn.Module, cfg: config_mod.OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.name](_param_groups(model, cfg), cfg, device)
+
+
+# Learning-rate multipliers as functions of (step, total_steps, steps_per_epoch, cfg).
+# Being pure functions of the step, they stay correct when a resumed run is extended.
+def _cosine(t: int, total: int, spe: int, c: Config) -> float:
+    floor = c.scheduler.min_lr / c.optimizer.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
+
+
+def _onecycle(t: int, total: int, spe: int, c: Config) -> float:
+    # Warm up linearly from lr/25 to lr, then anneal with a cosine to lr/1e4 (Smith & Topin).
+    warm = max(1, int(c.scheduler.warmup_pct * total))
+    if t < warm:
+        return 1 / 25 + (1 - 1 / 25) * t / warm
+    return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * min(t - warm, total - warm) / max(1, total - warm)))
+
+
+SCHEDULERS: dict[str, Callable[[int, int, int, Config], float]] = {
+    "none": lambda t, total, spe, c: 1.0,
+    "cosine": _cosine,
+    "step": lambda t, total, spe, c: c.scheduler.gamma ** (t // (c.scheduler.step_size * spe)),
+    "onecycle": _onecycle,
+}
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
+    total = cfg.train.epochs * steps_per_epoch
+    rule = SCHEDULERS[cfg.scheduler.name]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: rule(t, total, steps_per_epoch, cfg))
+
+
+# ------------------------------------------------------------------ one epoch
+
+class Reporter(Protocol):
+    """What the engine tells its caller (the CLI draws progress bars from it)."""
+
+    def epoch_start(self, epoch: int, steps: int) -> None: ...
+    def step(self, done: int, loss: float) -> None: ...
+    def epoch_end(self, row: dict[str, Any]) -> None: ...
+
+
+class SilentReporter:
+    def epoch_start(self, epoch: int, steps: int) -> None: ...
+    def step(self, done: int, loss: float) -> None: ...
+    def epoch_end(self, row: dict[str, Any]) -> None: ...
+
+
+def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, scheduler,
+                    precision: Precision, epoch: int, reporter: Reporter = SilentReporter(),
+                    probe=None, first_step: int = 0) -> dict[str, float]:
+    """One pass over the training batches; returns running train loss and accuracy."""
+    model.train()
+    device = batches.x.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    report_every = max(1, len(batches) // 50)  # progress updates cost a sync; ~50 per epoch is plenty
+    for i, (x, y) in enumerate(batches):
+        if probe is not None:
+            probe.start_step(first_step + i, epoch)
+        with precision.autocast():
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise DivergedError(f"loss became {loss.item()} at epoch {epoch}, step {i + 1}", epoch, i + 1)
+        optimizer.zero_grad(set_to_none=True)
+        precision.scaler.scale(loss).backward()
+        if probe is not None:
+            probe.after_backward()
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+        scheduler.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if (i + 1) % report_every == 0:
+            reporter.step(i + 1, (loss_sum / seen).item())
+    if seen == 0:
+        raise DataError(f"no complete training batch: {len(batches.y)} images < batch_size {batches.batch_size}")
+    return {"train_loss": (loss_sum / seen).item(), "train_acc": 100.0 * correct.item() / seen, "images": seen}
+
+
+def evaluate(model: nn.Module, batches: Batches, precision: Precision,
+             num_classes: Optional[int] = None, bn_batch_stats: bool = False) -> dict[str, Any]:
+    """Loss and accuracy in one pass, in eval mode (BN uses its running statistics).
+
+    ``bn_batch_stats`` makes BN normalize with each test batch's own statistics, as a
+    model left in train mode does; call it on a copy, since that also moves running stats.
+    """
+    was_training = model.training
+    model.eval()
+    if bn_batch_stats:
+        _set_bn_batch_mode(model)
+    device = batches.x.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    confusion = torch.zeros(num_classes or 1, num_classes or 1, dtype=torch.int64, device=device)
+    with torch.inference_mode(), precision.autocast():
+        for x, y in batches:
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            pred = logits.argmax(1)
+            correct += (pred == y).sum()
+            if num_classes:
+                confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2).view_as(confusion)
+    model.train(was_training)
+    n = len(batches.y)
+    out: dict[str, Any] = {"loss": (loss_sum / n).item(), "acc": 100.0 * correct.item() / n, "images": n}
+    if num_classes:
+        out["confusion"] = confusion.cpu().tolist()
+    return out
+
+
+# ------------------------------------------------------------------ setup shared by train and eval
+
+@dataclass
+class Experiment:
+    """Everything built from a config before the first step: device, data, model, optimizer."""
+
+    cfg: Config
+    device: torch.device
+    data: ImageData
+    model: nn.Module  # the plain module: what checkpoints save
+    forward: nn.Module  # what training calls (compiled when train.compile)
+    precision: Precision
+    generator: torch.Generator
+    train_batches: Batches
+    test_batches: Batches
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.classes)
+
+    def batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Batches:
+        """Plain (unshuffled, unaugmented) batches of any tensors, e.g. for evaluation."""
+        d = self.cfg.data
+        return Batches(x, y, batch_size, device=self.device, mean=d.mean, std=d.std,
+                       channels_last=self.cfg.train.channels_last)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(cfg: Config, data: ImageData | None = None) -> Experiment:
+    """Resolve the device, load data and build model and optimizer; raise before any run dir exists."""
+    device = resolve_device(cfg.device)
+    precision = Precision(device, cfg.train.precision)
+    data = data if data is not None else load_dataset(cfg.data)
+    if len(data.train_y) < cfg.train.batch_size:
+        raise DataError(f"only {len(data.train_y)} training images, fewer than train.batch_size={cfg.train.batch_size}")
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, num_classes=len(data.classes), image_size=data.image_size)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format)
+    forward = torch.compile(model) if cfg.train.compile else model
+    generator = torch.Generator().manual_seed(cfg.seed)
+    d = cfg.data
+    common = dict(device=device, mean=d.mean, std=d.std, channels_last=cfg.train.channels_last)
+    # Drop the incomplete last batch: a tiny final batch would give BN noisy (or, at size 1, no) statistics.
+    train_batches = Batches(data.train_x, data.train_y, cfg.train.batch_size, shuffle=True, drop_last=True,
+                            augment=d.augment, generator=generator, **common)
+    test_batches = Batches(data.test_x, data.test_y, cfg.train.eval_batch_size, **common)
+    optimizer = make_optimizer(model, cfg.optimizer, device)
+    scheduler = make_scheduler(optimizer, cfg, len(train_batches))
+    return Experiment(cfg, device, data, model, forward, precision, generator, train_batches, test_batches,
+                      optimizer, scheduler)
+
+
+def _check_fits(exp: Experiment) -> None:
+    """Catch a data/model mismatch now, with a clear message, rather than mid-epoch."""
+    x = exp.data.train_x[:2].to(exp.device).float()
+    try:
+        exp.model.eval()
+        with torch.inference_mode():
+            out = exp.model(x)
+    except RuntimeError as err:
+        raise DataError(f"the data's images ({tuple(x.shape[1:])}) do not fit model {exp.cfg.model.name}: "
+                        f"{str(err).splitlines()[0]}") from None
+    finally:
+        exp.model.train()
+    if out.shape[1] != exp.num_classes:
+        raise DataError(f"model outputs {out.shape[1]} classes but the data has {exp.num_classes}")
+
+
+# ------------------------------------------------------------------ fit
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+
+
+def _state(exp: Experiment, epoch: int, history: list[dict], best: dict) -> dict[str, Any]:
+    return {
+        "epoch": epoch, "model": exp.model.state_dict(), "optimizer": exp.optimizer.state_dict(),
+        "scheduler": exp.scheduler.state_dict(), "scaler": exp.precision.scaler.state_dict(),
+        "history": history, "best": best, "config": config_mod.to_dict(exp.cfg),
+        "rng": checkpoint.capture_rng(exp.generator),
+    }
+
+
+def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = None, resume: Path | None = None,
+        reporter: Reporter = SilentReporter(), on_run_dir: Callable[[Path], None] = lambda p: None,
+        probe_factory=None) -> RunResult:
+    """Train cfg.train.epochs epochs, writing metrics, checkpoints and summary to a run directory.
+
+    With ``resume``, continue that run from its last checkpoint so that the result is
+    identical to an uninterrupted run.
+    """
+    exp = setup(cfg)
+    _check_fits(exp)
+    history: list[dict] = []
+    best: dict[str, Any] = {"test_acc": None, "epoch": None}
+    start = 1
+    if resume is not None:
+        state = checkpoint.load(Path(resume) / rundir.CHECKPOINT_DIR / "last.pt")
+        exp.model.load_state_dict(state["model"])
+        exp.optimizer.load_state_dict(state["optimizer"])
+        exp.precision.scaler.load_state_dict(state["scaler"])
+        exp.scheduler.last_epoch = state["scheduler"]["last_epoch"]
+        exp.scheduler.step(exp.scheduler.last_epoch)  # recompute lr for the (possibly extended) schedule
+        checkpoint.restore_rng(state["rng"], exp.generator)
+        history, best, start = state["history"], state["best"], state["epoch"] + 1
+        run_dir = Path(resume)
+        rundir.atomic_write_text(run_dir / rundir.CONFIG_FILE, config_mod.to_yaml(cfg))
+    else:
+        run_dir = rundir.create(runs_root, cfg.name, exact=run_dir)
+        rundir.record_provenance(run_dir, config_mod.to_yaml(cfg), {
+            "device": str(exp.device), "seed": cfg.seed, "threads": torch.get_num_threads(),
+            "num_classes": exp.num_classes, "train_images": len(exp.data.train_y),
+            "test_images": len(exp.data.test_y)})
+    on_run_dir(run_dir)
+
+    columns = METRIC_COLUMNS + (CLEAN_TRAIN_COLUMNS if cfg.train.eval_train else [])
+    metrics = rundir.MetricsWriter(run_dir / rundir.METRICS_FILE, columns, history)
+    probe = probe_factory(exp, run_dir, start) if (probe_factory and cfg.train.diagnostics) else None
+    clean_train = exp.batches(exp.data.train_x, exp.data.train_y, cfg.train.eval_batch_size)
+    summary = _Summary(run_dir, cfg, exp, history, best)
+    steps = len(exp.train_batches)
+    epoch = start - 1
+    try:
+        for epoch in range(start, cfg.train.epochs + 1):
+            reporter.epoch_start(epoch, steps)
+            lr = exp.optimizer.param_groups[0]["lr"]  # the lr this epoch starts with
+            t0 = time.perf_counter()
+            train = train_one_epoch(exp.forward, exp.train_batches, exp.optimizer, exp.scheduler, exp.precision,
+                                    epoch, reporter, probe, first_step=(epoch - 1) * steps)
+            t1 = time.perf_counter()
+            # Test metrics always come from eval mode: BN must use its running statistics, not the test batch's.
+            test = evaluate(exp.forward, exp.test_batches, exp.precision)
+            row = {"epoch": epoch, "train_loss": train["train_loss"], "train_acc": train["train_acc"],
+                   "test_loss": test["loss"], "test_acc": test["acc"], "lr": lr}
+            if cfg.train.eval_train:  # the running train accuracy mixes many weights; this is the final model's
+                clean = evaluate(exp.forward, clean_train, exp.precision)
+                row |= {"clean_train_loss": clean["loss"], "clean_train_acc": clean["acc"]}
+            t2 = time.perf_counter()
+            row |= {"epoch_time_s": t2 - t0, "train_time_s": t1 - t0, "eval_time_s": t2 - t1,
+                    "images_per_s": train["images"] / (t1 - t0)}
+            history.append(row)
+            is_best = best["test_acc"] is None or row["test_acc"] > best["test_acc"]
+            if is_best:
+                best = {"test_acc": row["test_acc"], "test_loss": row["test_loss"], "epoch": epoch}
+            # Checkpoint before the metrics row: a row on disk always has its checkpoint.
+            state = _state(exp, epoch, history, best)
+            if epoch % cfg.train.save_every == 0 or epoch == cfg.train.epochs:
+                checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "last.pt", state)
+            if is_best:
+                checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "best.pt", state)
+            metrics.append(row)
+            if probe is not None:
+                probe.flush()
+            reporter.epoch_end(row)
+            summary.update(best, status="running")
+    except DivergedError as err:
+        summary.update(best, status="diverged", diverged={"epoch": err.epoch, "step": err.step, "message": str(err)})
+        raise
+    except KeyboardInterrupt:
+        summary.update(best, status="interrupted", interrupted_in_epoch=epoch)
+        raise InterruptedRun(f"interrupted during epoch {epoch}; {len(history)} complete epoch(s) kept. "
+                             f"Continue with: bnctl train --resume {run_dir}") from None
+    except BaseException as err:
+        summary.update(best, status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        if probe is not None:
+            probe.close()
+    return RunResult(run_dir, summary.update(best, status="completed"))
+
+
+class _Summary:
+    """summary.json, rewritten atomically after every epoch and at the end."""
+
+    def __init__(self, run_dir: Path, cfg: Config, exp: Experiment, history: list[dict], best: dict):
+        self.path, self.cfg, self.exp, self.history = run_dir / rundir.SUMMARY_FILE, cfg, exp, history
+        self.started = time.time()
+        previous = rundir.read_json(self.path) if self.path.exists() else {}
+        self.prior_wall = previous.get("wall_time_s", 0.0) if history else 0.0
+
+    def update(self, best: dict, status: str, **extra: Any) -> dict[str, Any]:
+        final = self.history[-1] if self.history else None
+        summary = {
+            "name": self.cfg.name, "status": status, "epochs_completed": len(self.history),
+            "epochs_planned": self.cfg.train.epochs, "final": final, "best": best,
+            "wall_time_s": self.prior_wall + time.time() - self.started,
+            "train_time_s": sum(r["train_time_s"] for r in self.history),
+            "device": str(self.exp.device), "num_parameters": sum(p.numel() for p in self.exp.model.parameters()),
+            "versions": rundir.versions(), **extra,
+        }
+        rundir.write_json(self.path, summary)
+        return summary
+
+
+# ------------------------------------------------------------------ evaluation of a saved checkpoint
+
+def _set_bn_batch_mode(model: nn.Module) -> None:
+    """Eval mode everywhere except BN layers, which then normalize with each batch's statistics."""
+    model.eval()
+    for m in model.modules():
+        if uses_batch_stats(m):
+            m.train()
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Batches, num_images: int) -> int:
+    """Recompute BN population statistics from training images with the weights frozen ("precise BN")."""
+    bns = [m for m in model.modules() if uses_batch_stats(m)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the recalibration batches, not an exponential one
+    _set_bn_batch_mode(model)
+    used = 0
+    for x, _ in batches:
+        if used >= num_images:
+            break
+        x = x[: num_images - used]
+        if len(x) < 2:
+            break
+        model(x)
+        used += len(x)
+    model.eval()
+    return used
+
+
+def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str | None = None,
+                        bn_mode: str = "running", batch_size: int | None = None, recalibrate: int = 0) -> dict:
+    """Rebuild a model from a checkpoint alone and evaluate it on the test split."""
+    state = checkpoint.load(path)
+    raw = state["config"]
+    if data_root is not None:
+        raw = config_mod.apply_overrides(copy.deepcopy(raw), {"data.root": data_root})
+    if device is not None:
+        raw = config_mod.apply_overrides(copy.deepcopy(raw), {"device": device})
+    cfg = config_mod.validate(raw, f"stored in {path}")
+    if batch_size is not None:
+        cfg.train.eval_batch_size = batch_size
+    exp = setup(cfg)
+    exp.model.load_state_dict(state["model"])
+    test = exp.test_batches
+    result: dict[str, Any] = {"checkpoint": str(path), "epoch": state["epoch"], "bn_mode": bn_mode,
+                              "batch_size": cfg.train.eval_batch_size, "classes": exp.data.classes,
+                              "device": str(exp.device)}
+    model = exp.model
+    if recalibrate:
+        before = evaluate(model, test, exp.precision)
+        model = copy.deepcopy(model)
+        recal = exp.batches(exp.data.train_x, exp.data.train_y, max(2, cfg.train.batch_size))
+        used = recalibrate_bn(model, recal, recalibrate)
+        result["recalibration"] = {"images": used, "before_acc": before["acc"], "before_loss": before["loss"]}
+    if bn_mode not in ("running", "batch"):
+        raise ConfigError(f"unknown --bn-mode '{bn_mode}'; choose running or batch")
+    if bn_mode == "batch":
+        model = copy.deepcopy(model)  # batch statistics must never reach the checkpoint's running estimates
+    metrics = evaluate(model, test, exp.precision, exp.num_classes, bn_batch_stats=bn_mode == "batch")
+    result |= {"loss": metrics["loss"], "acc": metrics["acc"], "images": metrics["images"],
+               "confusion": metrics["confusion"]}
+    result["per_class_acc"] = {
+        c: 100.0 * row[i] / max(1, sum(row)) for i, (c, row) in enumerate(zip(exp.data.classes, metrics["confusion"]))
+    }
+    return result
+

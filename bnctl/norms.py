@@ -1,0 +1,280 @@
+"""The normalization layers a model can use, built by name from the model config.
+
+``NORMS`` maps each ``model.norm`` name to a builder ``(cfg, num_features, dim)``
+where ``dim=2`` means convolutional features (N, C, H, W) and ``dim=1`` fully
+connected features (N, C). Models call :func:`make_norm` and never pick a layer
+class themselves, so every norm is configured the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from bnctl.config import ModelConfig
+from bnctl.errors import ConfigError
+
+NormBuilder = Callable[[ModelConfig, int, int], nn.Module]
+
+
+class ManualBatchNorm(nn.Module):
+    """Batch normalization written out from scratch (Ioffe & Szegedy 2015, Algorithm 1).
+
+    Behaves like torch's BatchNorm1d/2d and uses the same parameter and buffer
+    names, so state_dicts load either way; it exists to show the math, not to be fast.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+    ):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum  # PyTorch convention; None = cumulative average
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features))  # gamma, the learned scale
+            self.bias = nn.Parameter(torch.empty(num_features))  # beta, the learned shift
+        else:
+            # Registered as None, as torch does, so `module.weight` exists either way.
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features))
+            self.register_buffer("running_var", torch.ones(num_features))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Forget the running estimates: mean 0, variance 1, no batches seen."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset the running estimates and make the layer start as a pure normalization (gamma 1, beta 0)."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize each channel of x, shaped (N, C) or (N, C, H, W)."""
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"ManualBatchNorm expected input shaped (N, {self.num_features}) or "
+                f"(N, {self.num_features}, H, W), got {tuple(x.shape)}"
+            )
+        # One mean and variance per channel: reduce over the batch and every spatial position.
+        reduce_dims = [0, *range(2, x.dim())]
+        # Per-channel vectors are viewed as (1, C, 1, 1) so they broadcast against x.
+        channel_shape = [1, self.num_features] + [1] * (x.dim() - 2)
+        # Sums of squares in bf16/fp16 lose too many digits: do the statistics in at least float32.
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+
+        # Same rule as torch: batch statistics in training, and in eval when nothing was tracked.
+        if self.training or self.running_mean is None:
+            m = xf.numel() // self.num_features  # values per channel in this mini-batch
+            if m < 2:
+                raise ValueError(
+                    f"ManualBatchNorm needs more than 1 value per channel to estimate a variance, "
+                    f"got input shaped {tuple(x.shape)}"
+                )
+            mean = xf.mean(dim=reduce_dims, keepdim=True)  # mu_B = 1/m * sum_i x_i
+            var = ((xf - mean) ** 2).mean(dim=reduce_dims, keepdim=True)  # sigma^2_B = 1/m * sum_i (x_i - mu_B)^2
+            if self.training and self.track_running_stats:
+                self._update_running_stats(mean.flatten(), var.flatten(), m)
+        else:
+            mean = self.running_mean.view(channel_shape).to(xf.dtype)
+            var = self.running_var.view(channel_shape).to(xf.dtype)
+
+        x_hat = (xf - mean) / torch.sqrt(var + self.eps)  # x_hat_i = (x_i - mu) / sqrt(sigma^2 + eps)
+        y = x_hat
+        if self.affine:
+            y = self.weight.view(channel_shape) * x_hat + self.bias.view(channel_shape)  # y_i = gamma * x_hat_i + beta
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, biased_var: torch.Tensor, m: int) -> None:
+        """Blend one mini-batch's statistics into the running estimates used in eval mode."""
+        self.num_batches_tracked.add_(1)
+        # momentum=None: cumulative average, the k-th batch weighted 1/k so all batches count equally.
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        # Inference estimates the population variance, so it gets the unbiased m/(m-1) correction;
+        # normalization above used the biased one, as the paper's Algorithm 1 does.
+        unbiased_var = biased_var * (m / (m - 1))
+        # running = (1 - factor) * running + factor * batch, kept in the buffers' own dtype.
+        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+        self.running_var.mul_(1 - factor).add_(unbiased_var.to(self.running_var.dtype), alpha=factor)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+
+
+class GhostBatchNorm(_BatchNorm):
+    """Ghost Batch Normalization (Hoffer et al. 2017): BatchNorm over small virtual batches.
+
+    In training the batch is cut into consecutive virtual batches of
+    ``virtual_batch_size`` samples (the last may be smaller), each normalized with
+    its own statistics and folded into the running estimates in turn. Eval mode,
+    and a batch no larger than one virtual batch, behave exactly like BatchNorm.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        virtual_batch_size: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+    ):
+        if virtual_batch_size < 1:
+            raise ValueError(f"virtual_batch_size must be >= 1, got {virtual_batch_size}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.virtual_batch_size = virtual_batch_size
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        # One class serves both conv (N, C, H, W) and fully connected (N, C) features.
+        if x.dim() < 2:
+            raise ValueError(f"GhostBatchNorm expected input shaped (N, C) or (N, C, H, W), got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize x per virtual batch in training, like BatchNorm otherwise."""
+        if not self.training or x.shape[0] <= self.virtual_batch_size:
+            return super().forward(x)
+        # BatchNorm's own training step on each chunk gives per-chunk statistics and
+        # one running-estimate update per chunk, with the same momentum rules.
+        outputs = []
+        for chunk in x.split(self.virtual_batch_size):
+            outputs.append(super().forward(chunk))
+        return torch.cat(outputs)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
+
+
+# ---------------------------------------------------------------- builders
+
+def _batch_stat_kwargs(cfg: ModelConfig) -> dict:
+    """The BatchNorm settings shared by every batch-statistics norm."""
+    return dict(
+        eps=cfg.bn_eps,
+        momentum=cfg.bn_momentum,
+        affine=cfg.bn_affine,
+        track_running_stats=cfg.bn_track_running_stats,
+    )
+
+
+def _batch(cfg: ModelConfig, num_features: int, dim: int) -> nn.Module:
+    """torch's BatchNorm2d for conv features, BatchNorm1d for fully connected ones."""
+    cls = nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d
+    return cls(num_features, **_batch_stat_kwargs(cfg))
+
+
+def _batch_manual(cfg: ModelConfig, num_features: int, dim: int) -> nn.Module:
+    """bnctl's from-scratch BatchNorm (the same for both dims)."""
+    return ManualBatchNorm(num_features, **_batch_stat_kwargs(cfg))
+
+
+def _ghost(cfg: ModelConfig, num_features: int, dim: int) -> nn.Module:
+    """Ghost BatchNorm over virtual batches of model.virtual_batch_size samples."""
+    return GhostBatchNorm(num_features, cfg.virtual_batch_size, **_batch_stat_kwargs(cfg))
+
+
+def _group(cfg: ModelConfig, num_features: int, dim: int) -> nn.Module:
+    """GroupNorm with model.groups groups of channels, each normalized per sample."""
+    groups = cfg.groups
+    if num_features % groups:
+        divisors = [d for d in range(1, num_features + 1) if num_features % d == 0]
+        suggestion = min(divisors, key=lambda d: (abs(d - groups), d))
+        fc_hint = " (this is a fully connected layer; model.fc_norm=false leaves it unnormalized)" if dim == 1 else ""
+        raise ConfigError(
+            f"model.norm=group: a layer with {num_features} channels cannot be split into "
+            f"model.groups={groups} equal groups{fc_hint}. Use a number of groups that divides every "
+            f"layer's channel count, e.g. model.groups={suggestion} (divisors of {num_features}: "
+            f"{', '.join(map(str, divisors))})"
+        )
+    return nn.GroupNorm(groups, num_features, eps=cfg.bn_eps, affine=cfg.bn_affine)
+
+
+def _layer(cfg: ModelConfig, num_features: int, dim: int) -> nn.Module:
+    """Layer normalization: each sample normalized over all its features, per-channel scale and shift."""
+    # GroupNorm with one group takes each sample's statistics over (C, H, W), as
+    # LayerNorm([C, H, W]) would, but needs neither H nor W when built (so any
+    # image size works) and learns one gamma/beta per channel, the convention for CNNs.
+    return nn.GroupNorm(1, num_features, eps=cfg.bn_eps, affine=cfg.bn_affine)
+
+
+def _instance(cfg: ModelConfig, num_features: int, dim: int) -> nn.Module:
+    """InstanceNorm2d: each sample's channels normalized over their own H x W positions."""
+    if dim == 1:
+        raise ConfigError(
+            "model.norm=instance cannot normalize a fully connected layer: instance norm takes the mean "
+            "and variance of each channel of each sample, and a fully connected feature has a single value "
+            "per channel per sample, so every output would be 0. Set model.fc_norm=false to leave the "
+            "hidden fully connected layers unnormalized."
+        )
+    return nn.InstanceNorm2d(num_features, eps=cfg.bn_eps, affine=cfg.bn_affine, track_running_stats=False)
+
+
+def _none(cfg: ModelConfig, num_features: int, dim: int) -> nn.Module:
+    """No normalization (the baseline)."""
+    return nn.Identity()
+
+
+NORMS: dict[str, NormBuilder] = {
+    "batch": _batch,
+    "batch_manual": _batch_manual,
+    "ghost": _ghost,
+    "group": _group,
+    "layer": _layer,
+    "instance": _instance,
+    "none": _none,
+}
+
+
+def make_norm(cfg: ModelConfig, num_features: int, dim: int) -> nn.Module:
+    """Build the normalization layer named by cfg.norm for num_features channels (dim 2: conv, 1: fc)."""
+    if dim not in (1, 2):
+        raise ValueError(f"dim must be 2 (conv features) or 1 (fully connected features), got {dim}")
+    builder = NORMS.get(cfg.norm)
+    if builder is None:
+        raise ConfigError(f"unknown model.norm '{cfg.norm}'; choose one of: {', '.join(NORMS)}")
+    return builder(cfg, num_features, dim)
+
+
+# Every layer type the registry can produce (LayerNorm-style "layer" is a GroupNorm).
+_NORM_TYPES = (_BatchNorm, ManualBatchNorm, nn.GroupNorm, _InstanceNorm)
+# Layers that normalize with batch statistics in training and keep running estimates for eval.
+_BATCH_STAT_TYPES = (_BatchNorm, ManualBatchNorm)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether module is a normalization layer (Identity, the 'none' norm, is not)."""
+    return isinstance(module, _NORM_TYPES)
+
+
+def uses_batch_stats(module: nn.Module) -> bool:
+    """Whether module normalizes with batch statistics in training (torch, manual or ghost BatchNorm)."""
+    # Decided by type alone: with track_running_stats=False such a layer has no running
+    # estimates (running_mean is None) and reset_running_stats() does nothing, as in torch.
+    return isinstance(module, _BATCH_STAT_TYPES)

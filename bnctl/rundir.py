@@ -1,0 +1,176 @@
+"""Run directories: atomic creation, recorded provenance, the metrics writer, summaries.
+
+Deliberately free of torch so that plotting and comparison stay light.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+
+from bnctl.errors import ConfigError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.csv"
+SUMMARY_FILE = "summary.json"
+RUN_INFO_FILE = "run.json"
+DIAGNOSTICS_FILE = "diagnostics.csv"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace a file's content atomically: temp file in the same folder, fsync, os.replace."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def holds_run(path: Path) -> bool:
+    """True when a folder already contains a bnctl run (or anything at all)."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def create(runs_root: Path, name: str, exact: Path | None = None) -> Path:
+    """Create a new, never-reused run directory.
+
+    os.mkdir is atomic: of two processes racing for the same name, one gets it and
+    the other moves on to the next suffix, so simultaneous runs never share a folder.
+    """
+    if exact is not None:
+        exact = Path(exact)
+        if holds_run(exact):
+            raise ConfigError(f"--run-dir {exact} already exists and is not empty; choose a new folder")
+        exact.mkdir(parents=True, exist_ok=True)
+        (exact / CHECKPOINT_DIR).mkdir()
+        return exact
+    runs_root = Path(runs_root)
+    runs_root.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.now():%Y%m%d-%H%M%S}-{name}"
+    for attempt in range(1, 10_000):
+        path = runs_root / (stem if attempt == 1 else f"{stem}-{attempt}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        (path / CHECKPOINT_DIR).mkdir()
+        return path
+    raise ConfigError(f"could not create a new run directory under {runs_root}")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, bnctl and the packages that shape a run's numbers."""
+    found = {"python": platform.python_version()}
+    for pkg in ("bnctl", "torch", "torchvision", "numpy"):
+        try:
+            found[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def record_provenance(run_dir: Path, config_yaml: str, info: dict[str, Any]) -> None:
+    """Write the resolved config and how the run was started (command, versions, commit, device)."""
+    atomic_write_text(run_dir / CONFIG_FILE, config_yaml)
+    write_json(run_dir / RUN_INFO_FILE, {
+        "command": sys.argv, "cwd": os.getcwd(), "started": datetime.now().isoformat(timespec="seconds"),
+        "host": platform.node(), "platform": platform.platform(), "versions": versions(),
+        "git_commit": _git_commit(), **info,
+    })
+
+
+class MetricsWriter:
+    """metrics.csv: fixed columns chosen at the start, one row per epoch, appended and flushed."""
+
+    def __init__(self, path: Path, columns: list[str], history: Iterable[dict[str, Any]] = ()):
+        self.path, self.columns = Path(path), list(columns)
+        # (Re)write header and known history atomically: a resumed run drops any row past its checkpoint.
+        lines = [",".join(self.columns)] + [self._line(row) for row in history]
+        atomic_write_text(self.path, "\n".join(lines) + "\n")
+
+    def _line(self, row: dict[str, Any]) -> str:
+        return ",".join(_fmt(row.get(c)) for c in self.columns)
+
+    def append(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(self._line(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)  # shortest exact form: a resumed run can be compared value for value
+    return str(value)
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of a bnctl CSV with numbers parsed (empty cells become None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; is this a bnctl run directory?")
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _parse(text: str | None) -> Any:
+    if text is None or text == "":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+class CsvAppender:
+    """A long-format CSV (diagnostics) written in appended, flushed chunks."""
+
+    def __init__(self, path: Path, columns: list[str], truncate: bool = True):
+        self.path, self.columns = Path(path), columns
+        if truncate or not self.path.exists():
+            atomic_write_text(self.path, ",".join(columns) + "\n")
+
+    def extend(self, rows: list[tuple]) -> None:
+        if not rows:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(",".join(_fmt(v) for v in row) + "\n" for row in rows)
+            f.flush()
+            os.fsync(f.fileno())
