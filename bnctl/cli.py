@@ -73,9 +73,10 @@ class _RichReporter:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.total_epochs = total_epochs
+        # A live bar only on a terminal; in logs and CI the per-epoch rows say enough.
         self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}/" + str(total_epochs)), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
-                                 console=console, transient=True)
+                                 console=console, transient=True, disable=not console.is_terminal)
         self.task = None
         self.header_shown = False
 

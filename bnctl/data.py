@@ -37,36 +37,52 @@ class ImageData:
 
 # ------------------------------------------------------------------ synthetic
 
-SYNTHETIC_CLASSES = [f"{deg:03d}deg" for deg in range(0, 180, 18)]
+SYNTHETIC_CLASSES = ["disk", "square", "triangle", "ring", "plus", "cross", "diamond", "hbar", "vbar", "pair"]
+
+
+def _shape_masks(dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> list[np.ndarray]:
+    """Boolean masks of the ten shapes, in SYNTHETIC_CLASSES order, for offsets (dx, dy) from a centre.
+
+    Every shape is mirror-symmetric left to right, so a horizontal flip (crop_flip
+    augmentation) never changes an image's class.
+    """
+    ax, ay, dist = np.abs(dx), np.abs(dy), np.hypot(dx, dy)
+    return [
+        dist < r,  # disk
+        np.maximum(ax, ay) < 0.8 * r,  # square
+        (dy > -r) & (dy < 0.8 * r) & (ax < 0.55 * (dy + r)),  # triangle, apex up
+        (dist < r) & (dist > 0.6 * r),  # ring
+        ((ax < 0.3 * r) & (ay < r)) | ((ay < 0.3 * r) & (ax < r)),  # plus
+        (np.abs(ax - ay) < 0.35 * r) & (np.maximum(ax, ay) < 0.85 * r),  # diagonal cross
+        ax + ay < r,  # diamond
+        (ax < r) & (ay < 0.35 * r),  # horizontal bar
+        (ay < r) & (ax < 0.35 * r),  # vertical bar
+        np.hypot(ax - 0.55 * r, dy) < 0.4 * r,  # two dots side by side
+    ]
 
 
 def _synthetic_split(n: int, rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Draw n images of oriented gratings: the class is the stripes' orientation.
+    """Draw n images of simple shapes: the class is the shape.
 
-    Each image is a grating at one of ten orientations 18 degrees apart, seen
-    through a soft window at a random place, with random frequency, phase,
-    colours, background and pixel noise. Orientation jitter makes neighbouring
-    classes overlap a little, so the task is learnable but not trivially so.
+    Each image shows one shape of random size, position and colour over a random
+    background with a faint distracting texture and pixel noise. Low contrast and
+    small sizes make some images hard, so the task is learnable but not trivially so.
     """
     labels = rng.permutation(np.arange(n) % len(SYNTHETIC_CLASSES))
-    theta = labels * (np.pi / len(SYNTHETIC_CLASSES)) + rng.normal(0.0, 0.08, n)
-    freq = rng.uniform(0.10, 0.28, n)  # cycles per pixel
-    phase = rng.uniform(0.0, 2 * np.pi, n)
-    cx, cy = rng.uniform(8, 24, n), rng.uniform(8, 24, n)
-    radius = rng.uniform(6.0, 12.0, n)
-
+    radius = rng.uniform(5.0, 11.0, n)[:, None, None]
+    cx = rng.uniform(11, size - 11, n)[:, None, None]
+    cy = rng.uniform(11, size - 11, n)[:, None, None]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    xx, yy = xx[None], yy[None]  # (1, H, W), broadcast against per-image (n, 1, 1)
-    col = lambda a: a[:, None, None]  # noqa: E731 - per-image scalar -> (n, 1, 1)
-    proj = xx * col(np.cos(theta)) + yy * col(np.sin(theta))
-    stripes = np.sin(2 * np.pi * col(freq) * proj + col(phase))  # (n, H, W) in [-1, 1]
-    window = np.exp(-((xx - col(cx)) ** 2 + (yy - col(cy)) ** 2) / (2 * col(radius) ** 2))
+    masks = _shape_masks(xx[None] - cx, yy[None] - cy, radius)  # each (n, H, W)
+    shape = np.choose(labels[:, None, None], masks).astype(np.float32)[:, None]  # (n, 1, H, W)
 
-    fg_a, fg_b, bg = (rng.uniform(0.0, 1.0, (n, 3, 1, 1)) for _ in range(3))
-    mix = (stripes[:, None] + 1) / 2  # 0..1: which of the two stripe colours
-    grating = fg_a * mix + fg_b * (1 - mix)
-    img = bg * (1 - window[:, None]) + grating * window[:, None]
-    img = img + rng.normal(0.0, 0.12, img.shape)
+    bg = rng.uniform(0.0, 1.0, (n, 3, 1, 1))
+    contrast = rng.uniform(0.15, 0.6, (n, 1, 1, 1)) * rng.choice([-1.0, 1.0], (n, 1, 1, 1))
+    fg = np.clip(bg + contrast * rng.uniform(0.5, 1.5, (n, 3, 1, 1)), 0.0, 1.0)
+    theta, freq, phase = (rng.uniform(0, np.pi, n), rng.uniform(0.05, 0.3, n), rng.uniform(0, 2 * np.pi, n))
+    texture = np.sin(2 * np.pi * freq[:, None, None] * (xx * np.cos(theta)[:, None, None]
+                                                        + yy * np.sin(theta)[:, None, None]) + phase[:, None, None])
+    img = bg * (1 - shape) + fg * shape + 0.08 * texture[:, None] + rng.normal(0.0, 0.1, (n, 3, size, size))
     img = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return img, labels.astype(np.int64)
 

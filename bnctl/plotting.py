@@ -77,8 +77,9 @@ def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
         ax_acc.plot(epochs, [r["clean_train_acc"] for r in rows], marker=marker, ls="--", color=CLEAN_COLOR,
                     label="train (eval mode)")
     best = max(rows, key=lambda r: r["test_acc"])
-    ax_acc.annotate(f"best {best['test_acc']:.1f}%", (best["epoch"], best["test_acc"]), textcoords="offset points",
-                    xytext=(0, -16), ha="center", color=TEST_COLOR, fontsize=9)
+    ax_acc.scatter([best["epoch"]], [best["test_acc"]], s=140, facecolors="none", edgecolors=TEST_COLOR, zorder=3)
+    ax_acc.annotate(f"best test {best['test_acc']:.1f}%", (best["epoch"], best["test_acc"]),
+                    textcoords="offset points", xytext=(0, 10), ha="center", color=TEST_COLOR, fontsize=9)
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
