@@ -1,0 +1,55 @@
+"""Shared test helpers: tiny configs on the synthetic data, and the CLI runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from bnctl.cli import app
+
+# Small enough that a full train -> eval -> plot takes a few seconds on 2 CPU cores.
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "device": "cpu",
+    "data": {"name": "synthetic", "train_size": 512, "test_size": 256},
+    "model": {"name": "seed_cnn", "norm": "batch"},
+    "optimizer": {"name": "adam", "lr": 0.003},
+    "train": {"epochs": 2, "batch_size": 32, "eval_batch_size": 128},
+}
+
+
+def tiny_raw(**sections) -> dict:
+    """TINY with some sections' keys replaced, e.g. tiny_raw(model={"norm": "none"})."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw[key] = {**raw.get(key, {}), **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    """A YAML file holding TINY."""
+    return write_config(tmp_path / "tiny.yaml", tiny_raw())
+
+
+@pytest.fixture
+def cli():
+    """Invoke bnctl in-process: cli("train", "--config", ...) -> click Result."""
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
