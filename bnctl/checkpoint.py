@@ -10,15 +10,16 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bnctl.errors import CheckpointError
+from bnctl.errors import CheckpointError, ConfigError
 
 FORMAT = "bnctl-checkpoint"
 FORMAT_VERSION = 1
@@ -44,23 +45,30 @@ def save(path: Path, state: dict[str, Any]) -> None:
 def load(path: Path) -> dict[str, Any]:
     """Load a bnctl checkpoint with torch's weights-only unpickler; refuse anything else."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a checkpoint file, e.g. RUN_DIR/checkpoints/best.pt")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise ConfigError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was never completely written")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the error below says enough
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights only" in str(err).lower() or "unsupported global" in str(err).lower():
+        # torch names the refused global ("GLOBAL posix.system"); other unpickling errors mean damage.
+        refused = re.search(r"GLOBAL (\S+)", str(err))
+        if refused or "Can only create new object" in str(err):
+            what = f" ({refused.group(1)})" if refused else ""
             raise CheckpointError(
-                f"refused to load {path}: it contains Python objects other than tensors and plain data, "
-                "which could run code when unpickled; nothing in it was executed"
+                f"refused to load {path}: it contains Python objects other than tensors and plain data{what}, "
+                "which could run code when unpickled; nothing in it was executed. Only load checkpoints you trust"
             ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint: truncated or not a torch file ({first[:120]})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or not a torch file)") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    except Exception:  # noqa: BLE001 - torch reports damaged files with many exception types
+        raise CheckpointError(f"{path} is not a readable checkpoint: truncated, corrupt or not a torch file") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         hint = " (it looks like a bare state_dict from another tool)" if isinstance(state, dict) else ""
         raise CheckpointError(f"{path} is not a bnctl checkpoint{hint}; bnctl writes them to RUN_DIR/checkpoints/")
@@ -73,6 +81,33 @@ def load(path: Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} is an incomplete bnctl checkpoint (missing {', '.join(missing)})")
     return state
+
+
+def load_model_state(model: torch.nn.Module, weights: dict[str, Any], path: Path) -> None:
+    """Load a checkpoint's weights into a model, explaining a mismatch instead of dumping torch's list."""
+    expected = model.state_dict()
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path}: the 'model' entry is not a state_dict")
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    resized = [k for k in expected if k in weights and getattr(weights[k], "shape", None) != expected[k].shape]
+    if not (missing or unexpected or resized):
+        model.load_state_dict(weights)
+        return
+    # The last weight is the output layer's: a mismatch there alone means a different class count.
+    k = [k for k in expected if k.endswith(".weight")][-1]
+    if resized and all(r.rsplit(".", 1)[0] == k.rsplit(".", 1)[0] for r in resized) and not (missing or unexpected):
+        raise CheckpointError(
+            f"{path} predicts {weights[k].shape[0]} classes but the data has {expected[k].shape[0]}; "
+            "evaluate it on data with the classes it was trained on")
+    if resized:
+        k = resized[0]
+        detail = f"{k} has shape {list(weights[k].shape)} there but {list(expected[k].shape)} here"
+    else:
+        detail = ", ".join(f"{n} {kind} (e.g. {ks[0]})" for kind, ks, n in
+                           (("missing", missing, len(missing)), ("unexpected", unexpected, len(unexpected))) if ks)
+    raise CheckpointError(f"{path} does not fit the model its config describes: {detail}. "
+                          "Was it written by another bnctl version or edited?")
 
 
 def capture_rng(data_generator: torch.Generator) -> dict[str, Any]:

@@ -8,12 +8,15 @@ before it pays for the heavy imports.
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bnctl.errors import ConfigError
 
@@ -117,14 +120,28 @@ class TrainConfig(_Section):
 
 
 class Config(_Section):
-    name: str = Field("experiment", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("experiment", min_length=1)  # letters, digits, _ . - (it becomes part of a folder name)
     seed: int = 0
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")  # auto: cuda, then mps, then cpu
+    device: str = "auto"  # auto: cuda, then mps, then cpu; or cpu, mps, cuda, cuda:N
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     train: TrainConfig = TrainConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
+            raise ValueError("name may contain only letters, digits, '_', '.' and '-' (it names the run's folder)")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError("device must be one of auto, cpu, cuda, cuda:N (N = GPU index) or mps")
+        return v
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -148,15 +165,19 @@ class Config(_Section):
 # ---------------------------------------------------------------- loading
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+    lines = [f"invalid config {source}:".replace(" :", ":")]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in e["loc"]) or "config"
         if e["type"] == "extra_forbidden":
             parent, _, leaf = key.rpartition(".")
-            lines.append(f"  {key}: unknown key{_suggest(leaf, parent)}")
+            lines.append(f"  {key}: unknown key{_suggest(leaf, _section_fields(parent))}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if _short(e.get("input")) else ""))
+            got = f" (got {e['input']!r})" if _short(e.get("input")) else ""
+            hint = ""
+            if e["type"] == "literal_error" and isinstance(e.get("input"), str):
+                hint = _suggest(e["input"], [str(c) for c in _literal_choices(e["loc"])])
+            lines.append(f"  {key}: {msg}{got}{hint}")
     return "\n".join(lines)
 
 
@@ -174,8 +195,21 @@ def _section_fields(parent: str) -> list[str]:
     return list(model.model_fields)
 
 
-def _suggest(leaf: str, parent: str) -> str:
-    close = difflib.get_close_matches(leaf, _section_fields(parent), n=1)
+def _literal_choices(loc: tuple) -> tuple:
+    """The allowed values of the Literal-typed field at a validation error's location."""
+    model: type[BaseModel] = Config
+    annotation: Any = None
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        if field is None:
+            return ()
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
@@ -191,6 +225,25 @@ def validate(raw: Any, source: str = "") -> Config:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader (plain data only, never Python objects) that also refuses duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, collections.abc.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (the second would silently win)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _where(err: yaml.MarkedYAMLError) -> str:
+    mark = err.problem_mark or err.context_mark
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+
 def read_yaml(path: Path) -> Any:
     """Read a YAML file with the safe loader, turning every failure into a ConfigError."""
     path = Path(path)
@@ -200,16 +253,24 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"config path is a directory, not a YAML file: {path}")
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read config {path}: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read config {path}: it is not UTF-8 text (a YAML file is expected)") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.constructor.ConstructorError as err:
+        problem = err.problem or ""
+        if "constructor for the tag" in problem:
+            quoted = re.search(r"'([^']*)'", problem)
+            tag = quoted.group(1).replace("tag:yaml.org,2002:", "!!") if quoted else "(unknown)"
+            problem = (f"the tag {tag} is not allowed; bnctl configs hold plain values only "
+                       "(YAML is read with the safe loader, which never builds Python objects)")
+        raise ConfigError(f"invalid YAML in {path}{_where(err)}: {problem}") from None
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"YAML syntax error in {path}{where}: {err.problem}") from None
+        raise ConfigError(f"YAML syntax error in {path}{_where(err)}: {err.problem}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"YAML error in {path}: {err}") from None
+        raise ConfigError(f"YAML error in {path}: {str(err).splitlines()[0]}") from None
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -220,6 +281,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override '{item}' must look like KEY=VALUE, e.g. optimizer.lr=0.01")
+        if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part) for part in key.split(".")):
+            raise ConfigError(f"override '{item}': '{key}' is not a config key; keys look like "
+                              "section.key, e.g. optimizer.lr=0.01 or train.epochs=5")
         try:
             parsed[key] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:

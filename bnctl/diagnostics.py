@@ -8,7 +8,7 @@ Every ``train.diagnostics_every`` steps, hooks record for each pair:
 - output_mean, output_std      the activations leaving it (train mode, so batch-normalized)
 - running_mean_avg, running_var_avg   channel averages of BN's population estimates
 - gamma_mean, gamma_std, beta_mean    the learned scale and shift
-- weight_norm, grad_norm       L2 norms of the conv/linear weight and its gradient
+- weight_norm, grad_norm       L2 norms of the conv/linear weight and its (unscaled) gradient
 
 Between samples the hooks return at once, so leaving diagnostics on is cheap.
 """
@@ -46,8 +46,9 @@ def layer_pairs(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module | None
 class BNProbe:
     """Forward/backward hooks that sample BN statistics every few steps into diagnostics.csv."""
 
-    def __init__(self, model: nn.Module, path: Path, every: int, keep_before_epoch: int = 1):
+    def __init__(self, model: nn.Module, path: Path, every: int, keep_before_epoch: int = 1, scaler: Any = None):
         self.every, self.active = every, False
+        self.scaler = scaler  # fp16's GradScaler: gradients are seen scaled by it, before the optimizer unscales
         self.step, self.epoch = 0, 0
         self.pairs = layer_pairs(model)
         self.rows: list[tuple] = []
@@ -65,7 +66,8 @@ class BNProbe:
 
     @classmethod
     def for_experiment(cls, exp: Any, run_dir: Path, start_epoch: int) -> "BNProbe":
-        return cls(exp.model, run_dir / rundir.DIAGNOSTICS_FILE, exp.cfg.train.diagnostics_every, start_epoch)
+        return cls(exp.model, run_dir / rundir.DIAGNOSTICS_FILE, exp.cfg.train.diagnostics_every, start_epoch,
+                   scaler=exp.precision.scaler)
 
     # -- hooks
     def _input_hook(self, name: str):
@@ -99,10 +101,11 @@ class BNProbe:
     def after_backward(self) -> None:
         if not self.active:
             return
+        unscale = 1.0 / self.scaler.get_scale() if self.scaler is not None and self.scaler.is_enabled() else 1.0
         for name, layer, _ in self.pairs:
             self._pending.append((name, "weight_norm", layer.weight.detach().norm()))
             if layer.weight.grad is not None:
-                self._pending.append((name, "grad_norm", layer.weight.grad.detach().norm()))
+                self._pending.append((name, "grad_norm", layer.weight.grad.detach().float().norm() * unscale))
         values = torch.stack([v.float() for _, _, v in self._pending]).tolist()  # one device sync per sample
         self.rows += [(self.step, self.epoch, n, s, v) for (n, s, _), v in zip(self._pending, values)]
         self._pending.clear()

@@ -43,12 +43,12 @@ class SeedCNN(nn.Module):
 
     def _flat_size(self, image_size: tuple[int, int]) -> int:
         # Eval mode so that measuring the shape does not move BN's running statistics.
+        if min(image_size) < 22:  # three unpadded convs and three 2x2 pools leave nothing below 22 pixels
+            raise ConfigError(f"seed_cnn needs images of at least 22x22 pixels, got {image_size[0]}x{image_size[1]}")
         self.features.eval()
         with torch.no_grad():
             out = self.features(torch.zeros(1, 3, *image_size))
         self.features.train()
-        if out.numel() == 0:
-            raise ConfigError(f"seed_cnn needs images of at least 22x22 pixels, got {image_size}")
         return out.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +71,9 @@ class VGG(nn.Module):
         depth = cfg.depth or 11
         if depth not in VGG_LAYOUTS:
             raise ConfigError(f"model.depth={depth} is not a VGG; choose one of {', '.join(map(str, VGG_LAYOUTS))}")
+        if min(image_size) < 32:  # five 2x2 pools: the last conv stage would see less than 2x2 pixels
+            raise ConfigError(f"vgg halves the image five times and needs at least 32x32 pixels, "
+                              f"got {image_size[0]}x{image_size[1]}; use seed_cnn or resnet20 for smaller images")
         layers: list[nn.Module] = []
         c_in = 3
         for item in VGG_LAYOUTS[depth]:
