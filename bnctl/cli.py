@@ -14,8 +14,9 @@ from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from bnctl.errors import BnctlError
+from bnctl.errors import BnctlError, ConfigError, InterruptedRun
 
 app = typer.Typer(
     name="bnctl",
@@ -46,7 +47,8 @@ def _reports_errors(command: Callable) -> Callable:
         except BnctlError as err:
             if _state["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+            label = "[bold yellow]stopped:[/]" if isinstance(err, InterruptedRun) else "[bold red]error:[/]"
+            err_console.print(f"{label} {escape(str(err))}", soft_wrap=True)  # paths may hold [brackets]
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
@@ -54,7 +56,8 @@ def _reports_errors(command: Callable) -> Callable:
         except Exception as err:  # a bug in bnctl or an environment problem: still no wall of text by default
             if _state["debug"]:
                 raise
-            err_console.print(f"[bold red]internal error:[/] {type(err).__name__}: {err}\n"
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            err_console.print(f"[bold red]internal error:[/] {type(err).__name__}: {escape(first)}\n"
                               "run again with `bnctl --debug ...` for the traceback", soft_wrap=True)
             raise typer.Exit(1) from None
 
@@ -102,6 +105,18 @@ class _RichReporter:
         self.progress.stop()
 
 
+def _existing(path: Path, kind: str, holding: str | None = None) -> Path:
+    """A path argument that must exist (a folder holding `holding`, if given); a usage error (exit 2) otherwise."""
+    if not path.exists():
+        raise ConfigError(f"{kind} not found: {path}")
+    if holding is not None:
+        if not path.is_dir():
+            raise ConfigError(f"{path} is a file; give a {kind} (the folder holding {holding})")
+        if not (path / holding).is_file():
+            raise ConfigError(f"{path} is not a bnctl {kind} (no {holding})")
+    return path
+
+
 def _resume_config(run_dir: Path, overrides: list[str]):
     from bnctl import config as config_mod
 
@@ -109,18 +124,23 @@ def _resume_config(run_dir: Path, overrides: list[str]):
     parsed = config_mod.parse_overrides(overrides)
     changed = sorted(set(parsed) - allowed)
     if changed:
-        raise BnctlError(f"--resume continues a run as configured; only {', '.join(sorted(allowed))} may change "
-                         f"(got {', '.join(changed)}). Start a new run to change anything else.")
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise BnctlError(f"{run_dir} is not a bnctl run directory (no config.yaml)")
-    return config_mod.load(cfg_path, overrides)
+        raise ConfigError(f"--resume continues a run as configured; only {', '.join(sorted(allowed))} may change "
+                          f"(got {', '.join(changed)}). Start a new run to change anything else.")
+    return config_mod.load(_existing(run_dir, "run directory", holding="config.yaml") / "config.yaml", overrides)
+
+
+def _epochs_done(run_dir: Path) -> int:
+    """Complete epochs a run recorded (0 when its summary is missing or damaged)."""
+    try:
+        return int(json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("epochs_completed", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 @app.command()
 @_reports_errors
 def train(
-    overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
+    overrides: Optional[List[str]] = typer.Argument(None, metavar="KEY=VALUE",
                                                     help="Override config keys, e.g. optimizer.lr=0.01 train.epochs=5"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML experiment config."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Exact run directory (must be new or empty)."),
@@ -132,16 +152,15 @@ def train(
 
     overrides = overrides or []
     if resume is None and config is None:
-        raise BnctlError("give --config FILE (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
+        raise ConfigError("give --config FILE (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
     if resume is not None and (config is not None or run_dir is not None):
-        raise BnctlError("--resume takes its config from the run directory; drop --config/--run-dir")
+        raise ConfigError("--resume takes its config from the run directory; drop --config/--run-dir")
     if resume is not None:
         cfg = _resume_config(resume, overrides)
-        summary_path = resume / "summary.json"
-        done = json.loads(summary_path.read_text()).get("epochs_completed", 0) if summary_path.is_file() else 0
+        done = _epochs_done(resume)
         if done >= cfg.train.epochs:
             console.print(f"{resume} already completed {done} epoch(s); nothing to do "
-                          f"(extend it with: bnctl train --resume {resume} train.epochs=N)")
+                          f"(extend it with: bnctl train --resume {resume} train.epochs=N)", soft_wrap=True)
             return
     else:
         cfg = config_mod.load(config, overrides)
@@ -184,7 +203,8 @@ def eval_(
     bn_mode: str = typer.Option("running", "--bn-mode",
                                 help="running: BN uses population statistics (correct). "
                                      "batch: each test batch's own statistics (what a model left in train mode does)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Test batch size (matters for --bn-mode batch)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help="Test batch size (matters for --bn-mode batch)."),
     recalibrate: int = typer.Option(0, "--recalibrate", min=0,
                                     help="Recompute BN statistics from N training images first (precise BN)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
@@ -193,7 +213,8 @@ def eval_(
     from bnctl import engine, plotting, rundir
 
     if bn_mode not in ("running", "batch"):
-        raise BnctlError(f"unknown --bn-mode '{bn_mode}'; choose running or batch")
+        raise ConfigError(f"unknown --bn-mode '{bn_mode}'; choose running or batch")
+    _existing(checkpoint, "checkpoint")
     result = engine.evaluate_checkpoint(checkpoint, data_root=data_root, device=device, bn_mode=bn_mode,
                                         batch_size=batch_size, recalibrate=recalibrate)
     out_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
@@ -205,7 +226,13 @@ def eval_(
         return
     from rich.table import Table
 
-    table = Table(title=f"{checkpoint} (epoch {result['epoch']}, BN mode: {bn_mode})", title_justify="left")
+    # The header is printed, not a table title: a title wraps to the table's narrow width.
+    mode = ("BN running statistics" if bn_mode == "running"
+            else f"BN statistics of each test batch of {result['batch_size']}")
+    console.print(f"[bold]{checkpoint}[/] (epoch {result['epoch']}; {mode})", soft_wrap=True)
+    if bn_mode == "batch" and not result["bn_layers"]:
+        console.print("[yellow]note:[/] this model has no BN layers, so --bn-mode batch changes nothing")
+    table = Table()
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for cls, acc in result["per_class_acc"].items():
@@ -213,11 +240,11 @@ def eval_(
     console.print(table)
     if "recalibration" in result:
         rec = result["recalibration"]
-        console.print(f"before recalibration: accuracy {rec['before_acc']:.2f}%  loss {rec['before_loss']:.4f}  "
-                      f"(recalibrated on {rec['images']} training images)")
+        console.print(f"before recalibration: accuracy {rec['before_acc']:.2f}%  loss {rec['before_loss']:.4f}\n"
+                      f"after recalibration on {rec['images']} training images (batches of {rec['batch_size']}):")
     console.print(f"[bold]test loss {result['loss']:.4f}  accuracy {result['acc']:.2f}%[/]  "
                   f"({result['images']} images)")
-    console.print(f"[dim]wrote {eval_path} and {eval_path.with_name('confusion.png')}[/]")
+    console.print(f"[dim]wrote {eval_path} and {eval_path.with_name('confusion.png')}[/]", soft_wrap=True)
 
 
 # ------------------------------------------------------------------ plot and compare
@@ -228,8 +255,33 @@ def plot(run_dir: Path = typer.Argument(..., help="A run directory holding metri
     """Redraw a run's figures from its files (metrics.csv, diagnostics.csv, eval.json)."""
     from bnctl import plotting
 
-    for path in plotting.plot_run(run_dir):
+    for path in plotting.plot_run(_existing(run_dir, "run directory", holding="metrics.csv")):
         console.print(str(path))
+
+
+def _compare_table(rows: list[dict[str, Any]], short: dict[str, str]):
+    """The compare table: run name, the config values that differ, final and best metrics, epochs, wall time."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="train/test: the final epoch; best: the epoch with the highest test accuracy")
+    table.add_column("run", overflow="fold")
+    for name in short.values():
+        table.add_column(name, overflow="fold")
+    show_status = any(r["status"] != "completed" for r in rows)
+    if show_status:
+        table.add_column("status")
+    for col in ("epochs", "train acc %", "test acc %", "test loss", "best acc %", "best epoch", "wall time s"):
+        table.add_column(col, justify="right")
+    num = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    for r in rows:
+        cells = [r["name"], *(str(r["differs"][k]) for k in short)] + ([r["status"]] if show_status else [])
+        cells += [str(r["epochs"]), num(r["final_train_acc"], ".2f"), num(r["final_test_acc"], ".2f"),
+                  num(r["final_test_loss"], ".4f"), num(r["best_test_acc"], ".2f"), str(r["best_epoch"]),
+                  num(r["wall_time_s"], ".1f")]
+        table.add_row(*cells)
+    return table
 
 
 @app.command()
@@ -239,20 +291,13 @@ def compare(
     out: Path = typer.Option(Path("compare.png"), "--out", "-o", help="Where to write the overlay figure."),
 ) -> None:
     """Overlay several runs' curves in one figure and tabulate their final and best metrics."""
-    from rich.table import Table
-
     from bnctl import plotting
 
-    runs = [plotting.load_run(d) for d in run_dirs]
+    runs = [plotting.load_run(_existing(d, "run directory", holding="metrics.csv")) for d in run_dirs]
     rows = plotting.compare_table(runs)
-    table = Table(title="Runs")
-    for col in ("run", "status", "epochs", "final train acc", "final test acc", "best test acc", "best epoch", "wall time"):
-        table.add_column(col, justify="left" if col in ("run", "status") else "right")
-    pct = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731
-    for r in rows:
-        table.add_row(r["run"], r["status"], str(r["epochs"]), pct(r["final_train_acc"]), pct(r["final_test_acc"]),
-                      pct(r["best_test_acc"]), str(r["best_epoch"]), f"{r['wall_time_s']:.1f}s")
-    console.print(table)
+    table = _compare_table(rows, plotting.short_keys(list(rows[0]["differs"])))
+    # Off a terminal (logs, CI) rich assumes 80 columns and would squeeze the table; give it room there.
+    (console if console.is_terminal else Console(width=140, highlight=False)).print(table)
     console.print(str(plotting.plot_compare(runs, out)))
 
 

@@ -61,6 +61,9 @@ def _shape_masks(dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> list[np.ndarr
     ]
 
 
+_SYNTHETIC_CHUNK = 2048  # images generated at a time (bounds the generator's memory)
+
+
 def _synthetic_split(n: int, rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Draw n images of simple shapes: the class is the shape.
 
@@ -73,17 +76,25 @@ def _synthetic_split(n: int, rng: np.random.Generator, size: int = 32) -> tuple[
     cx = rng.uniform(11, size - 11, n)[:, None, None]
     cy = rng.uniform(11, size - 11, n)[:, None, None]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    masks = _shape_masks(xx[None] - cx, yy[None] - cy, radius)  # each (n, H, W)
-    shape = np.choose(labels[:, None, None], masks).astype(np.float32)[:, None]  # (n, 1, H, W)
-
     bg = rng.uniform(0.0, 1.0, (n, 3, 1, 1))
     contrast = rng.uniform(0.15, 0.6, (n, 1, 1, 1)) * rng.choice([-1.0, 1.0], (n, 1, 1, 1))
     fg = np.clip(bg + contrast * rng.uniform(0.5, 1.5, (n, 3, 1, 1)), 0.0, 1.0)
     theta, freq, phase = (rng.uniform(0, np.pi, n), rng.uniform(0.05, 0.3, n), rng.uniform(0, 2 * np.pi, n))
-    texture = np.sin(2 * np.pi * freq[:, None, None] * (xx * np.cos(theta)[:, None, None]
-                                                        + yy * np.sin(theta)[:, None, None]) + phase[:, None, None])
-    img = bg * (1 - shape) + fg * shape + 0.08 * texture[:, None] + rng.normal(0.0, 0.1, (n, 3, size, size))
-    img = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+    # Pixels are drawn in chunks: the float64 intermediates of 50,000 images at once would need
+    # several GB. The noise is the last draw and numpy's stream does not depend on how it is
+    # split, so the images are identical to drawing them all at once.
+    img = np.empty((n, 3, size, size), dtype=np.uint8)
+    for s in range(0, n, _SYNTHETIC_CHUNK):
+        c = slice(s, s + _SYNTHETIC_CHUNK)
+        masks = _shape_masks(xx[None] - cx[c], yy[None] - cy[c], radius[c])  # each (chunk, H, W)
+        shape = np.choose(labels[c, None, None], masks).astype(np.float32)[:, None]  # (chunk, 1, H, W)
+        texture = np.sin(2 * np.pi * freq[c, None, None] * (xx * np.cos(theta[c])[:, None, None]
+                                                            + yy * np.sin(theta[c])[:, None, None])
+                         + phase[c, None, None])
+        chunk = (bg[c] * (1 - shape) + fg[c] * shape + 0.08 * texture[:, None]
+                 + rng.normal(0.0, 0.1, (len(shape), 3, size, size)))
+        img[c] = np.clip(chunk * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return img, labels.astype(np.int64)
 
 
@@ -284,5 +295,6 @@ class Batches:
             xb = self.x[idx]
             if self.augment == "crop_flip":
                 xb = crop_flip(xb, self.generator)
-            xb = torch.addcmul(self.shift, xb.float(), self.scale)
-            yield xb.contiguous(memory_format=self.memory_format), self.y[idx]
+            # Change layout while the batch is still 1 byte per value; the float result keeps it.
+            xb = xb.contiguous(memory_format=self.memory_format)
+            yield torch.addcmul(self.shift, xb.float(), self.scale), self.y[idx]

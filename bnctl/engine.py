@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import nn
 from bnctl import checkpoint, config as config_mod, rundir
 from bnctl.config import Config
 from bnctl.data import Batches, ImageData, load_dataset
-from bnctl.errors import ConfigError, DataError, DivergedError, InterruptedRun
+from bnctl.errors import CheckpointError, ConfigError, DataError, DivergedError, InterruptedRun
 from bnctl.models import build_model
 from bnctl.norms import is_norm, uses_batch_stats
 
@@ -73,6 +74,35 @@ class Precision:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.name == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+# Below this many images per step, splitting each tiny convolution across CPU threads gains
+# nothing (2 cores: equal at batch 8), and when another process holds a core every op waits
+# for the descheduled thread: 10-100x slower at batch 4. bench/RESULTS.md has the figures.
+SMALL_CPU_BATCH = 16
+
+
+def training_threads(device: torch.device, batch_size: int) -> int:
+    """The intra-op thread count train_one_epoch uses: one for small CPU batches unless OMP_NUM_THREADS is set."""
+    if device.type == "cpu" and batch_size < SMALL_CPU_BATCH and "OMP_NUM_THREADS" not in os.environ:
+        return 1
+    return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def cpu_threads_for(batches: Batches):
+    """Train with training_threads(...) threads, then restore the previous count."""
+    before, wanted = torch.get_num_threads(), training_threads(batches.x.device, batches.batch_size)
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    # Running sums in float64 where the device has it (Apple's MPS has not).
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 # ------------------------------------------------------------------ optimizers and schedules
@@ -155,32 +185,38 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     """One pass over the training batches; returns running train loss and accuracy."""
     model.train()
     device = batches.x.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    loss_sum = torch.zeros((), device=device, dtype=_sum_dtype(device))
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
     report_every = max(1, len(batches) // 50)  # progress updates cost a sync; ~50 per epoch is plenty
-    for i, (x, y) in enumerate(batches):
-        if probe is not None:
-            probe.start_step(first_step + i, epoch)
-        with precision.autocast():
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-        if not torch.isfinite(loss):
-            raise DivergedError(f"loss became {loss.item()} at epoch {epoch}, step {i + 1}", epoch, i + 1)
-        optimizer.zero_grad(set_to_none=True)
-        precision.scaler.scale(loss).backward()
-        if probe is not None:
-            probe.after_backward()
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
-        scheduler.step()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-        if (i + 1) % report_every == 0:
-            reporter.step(i + 1, (loss_sum / seen).item())
+    # Reading a number back is nearly free on CPU but stalls a GPU's queue, so there the
+    # finiteness check waits for the progress updates (a NaN or inf stays in the running sum).
+    check_every = 1 if device.type == "cpu" else report_every
+    with cpu_threads_for(batches):
+        for i, (x, y) in enumerate(batches):
+            if probe is not None:
+                probe.start_step(first_step + i, epoch)
+            with precision.autocast():
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            loss_sum += loss.detach() * len(y)
+            if (i + 1) % check_every == 0 and not math.isfinite(loss_sum.item()):
+                raise DivergedError(f"loss became {loss.item()} at epoch {epoch}, step {i + 1}", epoch, i + 1)
+            optimizer.zero_grad(set_to_none=True)
+            precision.scaler.scale(loss).backward()
+            if probe is not None:
+                probe.after_backward()
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+            scheduler.step()
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            if (i + 1) % report_every == 0:
+                reporter.step(i + 1, (loss_sum / seen).item())
     if seen == 0:
         raise DataError(f"no complete training batch: {len(batches.y)} images < batch_size {batches.batch_size}")
+    if not math.isfinite(loss_sum.item()):  # a GPU run may have diverged after its last check
+        raise DivergedError(f"loss became non-finite in epoch {epoch}", epoch, len(batches))
     return {"train_loss": (loss_sum / seen).item(), "train_acc": 100.0 * correct.item() / seen, "images": seen}
 
 
@@ -196,7 +232,7 @@ def evaluate(model: nn.Module, batches: Batches, precision: Precision,
     if bn_batch_stats:
         _set_bn_batch_mode(model)
     device = batches.x.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    loss_sum = torch.zeros((), device=device, dtype=_sum_dtype(device))
     correct = torch.zeros((), device=device, dtype=torch.int64)
     confusion = torch.zeros(num_classes or 1, num_classes or 1, dtype=torch.int64, device=device)
     with torch.inference_mode(), precision.autocast():
@@ -259,10 +295,13 @@ def setup(cfg: Config, data: ImageData | None = None) -> Experiment:
     device = resolve_device(cfg.device)
     precision = Precision(device, cfg.train.precision)
     data = data if data is not None else load_dataset(cfg.data)
-    if len(data.train_y) < cfg.train.batch_size:
-        raise DataError(f"only {len(data.train_y)} training images, fewer than train.batch_size={cfg.train.batch_size}")
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, num_classes=len(data.classes), image_size=data.image_size)
+    try:
+        model = build_model(cfg.model, num_classes=len(data.classes), image_size=data.image_size)
+    except RuntimeError as err:  # a layer's kernel or pooling window is larger than what is left of the image
+        raise DataError(f"images of {data.image_size[0]}x{data.image_size[1]} pixels are too small for model "
+                        f"{cfg.model.name} ({str(err).splitlines()[0]}); use larger images "
+                        "(data.image_size for imagefolder) or another model") from None
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
     forward = torch.compile(model) if cfg.train.compile else model
@@ -274,7 +313,7 @@ def setup(cfg: Config, data: ImageData | None = None) -> Experiment:
                             augment=d.augment, generator=generator, **common)
     test_batches = Batches(data.test_x, data.test_y, cfg.train.eval_batch_size, **common)
     optimizer = make_optimizer(model, cfg.optimizer, device)
-    scheduler = make_scheduler(optimizer, cfg, len(train_batches))
+    scheduler = make_scheduler(optimizer, cfg, max(1, len(train_batches)))  # eval needs no full training batch
     return Experiment(cfg, device, data, model, forward, precision, generator, train_batches, test_batches,
                       optimizer, scheduler)
 
@@ -321,25 +360,45 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
     identical to an uninterrupted run.
     """
     exp = setup(cfg)
+    if len(exp.train_batches) == 0:
+        raise DataError(f"only {len(exp.data.train_y)} training images, fewer than "
+                        f"train.batch_size={cfg.train.batch_size}; lower the batch size or add data")
     _check_fits(exp)
+    if resume is not None and not (Path(resume) / rundir.CHECKPOINT_DIR / "last.pt").is_file():
+        raise ConfigError(f"{resume} has no checkpoint to resume from (no epoch completed); start a new run")
+    run_dir = Path(resume) if resume is not None else rundir.create(runs_root, cfg.name, exact=run_dir)
+    # One process per run directory: resuming a run that is still training would interleave two writers.
+    with rundir.RunLock(run_dir):
+        return _fit_in(exp, run_dir, resume is not None, reporter, on_run_dir, probe_factory)
+
+
+def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
+            on_run_dir: Callable[[Path], None], probe_factory) -> RunResult:
+    """fit's body, once the run directory is chosen and locked."""
+    cfg = exp.cfg
     history: list[dict] = []
     best: dict[str, Any] = {"test_acc": None, "epoch": None}
     start = 1
-    if resume is not None:
-        state = checkpoint.load(Path(resume) / rundir.CHECKPOINT_DIR / "last.pt")
-        exp.model.load_state_dict(state["model"])
+    if resuming:
+        state = _resume_state(run_dir, cfg)
+        checkpoint.load_model_state(exp.model, state["model"], run_dir / rundir.CHECKPOINT_DIR / "last.pt")
         exp.optimizer.load_state_dict(state["optimizer"])
         exp.precision.scaler.load_state_dict(state["scaler"])
-        exp.scheduler.last_epoch = state["scheduler"]["last_epoch"]
-        exp.scheduler.step(exp.scheduler.last_epoch)  # recompute lr for the (possibly extended) schedule
+        exp.scheduler.load_state_dict(state["scheduler"])
+        # The schedule is a pure function of the step: redo the last step under this run's (maybe
+        # extended) length, so the lr is exactly what an uninterrupted run of that length would use.
+        exp.scheduler.last_epoch -= 1
+        exp.scheduler.step()
         checkpoint.restore_rng(state["rng"], exp.generator)
         history, best, start = state["history"], state["best"], state["epoch"] + 1
-        run_dir = Path(resume)
+        rundir.remove_temp_files(run_dir)  # left by a run killed mid-write
         rundir.atomic_write_text(run_dir / rundir.CONFIG_FILE, config_mod.to_yaml(cfg))
+        rundir.record_resume(run_dir, {"from_epoch": start - 1, "epochs": cfg.train.epochs, "device": str(exp.device),
+                                       "threads": training_threads(exp.device, cfg.train.batch_size)})
     else:
-        run_dir = rundir.create(runs_root, cfg.name, exact=run_dir)
         rundir.record_provenance(run_dir, config_mod.to_yaml(cfg), {
-            "device": str(exp.device), "seed": cfg.seed, "threads": torch.get_num_threads(),
+            "device": str(exp.device), "seed": cfg.seed,
+            "threads": training_threads(exp.device, cfg.train.batch_size),
             "num_classes": exp.num_classes, "train_images": len(exp.data.train_y),
             "test_images": len(exp.data.test_y)})
     on_run_dir(run_dir)
@@ -369,16 +428,20 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
             t2 = time.perf_counter()
             row |= {"epoch_time_s": t2 - t0, "train_time_s": t1 - t0, "eval_time_s": t2 - t1,
                     "images_per_s": train["images"] / (t1 - t0)}
-            history.append(row)
+            if not math.isfinite(row["test_loss"]):
+                # The epoch's last updates broke the weights (or BN's running statistics): keep the
+                # previous checkpoint as the last good one rather than saving a broken model.
+                raise DivergedError(f"test loss became {row['test_loss']} after epoch {epoch}", epoch, steps)
             is_best = best["test_acc"] is None or row["test_acc"] > best["test_acc"]
-            if is_best:
-                best = {"test_acc": row["test_acc"], "test_loss": row["test_loss"], "epoch": epoch}
+            new_best = {"test_acc": row["test_acc"], "test_loss": row["test_loss"], "epoch": epoch} if is_best else best
             # Checkpoint before the metrics row: a row on disk always has its checkpoint.
-            state = _state(exp, epoch, history, best)
+            state = _state(exp, epoch, history + [row], new_best)
             if epoch % cfg.train.save_every == 0 or epoch == cfg.train.epochs:
                 checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "last.pt", state)
             if is_best:
                 checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "best.pt", state)
+            history.append(row)
+            best = new_best
             metrics.append(row)
             if probe is not None:
                 probe.flush()
@@ -386,10 +449,16 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
             summary.update(best, status="running")
     except DivergedError as err:
         summary.update(best, status="diverged", diverged={"epoch": err.epoch, "step": err.step, "message": str(err)})
-        raise
+        kept = (f"the last good checkpoint (epoch {len(history)}) and its metrics are kept" if history
+                else "no epoch completed, so there is no checkpoint")
+        raise DivergedError(f"training diverged: {err}. Try a lower optimizer.lr (now {cfg.optimizer.lr:g}), "
+                            f"a warm-up schedule or normalization layers; {kept} in {run_dir}",
+                            err.epoch, err.step) from None
     except KeyboardInterrupt:
-        summary.update(best, status="interrupted", interrupted_in_epoch=epoch)
-        raise InterruptedRun(f"interrupted during epoch {epoch}; {len(history)} complete epoch(s) kept. "
+        # The epoch in progress is the one after the last complete one (the loop may not have advanced yet).
+        summary.update(best, status="interrupted", interrupted_in_epoch=len(history) + 1)
+        kept = f"{len(history)} complete epoch(s) kept" if history else "no epoch had completed"
+        raise InterruptedRun(f"interrupted in epoch {len(history) + 1}; {kept}. "
                              f"Continue with: bnctl train --resume {run_dir}") from None
     except BaseException as err:
         summary.update(best, status="failed", error=f"{type(err).__name__}: {err}")
@@ -400,13 +469,33 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
     return RunResult(run_dir, summary.update(best, status="completed"))
 
 
+def _resume_state(run_dir: Path, cfg: Config) -> dict[str, Any]:
+    """The checkpoint to continue from, after checking it belongs to this run's config."""
+    path = run_dir / rundir.CHECKPOINT_DIR / "last.pt"
+    state = checkpoint.load(path)
+    # Only the length and the device may change on resume; anything else would not reproduce the run.
+    ignore = {"train.epochs", "device"}
+    now, then = config_mod.flatten(config_mod.to_dict(cfg)), config_mod.flatten(state["config"])
+    changed = sorted(k for k in now.keys() | then.keys() if k not in ignore and now.get(k) != then.get(k))
+    if changed:
+        raise ConfigError(f"{run_dir / rundir.CONFIG_FILE} no longer matches its checkpoint ({', '.join(changed[:5])} "
+                          "differ); restore it or start a new run")
+    missing = [k for k in ("optimizer", "scheduler", "scaler", "rng", "history", "best") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it can be evaluated but not resumed")
+    return state
+
+
 class _Summary:
     """summary.json, rewritten atomically after every epoch and at the end."""
 
     def __init__(self, run_dir: Path, cfg: Config, exp: Experiment, history: list[dict], best: dict):
         self.path, self.cfg, self.exp, self.history = run_dir / rundir.SUMMARY_FILE, cfg, exp, history
         self.started = time.time()
-        previous = rundir.read_json(self.path) if self.path.exists() else {}
+        try:
+            previous = rundir.read_json(self.path) if self.path.exists() else {}
+        except (OSError, ValueError):  # damaged by a crash: only the accumulated wall time is lost
+            previous = {}
         self.prior_wall = previous.get("wall_time_s", 0.0) if history else 0.0
 
     def update(self, best: dict, status: str, **extra: Any) -> dict[str, Any]:
@@ -425,6 +514,9 @@ class _Summary:
 
 # ------------------------------------------------------------------ evaluation of a saved checkpoint
 
+BN_MODES = ("running", "batch")  # eval --bn-mode: population statistics, or each test batch's own
+
+
 def _set_bn_batch_mode(model: nn.Module) -> None:
     """Eval mode everywhere except BN layers, which then normalize with each batch's statistics."""
     model.eval()
@@ -433,54 +525,98 @@ def _set_bn_batch_mode(model: nn.Module) -> None:
             m.train()
 
 
+def _has_running_stats(module: nn.Module) -> bool:
+    return uses_batch_stats(module) and getattr(module, "running_mean", None) is not None
+
+
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches: Batches, num_images: int) -> int:
-    """Recompute BN population statistics from training images with the weights frozen ("precise BN")."""
-    bns = [m for m in model.modules() if uses_batch_stats(m)]
+    """Recompute BN population statistics from training images with the weights frozen ("precise BN").
+
+    Running estimates restart from scratch and become the plain average over the
+    batches seen (momentum=None), so every image counts alike. Only BN buffers
+    change; the model is left in eval mode. Returns the number of images used.
+    """
+    bns = [m for m in model.modules() if _has_running_stats(m)]
+    momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the recalibration batches, not an exponential one
-    _set_bn_batch_mode(model)
+    _set_bn_batch_mode(model)  # dropout stays off: statistics of the deployed network, not a thinned one
     used = 0
-    for x, _ in batches:
-        if used >= num_images:
-            break
-        x = x[: num_images - used]
-        if len(x) < 2:
-            break
-        model(x)
-        used += len(x)
-    model.eval()
+    try:
+        for x, _ in batches:
+            x = x[: num_images - used]
+            if len(x) < 2:  # one image has no batch statistics
+                break
+            model(x)
+            used += len(x)
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        model.eval()
     return used
+
+
+def _one_image_batch(n: int, batch_size: int, model: nn.Module) -> bool:
+    """Whether normalizing n images in batches of batch_size hands some BN layer a single image."""
+    sizes = {batch_size} if n >= batch_size else set()
+    if n % batch_size:
+        sizes.add(n % batch_size)
+    for m in model.modules():
+        if not uses_batch_stats(m):
+            continue
+        virtual = getattr(m, "virtual_batch_size", None)  # ghost BN cuts larger batches into virtual ones
+        for size in sizes:
+            if size == 1 or (virtual is not None and size > virtual and size % virtual == 1):
+                return True
+    return False
 
 
 def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str | None = None,
                         bn_mode: str = "running", batch_size: int | None = None, recalibrate: int = 0) -> dict:
-    """Rebuild a model from a checkpoint alone and evaluate it on the test split."""
+    """Rebuild a model from a checkpoint alone and evaluate it on the test split.
+
+    ``bn_mode="batch"`` normalizes with each test batch's statistics (as a model left in
+    train mode does); ``recalibrate=N`` first recomputes BN's running statistics from N
+    training images. Both work on a copy of the weights: the checkpoint file is only read.
+    """
+    if bn_mode not in BN_MODES:
+        raise ConfigError(f"unknown --bn-mode '{bn_mode}'; choose one of: {', '.join(BN_MODES)}")
+    if recalibrate and bn_mode == "batch":
+        raise ConfigError("--recalibrate recomputes BN's running statistics, which --bn-mode batch does not use; "
+                          "recalibrate with --bn-mode running")
     state = checkpoint.load(path)
-    raw = state["config"]
+    raw = copy.deepcopy(state["config"])
     if data_root is not None:
-        raw = config_mod.apply_overrides(copy.deepcopy(raw), {"data.root": data_root})
+        raw = config_mod.apply_overrides(raw, {"data.root": data_root})
     if device is not None:
-        raw = config_mod.apply_overrides(copy.deepcopy(raw), {"device": device})
+        raw = config_mod.apply_overrides(raw, {"device": device})
     cfg = config_mod.validate(raw, f"stored in {path}")
     if batch_size is not None:
         cfg.train.eval_batch_size = batch_size
     exp = setup(cfg)
-    exp.model.load_state_dict(state["model"])
-    test = exp.test_batches
+    checkpoint.load_model_state(exp.model, state["model"], Path(path))
+    model, test = exp.model, exp.test_batches
+    bn_layers = sum(uses_batch_stats(m) for m in model.modules())
+    if bn_mode == "batch" and _one_image_batch(len(test.y), test.batch_size, model):
+        raise ConfigError(
+            f"--bn-mode batch normalizes each test batch with its own statistics, but {len(test.y)} test images "
+            f"in batches of {test.batch_size} leave a batch of one image (counting ghost BN's virtual batches), "
+            "which has none; choose another --batch-size")
     result: dict[str, Any] = {"checkpoint": str(path), "epoch": state["epoch"], "bn_mode": bn_mode,
-                              "batch_size": cfg.train.eval_batch_size, "classes": exp.data.classes,
+                              "batch_size": test.batch_size, "bn_layers": bn_layers, "classes": exp.data.classes,
                               "device": str(exp.device)}
-    model = exp.model
     if recalibrate:
+        if not any(_has_running_stats(m) for m in model.modules()):
+            raise ConfigError(f"--recalibrate needs BN layers that keep running statistics; this model has "
+                              f"model.norm={cfg.model.norm}, bn_track_running_stats={cfg.model.bn_track_running_stats}")
         before = evaluate(model, test, exp.precision)
-        model = copy.deepcopy(model)
+        model = copy.deepcopy(model)  # recalibrated statistics are reported, never written back
         recal = exp.batches(exp.data.train_x, exp.data.train_y, max(2, cfg.train.batch_size))
         used = recalibrate_bn(model, recal, recalibrate)
-        result["recalibration"] = {"images": used, "before_acc": before["acc"], "before_loss": before["loss"]}
-    if bn_mode not in ("running", "batch"):
-        raise ConfigError(f"unknown --bn-mode '{bn_mode}'; choose running or batch")
+        result["recalibration"] = {"images": used, "batch_size": recal.batch_size,
+                                   "before_acc": before["acc"], "before_loss": before["loss"]}
     if bn_mode == "batch":
         model = copy.deepcopy(model)  # batch statistics must never reach the checkpoint's running estimates
     metrics = evaluate(model, test, exp.precision, exp.num_classes, bn_batch_stats=bn_mode == "batch")
@@ -490,4 +626,3 @@ def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str
         c: 100.0 * row[i] / max(1, sum(row)) for i, (c, row) in enumerate(zip(exp.data.classes, metrics["confusion"]))
     }
     return result
-

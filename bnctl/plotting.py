@@ -5,6 +5,7 @@ Imports neither torch nor the engine, so `bnctl plot` is quick and works anywher
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections import defaultdict
@@ -78,8 +79,13 @@ def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
                     label="train (eval mode)")
     best = max(rows, key=lambda r: r["test_acc"])
     ax_acc.scatter([best["epoch"]], [best["test_acc"]], s=140, facecolors="none", edgecolors=TEST_COLOR, zorder=3)
+    # Anchor the label's far side at the first or last epoch so it stays inside the axes.
+    ha = "center"
+    if len(rows) > 1 and best["epoch"] in (epochs[0], epochs[-1]):
+        ha = "left" if best["epoch"] == epochs[0] else "right"
     ax_acc.annotate(f"best test {best['test_acc']:.1f}%", (best["epoch"], best["test_acc"]),
-                    textcoords="offset points", xytext=(0, 10), ha="center", color=TEST_COLOR, fontsize=9)
+                    textcoords="offset points", xytext={"left": (6, 8), "right": (-6, 8)}.get(ha, (0, 10)),
+                    ha=ha, color=TEST_COLOR, fontsize=9)
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
@@ -109,15 +115,21 @@ def plot_confusion(eval_json: Path, out: Path | None = None) -> Path:
     ax.set_xticks(range(k), classes, rotation=45, ha="right")
     ax.set_yticks(range(k), classes)
     ax.set(xlabel="predicted class", ylabel="true class")
-    ax.set_title(f"Confusion (% of true class), accuracy {result['acc']:.2f}%, BN mode: {result['bn_mode']}",
-                 fontsize=10)
+    if result.get("bn_mode") == "batch":
+        mode = f"BN: statistics of each test batch of {result.get('batch_size')}"
+    elif "recalibration" in result:
+        mode = f"BN: running statistics recalibrated on {result['recalibration']['images']} training images"
+    else:
+        mode = "BN: running statistics"
+    epoch = f"epoch {result['epoch']}, " if "epoch" in result else ""
+    ax.set_title(f"Confusion (% of each true class)\n{epoch}accuracy {result['acc']:.2f}%, {mode}", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return _save(fig, out or eval_json.with_name("confusion.png"))
 
 
 def plot_diagnostics(run_dir: Path, out: Path | None = None) -> Path | None:
-    """Per-layer BN statistics over training (diagnostics.csv) -> diagnostics.png."""
+    """Per-layer BN statistics over training (diagnostics.csv) -> diagnostics.png; None without samples."""
     run_dir = Path(run_dir)
     path = run_dir / rundir.DIAGNOSTICS_FILE
     if not path.is_file():
@@ -126,46 +138,79 @@ def plot_diagnostics(run_dir: Path, out: Path | None = None) -> Path | None:
     if not rows:
         return None
     series: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    layers: dict[str, None] = {}  # model order, as the probe wrote them
+    epoch_starts: dict[int, int] = {}
     for r in rows:
         series[r["stat"]][r["layer"]].append((r["step"], r["value"]))
-    panels = [(s, t) for s, t in DIAGNOSTIC_PANELS if s in series]
+        layers.setdefault(r["layer"])
+        epoch_starts[r["epoch"]] = min(r["step"], epoch_starts.get(r["epoch"], r["step"]))
+    panels = [p for p in DIAGNOSTIC_PANELS if p[0] in series]
     plt = _pyplot()
-    cols = 3
+    from matplotlib import ticker
+
+    cols = min(4, len(panels))
     nrows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
-    cmap = plt.get_cmap("viridis")
-    for ax, (stat, title) in zip(axes.flat, panels):
-        layers = list(series[stat])
-        for i, layer in enumerate(layers):
-            pts = sorted(series[stat][layer])
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=cmap(i / max(1, len(layers) - 1)),
-                    label=layer, lw=1.4)
-        ax.set(title=title, xlabel="training step")
-        if stat.startswith(("grad_norm", "weight_norm")):
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.9 * nrows + 0.5), squeeze=False,
+                             layout="constrained")
+    names = list(layers)
+    # viridis stops short of its pale yellow end, which vanishes on white; dark = first layer.
+    colors = {name: plt.get_cmap("viridis")(0.85 * i / max(1, len(names) - 1)) for i, name in enumerate(names)}
+    for ax, (stat, title, reference) in zip(axes.flat, panels):
+        values = []
+        for layer, pts in series[stat].items():
+            pts = sorted(pts)
+            values += [v for _, v in pts if v is not None and math.isfinite(v)]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[layer], label=layer, lw=1.3,
+                    marker="o" if len(pts) == 1 else None, ms=3)
+        if reference is not None:
+            ax.axhline(reference, color="0.4", lw=0.8, ls=":", zorder=0)
+        # Log scale only where a statistic can span orders of magnitude and actually does.
+        if stat in LOG_STATS and values and min(values) > 0 and max(values) / min(values) >= 10:
             ax.set_yscale("log")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
+            # 1-2-5 ticks over a few decades, decades only beyond (a run blowing up spans dozens).
+            few_decades = max(values) / min(values) < 1e3
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0) if few_decades else (1.0,)))
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        elif values and max(abs(v) for v in values) >= 1e4:
+            # Label each tick itself: matplotlib's shared "1e10" multiplier would sit on the panel title.
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        for start in sorted(epoch_starts.values())[1:] if len(epoch_starts) <= 30 else []:
+            ax.axvline(start, color="0.75", lw=0.7, ls="--", zorder=0)  # epoch boundaries
+        ax.set_title(title, fontsize=9.5)
+        ax.set_xlabel("training step", fontsize=8.5)
+        ax.tick_params(labelsize=8)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8,
-               bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle(f"BN diagnostics, {_run_title(run_dir)}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    spare = list(axes.flat)[len(panels):]
+    for ax in spare:
+        ax.axis("off")
+    legend_cols = 1 + (len(labels) - 1) // 12  # at most 12 entries per column
+    if spare:  # the grid's empty cells hold the legend
+        spare[0].legend(handles, labels, loc="center", ncol=legend_cols, fontsize=8,
+                        title="layer (input side first)", title_fontsize=8.5)
+    else:
+        fig.legend(handles, labels, loc="outside right center", fontsize=8, ncol=legend_cols,
+                   title="layer", title_fontsize=8.5)
+    fig.suptitle(f"Normalization diagnostics (train mode; dashed lines: epoch boundaries)\n{_run_title(run_dir)}",
+                 fontsize=10)
     return _save(fig, out or run_dir / "diagnostics.png")
 
 
-# (stat name in diagnostics.csv, panel title), in display order.
+# (stat name in diagnostics.csv, panel title, reference line or None), in display order.
 DIAGNOSTIC_PANELS = [
-    ("input_mean", "norm input: mean"),
-    ("input_std", "norm input: std"),
-    ("output_mean", "norm output: mean (train mode)"),
-    ("output_std", "norm output: std (train mode)"),
-    ("running_mean_avg", "running mean (channel average)"),
-    ("running_var_avg", "running var (channel average)"),
-    ("gamma_mean", "gamma (scale): mean"),
-    ("beta_mean", "beta (shift): mean"),
-    ("weight_norm", "preceding layer: weight norm"),
-    ("grad_norm", "preceding layer: gradient norm"),
+    ("input_mean", "pre-norm activation: mean", 0.0),
+    ("input_std", "pre-norm activation: std", None),
+    ("output_mean", "post-norm activation: mean", 0.0),
+    ("output_std", "post-norm activation: std", 1.0),
+    ("running_mean_avg", "running mean (channel average)", 0.0),
+    ("running_var_avg", "running var (channel average)", None),
+    ("gamma_mean", "gamma (scale): mean", 1.0),
+    ("beta_mean", "beta (shift): mean", 0.0),
+    ("weight_norm", "conv/fc weight: L2 norm", None),
+    ("grad_norm", "conv/fc weight gradient: L2 norm", None),
 ]
+LOG_STATS = {"input_std", "running_var_avg", "weight_norm", "grad_norm"}
 
 
 def plot_run(run_dir: Path) -> list[Path]:
@@ -173,8 +218,15 @@ def plot_run(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise BnctlError(f"run directory not found: {run_dir}")
-    drawn = [plot_curves(run_dir)]
+    # Diagnostics first: a run that diverged in its first epoch has no curves, but its
+    # diagnostics show how it blew up.
     diag = plot_diagnostics(run_dir)
+    try:
+        drawn = [plot_curves(run_dir)]
+    except BnctlError:
+        if diag is None:
+            raise
+        drawn = []
     if diag is not None:
         drawn.append(diag)
     eval_json = run_dir / "eval.json"
@@ -196,58 +248,79 @@ def load_run(run_dir: Path) -> dict[str, Any]:
             "config": config_mod.flatten(raw or {}), "summary": summary}
 
 
-IGNORED_DIFFS = {"name"}  # differs between every pair of runs; says nothing about why
+# Keys that differ between runs without changing what they learn, so they would only clutter labels.
+IGNORED_DIFFS = {"name", "train.diagnostics", "train.diagnostics_every", "train.save_every", "data.download"}
 
 
 def differing_keys(runs: list[dict[str, Any]]) -> list[str]:
+    """Dotted config keys whose values are not the same in every run."""
     keys = sorted({k for r in runs for k in r["config"]})
     return [k for k in keys if k not in IGNORED_DIFFS and len({repr(r["config"].get(k)) for r in runs}) > 1]
 
 
-def run_label(run: dict[str, Any], keys: list[str]) -> str:
-    name = run["config"].get("name", run["dir"].name)
-    diffs = ", ".join(f"{k.split('.')[-1]}={run['config'].get(k)}" for k in keys[:4])
-    return f"{name} ({diffs})" if diffs else name
+def short_keys(keys: list[str]) -> dict[str, str]:
+    """Readable names for dotted keys: the leaf ('lr'), or the section for '*.name' ('model'); dotted if ambiguous."""
+    short = {k: (k.split(".")[0] if k.endswith(".name") else k.split(".")[-1]) for k in keys}
+    clashes = {v for v in short.values() if list(short.values()).count(v) > 1}
+    return {k: (k if v in clashes else v) for k, v in short.items()}
+
+
+def run_names(runs: list[dict[str, Any]]) -> list[str]:
+    """Each run's config name, or its directory name where several runs share one."""
+    names = [str(r["config"].get("name") or r["dir"].name) for r in runs]
+    return [n if names.count(n) == 1 else Path(r["dir"]).name for n, r in zip(names, runs)]
+
+
+def run_label(run: dict[str, Any], keys: list[str], name: str | None = None) -> str:
+    """'name (norm=none, lr=0.01)': the run's name and its values of the keys in which the runs differ."""
+    name = name or str(run["config"].get("name") or run["dir"].name)
+    short = short_keys(keys)
+    diffs = ", ".join(f"{short[k]}={run['config'].get(k)}" for k in keys[:4]) + (", ..." if len(keys) > 4 else "")
+    return f"{name} ({diffs})" if keys else name
 
 
 def compare_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run: final and best metrics, epochs and wall time."""
+    """One row per run: its label and differing config values, final and best metrics, epochs and wall time."""
     keys = differing_keys(runs)
     table = []
-    for run in runs:
+    for run, name in zip(runs, run_names(runs)):
         rows = run["rows"]
         last = rows[-1] if rows else {}
         best = max(rows, key=lambda r: r["test_acc"]) if rows else {}
         table.append({
-            "run": run_label(run, keys), "dir": str(run["dir"]), "status": run["summary"].get("status", "?"),
-            "epochs": len(rows), "final_train_acc": last.get("train_acc"), "final_test_acc": last.get("test_acc"),
-            "final_test_loss": last.get("test_loss"), "best_test_acc": best.get("test_acc"),
-            "best_epoch": best.get("epoch"),
+            "run": run_label(run, keys, name), "name": name, "dir": str(run["dir"]),
+            "differs": {k: run["config"].get(k) for k in keys},
+            "status": run["summary"].get("status", "?"), "epochs": len(rows),
+            "final_train_acc": last.get("train_acc"), "final_test_acc": last.get("test_acc"),
+            "final_train_loss": last.get("train_loss"), "final_test_loss": last.get("test_loss"),
+            "best_test_acc": best.get("test_acc"), "best_epoch": best.get("epoch"),
             "wall_time_s": run["summary"].get("wall_time_s", sum(r.get("epoch_time_s") or 0 for r in rows)),
         })
     return table
 
 
 def plot_compare(runs: list[dict[str, Any]], out: Path) -> Path:
-    """Overlay several runs' loss and accuracy curves (solid: test, dashed: train)."""
+    """Overlay several runs' loss and accuracy curves (solid: test, dashed: train) in one figure."""
     plt = _pyplot()
     keys = differing_keys(runs)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
     colors = plt.get_cmap("tab10")
-    for i, run in enumerate(runs):
-        rows, color, label = run["rows"], colors(i % 10), run_label(run, keys)
+    for i, (run, name) in enumerate(zip(runs, run_names(runs))):
+        rows, color, label = run["rows"], colors(i % 10), run_label(run, keys, name)
         epochs = [r["epoch"] for r in rows]
+        marker = "o" if len(rows) <= 30 else None
         for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
-            ax.plot(epochs, [r[f"test_{metric}"] for r in rows], color=color, lw=1.8, marker="o", ms=3, label=label)
+            ax.plot(epochs, [r[f"test_{metric}"] for r in rows], color=color, lw=1.8, marker=marker, ms=3.5,
+                    label=label)
             ax.plot(epochs, [r[f"train_{metric}"] for r in rows], color=color, lw=1.2, ls="--", alpha=0.7)
     ax_loss.set(title="Loss (solid: test, dashed: train)", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.set(title="Accuracy (solid: test, dashed: train)", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
         ax.xaxis.get_major_locator().set_params(integer=True)
     handles, labels = ax_acc.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=9, bbox_to_anchor=(0.5, -0.02))
+    # One run per line reads in order; two columns only once the list gets long.
+    fig.legend(handles, labels, loc="outside lower center", ncol=1 if len(labels) <= 5 else 2, fontsize=9)
     fig.suptitle("Runs differ in: " + (", ".join(keys) if keys else "nothing but their name"), fontsize=10)
-    fig.tight_layout(rect=(0, 0.04 + 0.04 * ((len(labels) - 1) // 3), 1, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return _save(fig, out)

@@ -25,6 +25,7 @@ SUMMARY_FILE = "summary.json"
 RUN_INFO_FILE = "run.json"
 DIAGNOSTICS_FILE = "diagnostics.csv"
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = ".lock"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -55,21 +56,39 @@ def holds_run(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
+def _make_folder(path: Path, what: str) -> None:
+    """mkdir -p that explains an unusable path instead of raising OSError."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{what} {path} is a file, not a folder; choose another path") from None
+    except OSError as err:
+        raise ConfigError(f"cannot create {what} {path}: {err.strerror or err}") from None
+
+
 def create(runs_root: Path, name: str, exact: Path | None = None) -> Path:
     """Create a new, never-reused run directory.
 
     os.mkdir is atomic: of two processes racing for the same name, one gets it and
     the other moves on to the next suffix, so simultaneous runs never share a folder.
+    The checkpoints/ subfolder is the claim on an exact --run-dir, for the same reason.
     """
     if exact is not None:
         exact = Path(exact)
+        taken = ConfigError(f"--run-dir {exact} already exists and is not empty; choose a new folder "
+                            "(or continue that run with: bnctl train --resume DIR)")
+        if exact.exists() and not exact.is_dir():
+            raise ConfigError(f"--run-dir {exact} is a file; choose a new folder")
         if holds_run(exact):
-            raise ConfigError(f"--run-dir {exact} already exists and is not empty; choose a new folder")
-        exact.mkdir(parents=True, exist_ok=True)
-        (exact / CHECKPOINT_DIR).mkdir()
+            raise taken
+        _make_folder(exact, "--run-dir")
+        try:
+            (exact / CHECKPOINT_DIR).mkdir()
+        except FileExistsError:
+            raise taken from None
         return exact
     runs_root = Path(runs_root)
-    runs_root.mkdir(parents=True, exist_ok=True)
+    _make_folder(runs_root, "--runs-root")
     stem = f"{datetime.now():%Y%m%d-%H%M%S}-{name}"
     for attempt in range(1, 10_000):
         path = runs_root / (stem if attempt == 1 else f"{stem}-{attempt}")
@@ -77,9 +96,56 @@ def create(runs_root: Path, name: str, exact: Path | None = None) -> Path:
             path.mkdir()
         except FileExistsError:
             continue
+        except OSError as err:
+            raise ConfigError(f"cannot create a run directory under {runs_root}: {err.strerror or err}") from None
         (path / CHECKPOINT_DIR).mkdir()
         return path
     raise ConfigError(f"could not create a new run directory under {runs_root}")
+
+
+class RunLock:
+    """An exclusive advisory lock on a run directory, held while one process trains in it.
+
+    flock locks vanish with their process, so a killed run never leaves its directory locked.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self._file = Path(run_dir), None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks here (Windows): one writer per run is up to the user
+            return self
+        f = open(self.run_dir / LOCK_FILE, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise ConfigError(f"{self.run_dir} is in use by another bnctl process (pid {holder}); "
+                              "wait for it to finish or stop it before resuming") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the flock
+            self._file = None
+
+
+def remove_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temp files an atomic write leaves when its process is killed mid-write."""
+    stale = [p for folder in (run_dir, run_dir / CHECKPOINT_DIR) if folder.is_dir()
+             for pattern in (".*.tmp", ".*.png") for p in folder.glob(pattern) if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def _git_commit() -> str | None:
@@ -110,6 +176,19 @@ def record_provenance(run_dir: Path, config_yaml: str, info: dict[str, Any]) -> 
         "host": platform.node(), "platform": platform.platform(), "versions": versions(),
         "git_commit": _git_commit(), **info,
     })
+
+
+def record_resume(run_dir: Path, info: dict[str, Any]) -> None:
+    """Append how a run was resumed (command, time, device...) to run.json's "resumes" list."""
+    path = run_dir / RUN_INFO_FILE
+    try:
+        record = read_json(path) if path.is_file() else {}
+    except (OSError, ValueError):  # damaged: keep the resume records at least
+        record = {}
+    record.setdefault("resumes", []).append({
+        "command": sys.argv, "started": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+        "versions": versions(), "git_commit": _git_commit(), **info})
+    write_json(path, record)
 
 
 class MetricsWriter:
