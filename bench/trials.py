@@ -14,7 +14,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # notebook_loop sits next to this file
 
-import torch  # noqa: E402
 
 from bnctl import config as config_mod, engine  # noqa: E402
 from bnctl.data import ImageData, load_dataset  # noqa: E402

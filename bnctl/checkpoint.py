@@ -7,11 +7,9 @@ state and the resolved config. Loading never unpickles arbitrary objects.
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bnctl import rundir
 from bnctl.errors import CheckpointError, ConfigError
 
 FORMAT = "bnctl-checkpoint"
@@ -30,16 +29,8 @@ def save(path: Path, state: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with rundir.atomic_write(path, "wb") as f:
+        torch.save(payload, f)
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -63,7 +63,21 @@ VGG_LAYOUTS = {  # channels per conv, "M" = 2x2 max-pool (Simonyan & Zisserman, 
 }
 
 
-class VGG(nn.Module):
+class _PooledNet(nn.Module):
+    """A feature extractor ending in global average pooling, then (dropout and) one linear layer."""
+
+    def _finish(self, layers: list[nn.Module], channels: int, cfg: ModelConfig, num_classes: int) -> None:
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity(),
+            nn.Linear(channels, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class VGG(_PooledNet):
     """CIFAR VGG (11/13/16/19 layers): deep and plain, where BN decides trainability."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int = 10, image_size: tuple[int, int] = (32, 32)):
@@ -83,13 +97,7 @@ class VGG(nn.Module):
                 c_out = _ch(int(item), cfg.width)
                 layers += _conv_block(cfg, c_in, c_out, bias=cfg.norm == "none")
                 c_in = c_out
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity(), nn.Linear(c_in, num_classes)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        self._finish(layers, c_in, cfg, num_classes)
 
 
 class BasicBlock(nn.Module):
@@ -111,7 +119,7 @@ class BasicBlock(nn.Module):
         return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(_PooledNet):
     """CIFAR ResNet of depth 6n+2 (He et al. 2016): 20, 32, 44, 56 ..."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int = 10, image_size: tuple[int, int] = (32, 32)):
@@ -127,13 +135,7 @@ class ResNet(nn.Module):
             for b in range(blocks):
                 layers.append(BasicBlock(cfg, c_in, c_out, stride=2 if stage > 0 and b == 0 else 1))
                 c_in = c_out
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity(), nn.Linear(c_in, num_classes)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        self._finish(layers, c_in, cfg, num_classes)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"seed_cnn": SeedCNN, "vgg": VGG, "resnet20": ResNet}

@@ -6,8 +6,6 @@ Imports neither torch nor the engine, so `bnctl plot` is quick and works anywher
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -32,19 +30,15 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    """Save a figure atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-        import matplotlib.pyplot as plt
+    """Save a figure atomically and release it."""
+    import matplotlib.pyplot as plt
 
+    try:
+        with rundir.atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", bbox_inches="tight")
+    finally:
         plt.close(fig)
-    return path
+    return Path(path)
 
 
 def _run_title(run_dir: Path) -> str:

@@ -5,6 +5,7 @@ Deliberately free of torch so that plotting and comparison stay light.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -15,7 +16,7 @@ import tempfile
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable, Iterator
 
 from bnctl.errors import ConfigError
 
@@ -28,19 +29,28 @@ CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace a file's content atomically: temp file in the same folder, fsync, os.replace."""
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "w") -> Iterator[IO]:
+    """Write a file atomically: yield a temp file in the same folder, then fsync and os.replace it.
+
+    Readers (and a process killed mid-write) see either the old file or the new one, never a part.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_write(path) as f:
+        f.write(text)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -142,7 +152,7 @@ class RunLock:
 def remove_temp_files(run_dir: Path) -> list[Path]:
     """Delete the temp files an atomic write leaves when its process is killed mid-write."""
     stale = [p for folder in (run_dir, run_dir / CHECKPOINT_DIR) if folder.is_dir()
-             for pattern in (".*.tmp", ".*.png") for p in folder.glob(pattern) if p.is_file()]
+             for p in folder.glob(".*.tmp") if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
