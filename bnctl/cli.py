@@ -189,7 +189,9 @@ def train(
     best = result.summary["best"]
     console.print(f"[bold green]done[/] best test accuracy {best['test_acc']:.2f}% at epoch {best['epoch']} "
                   f"in {result.summary['wall_time_s']:.1f}s")
-    console.print(str(result.run_dir))
+    console.print(f"[dim]curves: {escape(str(result.run_dir / 'curves.png'))}   "
+                  f"next: bnctl eval {escape(str(result.run_dir / 'checkpoints' / 'best.pt'))}[/]", soft_wrap=True)
+    console.print(escape(str(result.run_dir)), soft_wrap=True)  # last line: the run directory, for scripts
 
 
 # ------------------------------------------------------------------ eval
