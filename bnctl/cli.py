@@ -120,11 +120,11 @@ def _existing(path: Path, kind: str, holding: str | None = None) -> Path:
 def _resume_config(run_dir: Path, overrides: list[str]):
     from bnctl import config as config_mod
 
-    allowed = {"train.epochs", "device"}
     parsed = config_mod.parse_overrides(overrides)
-    changed = sorted(set(parsed) - allowed)
+    changed = sorted(set(parsed) - config_mod.RESUMABLE_KEYS)
     if changed:
-        raise ConfigError(f"--resume continues a run as configured; only {', '.join(sorted(allowed))} may change "
+        allowed = ", ".join(sorted(config_mod.RESUMABLE_KEYS))
+        raise ConfigError(f"--resume continues a run as configured; only {allowed} may change "
                           f"(got {', '.join(changed)}). Start a new run to change anything else.")
     return config_mod.load(_existing(run_dir, "run directory", holding="config.yaml") / "config.yaml", overrides)
 

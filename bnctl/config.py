@@ -32,6 +32,9 @@ SchedulerName = Literal["none", "cosine", "step", "onecycle"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Augment = Literal["none", "crop_flip"]
 
+# The only keys a resumed run may change: anything else would not reproduce the run.
+RESUMABLE_KEYS = frozenset({"train.epochs", "device"})
+
 # Norms that normalize with batch statistics: they cannot train on one sample.
 BATCH_STAT_NORMS = frozenset({"batch", "batch_manual", "ghost"})
 

@@ -473,10 +473,9 @@ def _resume_state(run_dir: Path, cfg: Config) -> dict[str, Any]:
     """The checkpoint to continue from, after checking it belongs to this run's config."""
     path = run_dir / rundir.CHECKPOINT_DIR / "last.pt"
     state = checkpoint.load(path)
-    # Only the length and the device may change on resume; anything else would not reproduce the run.
-    ignore = {"train.epochs", "device"}
     now, then = config_mod.flatten(config_mod.to_dict(cfg)), config_mod.flatten(state["config"])
-    changed = sorted(k for k in now.keys() | then.keys() if k not in ignore and now.get(k) != then.get(k))
+    changed = sorted(k for k in now.keys() | then.keys()
+                     if k not in config_mod.RESUMABLE_KEYS and now.get(k) != then.get(k))
     if changed:
         raise ConfigError(f"{run_dir / rundir.CONFIG_FILE} no longer matches its checkpoint ({', '.join(changed[:5])} "
                           "differ); restore it or start a new run")
