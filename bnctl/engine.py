@@ -380,17 +380,7 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
     best: dict[str, Any] = {"test_acc": None, "epoch": None}
     start = 1
     if resuming:
-        state = _resume_state(run_dir, cfg)
-        checkpoint.load_model_state(exp.model, state["model"], run_dir / rundir.CHECKPOINT_DIR / "last.pt")
-        exp.optimizer.load_state_dict(state["optimizer"])
-        exp.precision.scaler.load_state_dict(state["scaler"])
-        exp.scheduler.load_state_dict(state["scheduler"])
-        # The schedule is a pure function of the step: redo the last step under this run's (maybe
-        # extended) length, so the lr is exactly what an uninterrupted run of that length would use.
-        exp.scheduler.last_epoch -= 1
-        exp.scheduler.step()
-        checkpoint.restore_rng(state["rng"], exp.generator)
-        history, best, start = state["history"], state["best"], state["epoch"] + 1
+        history, best, start = _restore(exp, run_dir)
         rundir.remove_temp_files(run_dir)  # left by a run killed mid-write
         rundir.atomic_write_text(run_dir / rundir.CONFIG_FILE, config_mod.to_yaml(cfg))
         rundir.record_resume(run_dir, {"from_epoch": start - 1, "epochs": cfg.train.epochs, "device": str(exp.device),
@@ -406,28 +396,15 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
     columns = METRIC_COLUMNS + (CLEAN_TRAIN_COLUMNS if cfg.train.eval_train else [])
     metrics = rundir.MetricsWriter(run_dir / rundir.METRICS_FILE, columns, history)
     probe = probe_factory(exp, run_dir, start) if (probe_factory and cfg.train.diagnostics) else None
-    clean_train = exp.batches(exp.data.train_x, exp.data.train_y, cfg.train.eval_batch_size)
+    clean_train = exp.batches(exp.data.train_x, exp.data.train_y, cfg.train.eval_batch_size) \
+        if cfg.train.eval_train else None
     summary = _Summary(run_dir, cfg, exp, history, best)
     steps = len(exp.train_batches)
     epoch = start - 1
     try:
         for epoch in range(start, cfg.train.epochs + 1):
             reporter.epoch_start(epoch, steps)
-            lr = exp.optimizer.param_groups[0]["lr"]  # the lr this epoch starts with
-            t0 = time.perf_counter()
-            train = train_one_epoch(exp.forward, exp.train_batches, exp.optimizer, exp.scheduler, exp.precision,
-                                    epoch, reporter, probe, first_step=(epoch - 1) * steps)
-            t1 = time.perf_counter()
-            # Test metrics always come from eval mode: BN must use its running statistics, not the test batch's.
-            test = evaluate(exp.forward, exp.test_batches, exp.precision)
-            row = {"epoch": epoch, "train_loss": train["train_loss"], "train_acc": train["train_acc"],
-                   "test_loss": test["loss"], "test_acc": test["acc"], "lr": lr}
-            if cfg.train.eval_train:  # the running train accuracy mixes many weights; this is the final model's
-                clean = evaluate(exp.forward, clean_train, exp.precision)
-                row |= {"clean_train_loss": clean["loss"], "clean_train_acc": clean["acc"]}
-            t2 = time.perf_counter()
-            row |= {"epoch_time_s": t2 - t0, "train_time_s": t1 - t0, "eval_time_s": t2 - t1,
-                    "images_per_s": train["images"] / (t1 - t0)}
+            row = _train_and_evaluate(exp, epoch, reporter, probe, clean_train)
             if not math.isfinite(row["test_loss"]):
                 # The epoch's last updates broke the weights (or BN's running statistics): keep the
                 # previous checkpoint as the last good one rather than saving a broken model.
@@ -467,6 +444,42 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
         if probe is not None:
             probe.close()
     return RunResult(run_dir, summary.update(best, status="completed"))
+
+
+def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
+                        clean_train: Batches | None) -> dict[str, Any]:
+    """Train one epoch, evaluate it and time both: one metrics.csv row."""
+    lr = exp.optimizer.param_groups[0]["lr"]  # the lr this epoch starts with
+    steps = len(exp.train_batches)
+    t0 = time.perf_counter()
+    train = train_one_epoch(exp.forward, exp.train_batches, exp.optimizer, exp.scheduler, exp.precision,
+                            epoch, reporter, probe, first_step=(epoch - 1) * steps)
+    t1 = time.perf_counter()
+    # Test metrics always come from eval mode: BN must use its running statistics, not the test batch's.
+    test = evaluate(exp.forward, exp.test_batches, exp.precision)
+    row = {"epoch": epoch, "train_loss": train["train_loss"], "train_acc": train["train_acc"],
+           "test_loss": test["loss"], "test_acc": test["acc"], "lr": lr}
+    if clean_train is not None:  # the running train accuracy mixes many weights; this is the final model's
+        clean = evaluate(exp.forward, clean_train, exp.precision)
+        row |= {"clean_train_loss": clean["loss"], "clean_train_acc": clean["acc"]}
+    t2 = time.perf_counter()
+    return row | {"epoch_time_s": t2 - t0, "train_time_s": t1 - t0, "eval_time_s": t2 - t1,
+                  "images_per_s": train["images"] / (t1 - t0)}
+
+
+def _restore(exp: Experiment, run_dir: Path) -> tuple[list[dict], dict[str, Any], int]:
+    """Load the last checkpoint into exp; return its history, best metrics and the next epoch."""
+    state = _resume_state(run_dir, exp.cfg)
+    checkpoint.load_model_state(exp.model, state["model"], run_dir / rundir.CHECKPOINT_DIR / "last.pt")
+    exp.optimizer.load_state_dict(state["optimizer"])
+    exp.precision.scaler.load_state_dict(state["scaler"])
+    exp.scheduler.load_state_dict(state["scheduler"])
+    # The schedule is a pure function of the step: redo the last step under this run's (maybe
+    # extended) length, so the lr is exactly what an uninterrupted run of that length would use.
+    exp.scheduler.last_epoch -= 1
+    exp.scheduler.step()
+    checkpoint.restore_rng(state["rng"], exp.generator)
+    return state["history"], state["best"], state["epoch"] + 1
 
 
 def _resume_state(run_dir: Path, cfg: Config) -> dict[str, Any]:
