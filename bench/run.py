@@ -28,8 +28,8 @@ ROOT = BENCH.parent
 RESULTS = BENCH / "RESULTS.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
-FULL = {"train": 10000, "test": 2000, "reps": 5, "precision_reps": 3, "precision_epochs": 5, "memory_train_limit": 5000}
-QUICK = {"train": 2000, "test": 500, "reps": 1, "precision_reps": 1, "precision_epochs": 2, "memory_train_limit": 1000}
+FULL = {"train": 10000, "test": 2000, "reps": 5, "precision_reps": 3, "precision_epochs": 5, "memory_train": 50000}
+QUICK = {"train": 2000, "test": 500, "reps": 1, "precision_reps": 1, "precision_epochs": 2, "memory_train": 10000}
 
 # Mode 1: the notebook's loop against bnctl at the notebook's batch size.
 NOTEBOOK_ARMS = {
@@ -162,11 +162,10 @@ def precision_mode(p: dict, data: dict, log, with_compile: bool) -> str:
 
 def memory_mode(p: dict, data: dict, log, runs_root: Path) -> tuple[str, Path | None]:
     log("[3/4] peak memory of `bnctl train`, CIFAR-10-sized data")
-    overrides = ["data.name=synthetic", "data.train_size=50000", "data.test_size=10000",
-                 f"data.train_limit={p['memory_train_limit']}", "train.epochs=1", "device=cpu"]
+    overrides = ["data.name=synthetic", f"data.train_size={p['memory_train']}", "data.test_size=10000",
+                 "train.epochs=1", "device=cpu"]
     if data.get("cifar_root"):
-        overrides = ["data.name=cifar10", f"data.root={data['cifar_root']}",
-                     f"data.train_limit={p['memory_train_limit']}", "train.epochs=1", "device=cpu"]
+        overrides = ["data.name=cifar10", f"data.root={data['cifar_root']}", "train.epochs=1", "device=cpu"]
     cmd = bnctl_command() + ["train", "--config", str(ROOT / "configs" / "seed.yaml"), *overrides,
                              "--runs-root", str(runs_root)]
     t0 = time.perf_counter()
@@ -181,7 +180,7 @@ def memory_mode(p: dict, data: dict, log, runs_root: Path) -> tuple[str, Path | 
     peak = usage.ru_maxrss / 1024
     log(f"  peak RSS {peak:.0f} MB in {wall:.0f} s")
     text = (f"**3. Peak memory of `bnctl train`** (configs/seed.yaml with {' '.join(overrides)}: "
-            f"50,000 + 10,000 images resident as uint8, batch 4, eval batch 1000): "
+            f"every training and test image resident as uint8, one full epoch at batch 4, eval batch 1000): "
             f"**{peak:.0f} MB** max RSS (target < 1,500 MB); the whole command took {wall:.0f} s.")
     return text, run_dir
 

@@ -73,7 +73,7 @@ class ModelConfig(_Section):
     width: float = Field(1.0, gt=0)  # channel multiplier (1.0 = the published widths)
     depth: Optional[int] = Field(None, ge=1)  # None = standard depth; vgg: 11|13|16|19 (11); resnet20: 6n+2 (20)
     fc_norm: bool = True  # seed_cnn: normalize the hidden fully connected layer too (as the notebook does)
-    virtual_batch_size: int = Field(32, ge=2)  # ghost: samples per virtual batch
+    virtual_batch_size: int = Field(8, ge=2)  # ghost: samples per virtual batch (below train.batch_size)
     groups: int = Field(8, ge=1)  # group: channel groups per GroupNorm
     bn_momentum: Optional[float] = Field(0.1, ge=0, le=1)  # PyTorch convention: new = (1-m)*old + m*batch; None = cumulative average
     bn_eps: float = Field(1e-5, gt=0)  # added to the variance before the square root
@@ -119,7 +119,6 @@ class TrainConfig(_Section):
     eval_train: bool = False  # add a clean eval-mode pass over the training set (clean_train_* columns)
     diagnostics: bool = False  # record BN statistics to diagnostics.csv
     diagnostics_every: int = Field(50, ge=1)  # steps between diagnostic samples
-    save_every: int = Field(1, ge=1)  # epochs between checkpoints (last.pt); best.pt is always kept current
 
 
 class Config(_Section):
@@ -154,6 +153,15 @@ class Config(_Section):
                 "estimates each channel's mean and variance from the batch, and one sample has no variance "
                 "at the fully connected layer. Use batch_size >= 2 or a per-sample norm (group, layer)."
             )
+        if self.model.norm == "ghost" and self.model.virtual_batch_size >= self.train.batch_size:
+            raise ValueError(
+                f"model.norm=ghost with model.virtual_batch_size={self.model.virtual_batch_size} >= "
+                f"train.batch_size={self.train.batch_size} normalizes each batch as one, which is plain batch "
+                "norm; choose a virtual_batch_size below the batch size"
+            )
+        if self.scheduler.name == "cosine" and self.scheduler.min_lr > self.optimizer.lr:
+            raise ValueError(f"scheduler.min_lr={self.scheduler.min_lr:g} is above optimizer.lr="
+                             f"{self.optimizer.lr:g}; the cosine schedule decays from lr down to min_lr")
         if self.model.norm == "ghost" and self.train.batch_size % self.model.virtual_batch_size == 1:
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} leaves a ghost batch of one sample with "

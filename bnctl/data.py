@@ -235,8 +235,10 @@ def load_dataset(cfg: DataConfig) -> ImageData:
     if cfg.name not in DATASETS:
         raise DataError(f"unknown dataset '{cfg.name}'; choose one of {', '.join(DATASETS)}")
     data = DATASETS[cfg.name](cfg)
-    if cfg.train_limit is not None:
-        data.train_x, data.train_y = data.train_x[: cfg.train_limit], data.train_y[: cfg.train_limit]
+    if cfg.train_limit is not None and cfg.train_limit < len(data.train_y):
+        # A fixed random subset, not the first N: image folders list their images class by class.
+        keep = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))[: cfg.train_limit]
+        data.train_x, data.train_y = data.train_x[keep], data.train_y[keep]
     return data
 
 
@@ -279,18 +281,19 @@ class Batches:
         self.scale, self.shift = 1.0 / (255.0 * std_t), -mean_t / std_t
 
     def __len__(self) -> int:
-        n = len(self.y)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self) * self.batch_size if self.drop_last else len(self.y)
+        n, size = len(self.y), self.batch_size
+        if self.drop_last:
+            return n // size
+        # A lone last image joins the batch before it: BN normalizing with batch statistics
+        # (train mode, --bn-mode batch, bn_track_running_stats=false) cannot handle one sample.
+        return max(1, n // size) if n % size == 1 else -(-n // size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.y)
+        n, count = len(self.y), len(self)
         order = torch.randperm(n, generator=self.generator).to(self.x.device) if self.shuffle else None
-        for i in range(len(self)):
-            sl = slice(i * self.batch_size, min((i + 1) * self.batch_size, n))
+        for i in range(count):
+            end = n if (i == count - 1 and not self.drop_last) else (i + 1) * self.batch_size
+            sl = slice(i * self.batch_size, end)
             idx = order[sl] if order is not None else sl
             xb = self.x[idx]
             if self.augment == "crop_flip":

@@ -273,11 +273,11 @@ class Experiment:
     def num_classes(self) -> int:
         return len(self.data.classes)
 
-    def batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Batches:
-        """Plain (unshuffled, unaugmented) batches of any tensors, e.g. for evaluation."""
+    def batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, **options: Any) -> Batches:
+        """Unaugmented batches of any tensors (plain by default, e.g. for evaluation)."""
         d = self.cfg.data
         return Batches(x, y, batch_size, device=self.device, mean=d.mean, std=d.std,
-                       channels_last=self.cfg.train.channels_last)
+                       channels_last=self.cfg.train.channels_last, **options)
 
 
 def seed_everything(seed: int) -> None:
@@ -413,8 +413,7 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
             new_best = {"test_acc": row["test_acc"], "test_loss": row["test_loss"], "epoch": epoch} if is_best else best
             # Checkpoint before the metrics row: a row on disk always has its checkpoint.
             state = _state(exp, epoch, history + [row], new_best)
-            if epoch % cfg.train.save_every == 0 or epoch == cfg.train.epochs:
-                checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "last.pt", state)
+            checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "last.pt", state)
             if is_best:
                 checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "best.pt", state)
             history.append(row)
@@ -546,8 +545,9 @@ def recalibrate_bn(model: nn.Module, batches: Batches, num_images: int) -> int:
     """Recompute BN population statistics from training images with the weights frozen ("precise BN").
 
     Running estimates restart from scratch and become the plain average over the
-    batches seen (momentum=None), so every image counts alike. Only BN buffers
-    change; the model is left in eval mode. Returns the number of images used.
+    batches seen (momentum=None), so every image counts alike. Whole batches are
+    used until at least num_images were seen. Only BN buffers change; the model is
+    left in eval mode. Returns the number of images used.
     """
     bns = [m for m in model.modules() if _has_running_stats(m)]
     momenta = [m.momentum for m in bns]
@@ -558,8 +558,7 @@ def recalibrate_bn(model: nn.Module, batches: Batches, num_images: int) -> int:
     used = 0
     try:
         for x, _ in batches:
-            x = x[: num_images - used]
-            if len(x) < 2:  # one image has no batch statistics
+            if used >= num_images:
                 break
             model(x)
             used += len(x)
@@ -572,9 +571,10 @@ def recalibrate_bn(model: nn.Module, batches: Batches, num_images: int) -> int:
 
 def _one_image_batch(n: int, batch_size: int, model: nn.Module) -> bool:
     """Whether normalizing n images in batches of batch_size hands some BN layer a single image."""
-    sizes = {batch_size} if n >= batch_size else set()
-    if n % batch_size:
-        sizes.add(n % batch_size)
+    full, rest = divmod(n, batch_size)
+    sizes = [batch_size] * full + ([rest] if rest else [])
+    if rest == 1 and full:  # Batches folds a lone last image into the batch before it
+        sizes[-2:] = [batch_size + 1]
     for m in model.modules():
         if not uses_batch_stats(m):
             continue
@@ -625,7 +625,9 @@ def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str
                               f"model.norm={cfg.model.norm}, bn_track_running_stats={cfg.model.bn_track_running_stats}")
         before = evaluate(model, test, exp.precision)
         model = copy.deepcopy(model)  # recalibrated statistics are reported, never written back
-        recal = exp.batches(exp.data.train_x, exp.data.train_y, max(2, cfg.train.batch_size))
+        # Shuffled whole training batches: class-sorted data (image folders) must not bias the statistics.
+        recal = exp.batches(exp.data.train_x, exp.data.train_y, max(2, cfg.train.batch_size), shuffle=True,
+                            drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
         used = recalibrate_bn(model, recal, recalibrate)
         result["recalibration"] = {"images": used, "batch_size": recal.batch_size,
                                    "before_acc": before["acc"], "before_loss": before["loss"]}

@@ -243,7 +243,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
 
 
 # Keys that differ between runs without changing what they learn, so they would only clutter labels.
-IGNORED_DIFFS = {"name", "train.diagnostics", "train.diagnostics_every", "train.save_every", "data.download"}
+IGNORED_DIFFS = {"name", "train.diagnostics", "train.diagnostics_every", "data.download"}
 
 
 def differing_keys(runs: list[dict[str, Any]]) -> list[str]:

@@ -158,13 +158,21 @@ def remove_temp_files(run_dir: Path) -> list[Path]:
     return stale
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """Output of a git command run in bnctl's own source folder (None outside a checkout)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git_state() -> dict[str, Any]:
+    """The commit bnctl's source is at, and whether it has uncommitted changes (then the commit is not enough)."""
+    commit = _git("rev-parse", "HEAD") or None
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
 
 
 def versions() -> dict[str, str]:
@@ -184,7 +192,7 @@ def record_provenance(run_dir: Path, config_yaml: str, info: dict[str, Any]) -> 
     write_json(run_dir / RUN_INFO_FILE, {
         "command": sys.argv, "cwd": os.getcwd(), "started": datetime.now().isoformat(timespec="seconds"),
         "host": platform.node(), "platform": platform.platform(), "versions": versions(),
-        "git_commit": _git_commit(), **info,
+        **_git_state(), **info,
     })
 
 
@@ -197,7 +205,7 @@ def record_resume(run_dir: Path, info: dict[str, Any]) -> None:
         record = {}
     record.setdefault("resumes", []).append({
         "command": sys.argv, "started": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-        "versions": versions(), "git_commit": _git_commit(), **info})
+        "versions": versions(), **_git_state(), **info})
     write_json(path, record)
 
 

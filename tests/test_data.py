@@ -36,10 +36,21 @@ def test_synthetic_classes_are_mirror_symmetric():
         assert np.array_equal(mask, mask[:, ::-1]), SYNTHETIC_CLASSES[i]
 
 
-def test_train_limit_keeps_the_first_images():
+def test_train_limit_keeps_a_fixed_random_subset():
     full = load_dataset(DataConfig(train_size=100, test_size=20))
     limited = load_dataset(DataConfig(train_size=100, test_size=20, train_limit=30))
-    assert torch.equal(limited.train_x, full.train_x[:30]) and len(limited.test_y) == 20
+    again = load_dataset(DataConfig(train_size=100, test_size=20, train_limit=30))
+    assert limited.train_x.shape[0] == 30 and len(limited.test_y) == 20
+    assert torch.equal(limited.train_x, again.train_x)  # the same subset every time
+    # every kept image is one of the full set's, with its own label
+    rows = {bytes(img.numpy().tobytes()): int(y) for img, y in zip(full.train_x, full.train_y)}
+    assert all(rows[bytes(img.numpy().tobytes())] == int(y) for img, y in zip(limited.train_x, limited.train_y))
+
+
+def test_train_limit_on_class_sorted_images_keeps_every_class(tmp_path):
+    write_image_folder(tmp_path, per_class=20)
+    data = load_dataset(DataConfig(name="imagefolder", root=str(tmp_path), train_limit=15))
+    assert len(data.train_y) == 15 and set(data.train_y.tolist()) == {0, 1, 2}
 
 
 def write_cifar(root: Path, per_batch: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -238,7 +238,7 @@ def test_eval_batch_mode_differs_and_leaves_the_checkpoint_alone(runs, cli):
 
 def test_eval_rejects_what_cannot_work(runs, cli):
     ckpt = runs["bn"] / "checkpoints" / "best.pt"
-    result = cli("eval", ckpt, "--bn-mode", "batch", "--batch-size", "5")  # 256 = 51 x 5 + 1
+    result = cli("eval", ckpt, "--bn-mode", "batch", "--batch-size", "1")  # every test batch is a single image
     assert result.exit_code == 2 and "batch of one image" in result.output
     result = cli("eval", ckpt, "--bn-mode", "batch", "--recalibrate", "64")
     assert result.exit_code == 2 and "does not use" in result.output
@@ -252,8 +252,9 @@ def test_one_image_batch_detection_covers_ghost_virtual_batches():
     ghost = nn.Sequential(GhostBatchNorm(3, virtual_batch_size=21))
     assert engine._one_image_batch(256, 64, ghost)  # 64 = 3 x 21 + 1
     assert not engine._one_image_batch(256, 64, nn.Sequential(GhostBatchNorm(3, virtual_batch_size=16)))
-    assert engine._one_image_batch(257, 64, nn.Sequential(nn.BatchNorm2d(3)))  # last batch of one
-    assert not engine._one_image_batch(257, 64, nn.Sequential(nn.GroupNorm(1, 3)))  # no batch statistics
+    assert not engine._one_image_batch(257, 64, nn.Sequential(nn.BatchNorm2d(3)))  # the lone image joins a batch
+    assert engine._one_image_batch(10, 1, nn.Sequential(nn.BatchNorm2d(3)))  # batches of one
+    assert not engine._one_image_batch(10, 1, nn.Sequential(nn.GroupNorm(1, 3)))  # no batch statistics
 
 
 def test_recalibration_restores_accuracy_of_reset_running_stats(runs, tmp_path):
@@ -284,14 +285,14 @@ def test_recalibrate_bn_changes_only_bn_buffers():
     x = torch.rand(40, 3, 32, 32, dtype=torch.float32).mul(255).to(torch.uint8)
     batches = engine.Batches(x, torch.zeros(40, dtype=torch.long), 16, device=torch.device("cpu"),
                              mean=(0.5,) * 3, std=(0.5,) * 3)
-    assert engine.recalibrate_bn(model, batches, 33) == 32  # 16 + 16; the single leftover image is skipped
+    assert engine.recalibrate_bn(model, batches, 33) == 40  # whole batches until at least 33 images: 16 + 16 + 8
     assert not model.training
     after = model.state_dict()
     for key, value in before.items():
         changed = not torch.equal(after[key], value)
         assert changed == key.endswith(("running_mean", "running_var", "num_batches_tracked")), key
     bns = [m for m in model.modules() if uses_batch_stats(m)]
-    assert all(m.momentum == 0.1 and m.num_batches_tracked.item() == 2 for m in bns)
+    assert all(m.momentum == 0.1 and m.num_batches_tracked.item() == 3 for m in bns)
 
 
 # ---------------------------------------------------------------- compare

@@ -86,10 +86,18 @@ def test_drop_last_drops_only_the_incomplete_batch():
     x = _images(n=10)
     kept = _batches(x, 4, drop_last=True, shuffle=True, generator=torch.Generator().manual_seed(0))
     sizes = [len(y) for _, y in kept]
-    assert sizes == [4, 4] and len(kept) == 2 and kept.num_samples == 8
+    assert sizes == [4, 4] and len(kept) == 2
     labels = torch.cat([y for _, y in kept])
     assert len(set(labels.tolist())) == 8  # a permutation: no image twice
     assert [len(y) for _, y in _batches(x, 4)] == [4, 4, 2]
+
+
+def test_a_lone_last_image_joins_the_previous_evaluation_batch():
+    """BN with batch statistics cannot normalize one sample, so no evaluation batch has one."""
+    batches = _batches(_images(n=9), 4)
+    assert [len(y) for _, y in batches] == [4, 5] and len(batches) == 2
+    assert torch.cat([y for _, y in batches]).tolist() == list(range(9))
+    assert [len(y) for _, y in _batches(_images(n=1), 4)] == [1]
 
 
 def test_shuffled_order_follows_the_generator_and_changes_each_epoch():
