@@ -24,7 +24,7 @@ from bnctl import checkpoint, config as config_mod, rundir
 from bnctl.config import Config
 from bnctl.data import Batches, ImageData, load_dataset
 from bnctl.errors import CheckpointError, ConfigError, DataError, DivergedError, InterruptedRun
-from bnctl.models import build_model
+from bnctl.models import build_model, count_parameters
 from bnctl.norms import is_norm, uses_batch_stats
 
 METRIC_COLUMNS = [
@@ -390,6 +390,7 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
             "device": str(exp.device), "seed": cfg.seed,
             "threads": training_threads(exp.device, cfg.train.batch_size),
             "num_classes": exp.num_classes, "train_images": len(exp.data.train_y),
+            "steps_per_epoch": len(exp.train_batches),
             "test_images": len(exp.data.test_y)})
     on_run_dir(run_dir)
 
@@ -516,7 +517,7 @@ class _Summary:
             "epochs_planned": self.cfg.train.epochs, "final": final, "best": best,
             "wall_time_s": self.prior_wall + time.time() - self.started,
             "train_time_s": sum(r["train_time_s"] for r in self.history),
-            "device": str(self.exp.device), "num_parameters": sum(p.numel() for p in self.exp.model.parameters()),
+            "device": str(self.exp.device), "num_parameters": count_parameters(self.exp.model),
             "versions": rundir.versions(), **extra,
         }
         rundir.write_json(self.path, summary)

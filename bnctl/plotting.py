@@ -41,6 +41,14 @@ def _save(fig, path: Path) -> Path:
     return Path(path)
 
 
+def _run_info(run_dir: Path) -> dict[str, Any]:
+    """run.json's contents, or {} when it is missing or unreadable (plots must still work)."""
+    try:
+        return rundir.read_json(run_dir / rundir.RUN_INFO_FILE)
+    except (OSError, ValueError):
+        return {}
+
+
 def _run_title(run_dir: Path) -> str:
     cfg_path = run_dir / rundir.CONFIG_FILE
     if not cfg_path.is_file():
@@ -138,6 +146,9 @@ def plot_diagnostics(run_dir: Path, out: Path | None = None) -> Path | None:
         series[r["stat"]][r["layer"]].append((r["step"], r["value"]))
         layers.setdefault(r["layer"])
         epoch_starts[r["epoch"]] = min(r["step"], epoch_starts.get(r["epoch"], r["step"]))
+    steps_per_epoch = _run_info(run_dir).get("steps_per_epoch")
+    if steps_per_epoch:  # exact boundaries; without run.json, the first sampled step of each epoch
+        epoch_starts = {e: (e - 1) * steps_per_epoch for e in epoch_starts}
     panels = [p for p in DIAGNOSTIC_PANELS if p[0] in series]
     plt = _pyplot()
     from matplotlib import ticker

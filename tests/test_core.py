@@ -56,6 +56,7 @@ def test_resolved_config_includes_overrides_and_defaults(trained_run):
     assert saved["model"]["bn_momentum"] == 0.1  # defaults are written out, not implied
     info = json.loads((run_dir / "run.json").read_text())
     assert info["device"] == "cpu" and info["seed"] == 0 and "torch" in info["versions"]
+    assert info["steps_per_epoch"] == 1536 // 32 and info["git_dirty"] in (True, False, None)
 
 
 def test_metrics_csv_has_one_row_per_epoch(trained_run):
