@@ -214,8 +214,6 @@ def eval_(
     """Evaluate a checkpoint on the test split in eval mode; write eval.json and confusion.png."""
     from bnctl import engine, plotting, rundir
 
-    if bn_mode not in ("running", "batch"):
-        raise ConfigError(f"unknown --bn-mode '{bn_mode}'; choose running or batch")
     _existing(checkpoint, "checkpoint")
     result = engine.evaluate_checkpoint(checkpoint, data_root=data_root, device=device, bn_mode=bn_mode,
                                         batch_size=batch_size, recalibrate=recalibrate)

@@ -284,7 +284,7 @@ CASES = [
      1, "refused to load"),
     pytest.param("eval-cuda-missing", lambda t, g: ["eval", copy_checkpoint(t, g), "--device", "cuda"], 2,
                  "no usable CUDA GPU", marks=CUDA, id="eval-cuda-missing"),
-    ("eval-bad-bn-mode", lambda t, g: ["eval", copy_checkpoint(t, g), "--bn-mode", "train"], 2, "choose running or batch"),
+    ("eval-bad-bn-mode", lambda t, g: ["eval", copy_checkpoint(t, g), "--bn-mode", "train"], 2, "choose one of: running, batch"),
     # --- plot and compare
     ("plot-missing", lambda t, g: ["plot", t / "nope"], 2, "run directory not found"),
     ("plot-not-a-run", lambda t, g: ["plot", t], 2, "not a bnctl run directory"),
