@@ -129,14 +129,6 @@ def _resume_config(run_dir: Path, overrides: list[str]):
     return config_mod.load(_existing(run_dir, "run directory", holding="config.yaml") / "config.yaml", overrides)
 
 
-def _epochs_done(run_dir: Path) -> int:
-    """Complete epochs a run recorded (0 when its summary is missing or damaged)."""
-    try:
-        return int(json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("epochs_completed", 0))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return 0
-
-
 @app.command()
 @_reports_errors
 def train(
@@ -157,7 +149,9 @@ def train(
         raise ConfigError("--resume takes its config from the run directory; drop --config/--run-dir")
     if resume is not None:
         cfg = _resume_config(resume, overrides)
-        done = _epochs_done(resume)
+        from bnctl import rundir
+
+        done = rundir.epochs_completed(resume)
         if done >= cfg.train.epochs:
             console.print(f"{resume} already completed {done} epoch(s); nothing to do "
                           f"(extend it with: bnctl train --resume {resume} train.epochs=N)", soft_wrap=True)

@@ -61,6 +61,14 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def epochs_completed(run_dir: Path) -> int:
+    """Complete epochs a run recorded in its summary (0 when the summary is missing or damaged)."""
+    try:
+        return int(read_json(Path(run_dir) / SUMMARY_FILE).get("epochs_completed", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
 def holds_run(path: Path) -> bool:
     """True when a folder already contains a bnctl run (or anything at all)."""
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
