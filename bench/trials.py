@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # notebook_loop sits next to this file
 
 
-from bnctl import config as config_mod, engine  # noqa: E402
+from bnctl import config as config_mod, engine, experiment  # noqa: E402
 from bnctl.data import ImageData, load_dataset  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def bnctl_trial(spec: dict, data: ImageData) -> dict:
         "train": {"epochs": spec["epochs"], "batch_size": spec["batch"], "eval_batch_size": 1000,
                   **spec.get("settings", {})},
     })
-    exp = engine.setup(cfg, data)
+    exp = experiment.setup(cfg, data)
     epoch_s, train_s, images = [], [], 0
     for epoch in range(1, cfg.train.epochs + 1):
         t0 = time.perf_counter()
@@ -56,7 +56,7 @@ def bnctl_trial(spec: dict, data: ImageData) -> dict:
         train_s.append(t1 - t0)
         images = train["images"]
     return {"epoch_s": epoch_s, "train_s": train_s, "train_images": images, "test_acc": test["acc"],
-            "threads": engine.training_threads(exp.device, cfg.train.batch_size)}
+            "threads": experiment.training_threads(exp.device, cfg.train.batch_size)}
 
 
 TRIALS = {"notebook": notebook_trial, "bnctl": bnctl_trial}

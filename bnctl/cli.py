@@ -206,10 +206,10 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Evaluate a checkpoint on the test split in eval mode; write eval.json and confusion.png."""
-    from bnctl import engine, plotting, rundir
+    from bnctl import evaluation, plotting, rundir
 
     _existing(checkpoint, "checkpoint")
-    result = engine.evaluate_checkpoint(checkpoint, data_root=data_root, device=device, bn_mode=bn_mode,
+    result = evaluation.evaluate_checkpoint(checkpoint, data_root=data_root, device=device, bn_mode=bn_mode,
                                         batch_size=batch_size, recalibrate=recalibrate)
     out_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
     eval_path = out_dir / "eval.json"

@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bnctl.errors import ConfigError
 
 # Names accepted by each registry. The registries themselves live next to the
-# code they build (data.DATASETS, norms.NORMS, models.MODELS, engine.OPTIMIZERS,
-# engine.SCHEDULERS); tests check that both lists agree.
+# code they build (data.DATASETS, norms.NORMS, models.MODELS, optim.OPTIMIZERS,
+# optim.SCHEDULERS); tests check that both lists agree.
 DatasetName = Literal["synthetic", "cifar10", "imagefolder"]
 ModelName = Literal["seed_cnn", "vgg", "resnet20"]
 NormName = Literal["batch", "batch_manual", "ghost", "group", "layer", "instance", "none"]

@@ -278,3 +278,11 @@ def uses_batch_stats(module: nn.Module) -> bool:
     # Decided by type alone: with track_running_stats=False such a layer has no running
     # estimates (running_mean is None) and reset_running_stats() does nothing, as in torch.
     return isinstance(module, _BATCH_STAT_TYPES)
+
+
+def set_bn_batch_mode(model: nn.Module) -> None:
+    """Eval mode everywhere except BN layers, which then normalize with each batch's statistics."""
+    model.eval()
+    for m in model.modules():
+        if uses_batch_stats(m):
+            m.train()

@@ -55,14 +55,14 @@ def test_unknown_registry_name_lists_the_valid_ones():
 
 
 def test_registries_match_the_schema():
-    from bnctl import data, engine, models, norms
+    from bnctl import data, models, norms, optim
 
     assert set(data.DATASETS) == set(get_args(C.DatasetName))
     assert set(models.MODELS) == set(get_args(C.ModelName))
     assert set(norms.NORMS) == set(get_args(C.NormName))
     assert set(models.INITS) == set(get_args(C.InitName))
-    assert set(engine.OPTIMIZERS) == set(get_args(C.OptimizerName))
-    assert set(engine.SCHEDULERS) == set(get_args(C.SchedulerName))
+    assert set(optim.OPTIMIZERS) == set(get_args(C.OptimizerName))
+    assert set(optim.SCHEDULERS) == set(get_args(C.SchedulerName))
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnctl import checkpoint, engine, plotting, rundir
+from bnctl import checkpoint, evaluation, optim, plotting, rundir
 from bnctl.config import ModelConfig, OptimizerConfig
 from bnctl.diagnostics import COLUMNS
 from bnctl.errors import ConfigError
@@ -140,7 +140,7 @@ def test_dropout_sits_before_the_last_layer(name):
 
 def test_norm_weight_decay_gets_its_own_param_group():
     model = build_model(_small("resnet20", "batch"))
-    opt = engine.make_optimizer(model, OptimizerConfig(weight_decay=5e-4, norm_weight_decay=1e-5), torch.device("cpu"))
+    opt = optim.make_optimizer(model, OptimizerConfig(weight_decay=5e-4, norm_weight_decay=1e-5), torch.device("cpu"))
     assert [g["weight_decay"] for g in opt.param_groups] == [5e-4, 1e-5]
     norm_ids = {id(p) for m in model.modules() if is_norm(m) for p in (m.weight, m.bias)}
     assert {id(p) for p in opt.param_groups[1]["params"]} == norm_ids
@@ -148,7 +148,7 @@ def test_norm_weight_decay_gets_its_own_param_group():
     assert rest == {id(p) for m in _conv_linear(model) for p in m.parameters()}
     assert len(rest) + len(norm_ids) == len(list(model.parameters()))
     # No norm layers: no second group.
-    bare = engine.make_optimizer(build_model(_small("seed_cnn", "none")), OptimizerConfig(weight_decay=1e-4),
+    bare = optim.make_optimizer(build_model(_small("seed_cnn", "none")), OptimizerConfig(weight_decay=1e-4),
                                  torch.device("cpu"))
     assert [g["weight_decay"] for g in bare.param_groups] == [1e-4]
 
@@ -245,21 +245,21 @@ def test_eval_rejects_what_cannot_work(runs, cli):
     result = cli("eval", ckpt, "--bn-mode", "train")
     assert result.exit_code == 2 and "running" in result.output
     with pytest.raises(ConfigError, match="running statistics; this model has model.norm=none"):
-        engine.evaluate_checkpoint(runs["none"] / "checkpoints" / "best.pt", recalibrate=64)
+        evaluation.evaluate_checkpoint(runs["none"] / "checkpoints" / "best.pt", recalibrate=64)
 
 
 def test_one_image_batch_detection_covers_ghost_virtual_batches():
     ghost = nn.Sequential(GhostBatchNorm(3, virtual_batch_size=21))
-    assert engine._one_image_batch(256, 64, ghost)  # 64 = 3 x 21 + 1
-    assert not engine._one_image_batch(256, 64, nn.Sequential(GhostBatchNorm(3, virtual_batch_size=16)))
-    assert not engine._one_image_batch(257, 64, nn.Sequential(nn.BatchNorm2d(3)))  # the lone image joins a batch
-    assert engine._one_image_batch(10, 1, nn.Sequential(nn.BatchNorm2d(3)))  # batches of one
-    assert not engine._one_image_batch(10, 1, nn.Sequential(nn.GroupNorm(1, 3)))  # no batch statistics
+    assert evaluation._one_image_batch(256, 64, ghost)  # 64 = 3 x 21 + 1
+    assert not evaluation._one_image_batch(256, 64, nn.Sequential(GhostBatchNorm(3, virtual_batch_size=16)))
+    assert not evaluation._one_image_batch(257, 64, nn.Sequential(nn.BatchNorm2d(3)))  # the lone image joins a batch
+    assert evaluation._one_image_batch(10, 1, nn.Sequential(nn.BatchNorm2d(3)))  # batches of one
+    assert not evaluation._one_image_batch(10, 1, nn.Sequential(nn.GroupNorm(1, 3)))  # no batch statistics
 
 
 def test_recalibration_restores_accuracy_of_reset_running_stats(runs, tmp_path):
     best = runs["bn"] / "checkpoints" / "best.pt"
-    trained = engine.evaluate_checkpoint(best)["acc"]
+    trained = evaluation.evaluate_checkpoint(best)["acc"]
     assert trained > 30  # well above the 10% of chance, or the comparison below says nothing
     state = checkpoint.load(best)
     for key, value in state["model"].items():  # fresh running statistics, as a newly built model has
@@ -270,7 +270,7 @@ def test_recalibration_restores_accuracy_of_reset_running_stats(runs, tmp_path):
     reset = tmp_path / "reset.pt"
     checkpoint.save(reset, state)
     digest = _sha256(reset)
-    result = engine.evaluate_checkpoint(reset, recalibrate=512)
+    result = evaluation.evaluate_checkpoint(reset, recalibrate=512)
     rec = result["recalibration"]
     assert (rec["images"], rec["batch_size"]) == (512, 32)
     assert rec["before_acc"] < trained - 10  # wrong statistics cost a lot
@@ -283,9 +283,9 @@ def test_recalibrate_bn_changes_only_bn_buffers():
     model = build_model(_small("seed_cnn", "batch"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.rand(40, 3, 32, 32, dtype=torch.float32).mul(255).to(torch.uint8)
-    batches = engine.Batches(x, torch.zeros(40, dtype=torch.long), 16, device=torch.device("cpu"),
+    batches = evaluation.Batches(x, torch.zeros(40, dtype=torch.long), 16, device=torch.device("cpu"),
                              mean=(0.5,) * 3, std=(0.5,) * 3)
-    assert engine.recalibrate_bn(model, batches, 33) == 40  # whole batches until at least 33 images: 16 + 16 + 8
+    assert evaluation.recalibrate_bn(model, batches, 33) == 40  # whole batches until at least 33 images: 16 + 16 + 8
     assert not model.training
     after = model.state_dict()
     for key, value in before.items():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnctl import config as config_mod, engine, rundir
+from bnctl import config as config_mod, engine, experiment, rundir
 from bnctl.data import Batches, crop_flip
 from bnctl.errors import DivergedError
 from conftest import tiny_raw
@@ -122,13 +122,13 @@ def test_augmented_batches_are_reproducible_under_a_seed():
 
 # ------------------------------------------------------------------ precision, layout, threads
 
-def _experiment(train_size: int = 128, **train) -> engine.Experiment:
+def _experiment(train_size: int = 128, **train) -> experiment.Experiment:
     # Batch 8 keeps training on one thread, which stays fast even when other work shares the cores.
     raw = tiny_raw(data={"train_size": train_size, "test_size": 64}, train={"epochs": 1, "batch_size": 8, **train})
-    return engine.setup(config_mod.validate(raw))
+    return experiment.setup(config_mod.validate(raw))
 
 
-def _one_epoch(exp: engine.Experiment, probe=None) -> dict:
+def _one_epoch(exp: experiment.Experiment, probe=None) -> dict:
     return engine.train_one_epoch(exp.forward, exp.train_batches, exp.optimizer, exp.scheduler, exp.precision,
                                   1, probe=probe)
 
@@ -219,7 +219,7 @@ def test_non_finite_loss_stops_at_that_step_before_the_update():
     weights = []
     model.fc.register_forward_pre_hook(lambda m, a: weights.append(m.weight.detach().clone()))
     with pytest.raises(DivergedError) as err:
-        engine.train_one_epoch(model, batches, opt, sched, engine.Precision(CPU), epoch=2)
+        engine.train_one_epoch(model, batches, opt, sched, experiment.Precision(CPU), epoch=2)
     assert (err.value.epoch, err.value.step) == (2, 3)
     assert torch.isfinite(model.fc.weight).all()
     assert torch.equal(model.fc.weight, weights[-1])  # the NaN step never reached the optimizer

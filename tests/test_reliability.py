@@ -28,7 +28,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from bnctl import checkpoint, config as config_mod, data as data_mod, engine, rundir
+from bnctl import checkpoint, config as config_mod, data as data_mod, engine, experiment, rundir
 from bnctl.cli import app
 from bnctl.errors import ConfigError, DataError
 from conftest import tiny_raw, write_config
@@ -408,7 +408,7 @@ def test_restricted_cifar_reader_still_reads_real_batches(tmp_path, protocol):
 
 def test_last_training_batch_of_one_is_dropped(tmp_path):
     cfg = config_mod.validate(tiny_raw(data={"train_size": 65, "test_size": 32}, train={"batch_size": 32, "epochs": 1}))
-    exp = engine.setup(cfg)
+    exp = experiment.setup(cfg)
     sizes = [len(y) for _, y in exp.train_batches]
     assert sizes == [32, 32]  # 65 = 2*32 + 1: the lone sample is left out
     x = next(iter(exp.train_batches))[0]

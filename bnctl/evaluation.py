@@ -1,0 +1,128 @@
+"""Evaluating a saved checkpoint: BN modes (running vs batch statistics) and recalibration.
+
+Everything here works on a copy of the weights: the checkpoint file is only ever read.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnctl import checkpoint, config as config_mod
+from bnctl.data import Batches
+from bnctl.engine import evaluate
+from bnctl.errors import ConfigError
+from bnctl.experiment import setup
+from bnctl.norms import set_bn_batch_mode, uses_batch_stats
+
+BN_MODES = ("running", "batch")  # eval --bn-mode: population statistics, or each test batch's own
+
+
+def _has_running_stats(module: nn.Module) -> bool:
+    return uses_batch_stats(module) and getattr(module, "running_mean", None) is not None
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Batches, num_images: int) -> int:
+    """Recompute BN population statistics from training images with the weights frozen ("precise BN").
+
+    Running estimates restart from scratch and become the plain average over the
+    batches seen (momentum=None), so every image counts alike. Whole batches are
+    used until at least num_images were seen. Only BN buffers change; the model is
+    left in eval mode. Returns the number of images used.
+    """
+    bns = [m for m in model.modules() if _has_running_stats(m)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the recalibration batches, not an exponential one
+    set_bn_batch_mode(model)  # dropout stays off: statistics of the deployed network, not a thinned one
+    used = 0
+    try:
+        for x, _ in batches:
+            if used >= num_images:
+                break
+            model(x)
+            used += len(x)
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        model.eval()
+    return used
+
+
+def _one_image_batch(n: int, batch_size: int, model: nn.Module) -> bool:
+    """Whether normalizing n images in batches of batch_size hands some BN layer a single image."""
+    full, rest = divmod(n, batch_size)
+    sizes = [batch_size] * full + ([rest] if rest else [])
+    if rest == 1 and full:  # Batches folds a lone last image into the batch before it
+        sizes[-2:] = [batch_size + 1]
+    for m in model.modules():
+        if not uses_batch_stats(m):
+            continue
+        virtual = getattr(m, "virtual_batch_size", None)  # ghost BN cuts larger batches into virtual ones
+        for size in sizes:
+            if size == 1 or (virtual is not None and size > virtual and size % virtual == 1):
+                return True
+    return False
+
+
+def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str | None = None,
+                        bn_mode: str = "running", batch_size: int | None = None, recalibrate: int = 0) -> dict:
+    """Rebuild a model from a checkpoint alone and evaluate it on the test split.
+
+    ``bn_mode="batch"`` normalizes with each test batch's statistics (as a model left in
+    train mode does); ``recalibrate=N`` first recomputes BN's running statistics from N
+    training images. Both work on a copy of the weights: the checkpoint file is only read.
+    """
+    if bn_mode not in BN_MODES:
+        raise ConfigError(f"unknown --bn-mode '{bn_mode}'; choose one of: {', '.join(BN_MODES)}")
+    if recalibrate and bn_mode == "batch":
+        raise ConfigError("--recalibrate recomputes BN's running statistics, which --bn-mode batch does not use; "
+                          "recalibrate with --bn-mode running")
+    state = checkpoint.load(path)
+    raw = copy.deepcopy(state["config"])
+    if data_root is not None:
+        raw = config_mod.apply_overrides(raw, {"data.root": data_root})
+    if device is not None:
+        raw = config_mod.apply_overrides(raw, {"device": device})
+    cfg = config_mod.validate(raw, f"stored in {path}")
+    if batch_size is not None:
+        cfg.train.eval_batch_size = batch_size
+    exp = setup(cfg)
+    checkpoint.load_model_state(exp.model, state["model"], Path(path))
+    model, test = exp.model, exp.test_batches
+    bn_layers = sum(uses_batch_stats(m) for m in model.modules())
+    if bn_mode == "batch" and _one_image_batch(len(test.y), test.batch_size, model):
+        raise ConfigError(
+            f"--bn-mode batch normalizes each test batch with its own statistics, but {len(test.y)} test images "
+            f"in batches of {test.batch_size} leave a batch of one image (counting ghost BN's virtual batches), "
+            "which has none; choose another --batch-size")
+    result: dict[str, Any] = {"checkpoint": str(path), "epoch": state["epoch"], "bn_mode": bn_mode,
+                              "batch_size": test.batch_size, "bn_layers": bn_layers, "classes": exp.data.classes,
+                              "device": str(exp.device)}
+    if recalibrate:
+        if not any(_has_running_stats(m) for m in model.modules()):
+            raise ConfigError(f"--recalibrate needs BN layers that keep running statistics; this model has "
+                              f"model.norm={cfg.model.norm}, bn_track_running_stats={cfg.model.bn_track_running_stats}")
+        before = evaluate(model, test, exp.precision)
+        model = copy.deepcopy(model)  # recalibrated statistics are reported, never written back
+        # Shuffled whole training batches: class-sorted data (image folders) must not bias the statistics.
+        recal = exp.batches(exp.data.train_x, exp.data.train_y, max(2, cfg.train.batch_size), shuffle=True,
+                            drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
+        used = recalibrate_bn(model, recal, recalibrate)
+        result["recalibration"] = {"images": used, "batch_size": recal.batch_size,
+                                   "before_acc": before["acc"], "before_loss": before["loss"]}
+    if bn_mode == "batch":
+        model = copy.deepcopy(model)  # batch statistics must never reach the checkpoint's running estimates
+    metrics = evaluate(model, test, exp.precision, exp.num_classes, bn_batch_stats=bn_mode == "batch")
+    result |= {"loss": metrics["loss"], "acc": metrics["acc"], "images": metrics["images"],
+               "confusion": metrics["confusion"]}
+    result["per_class_acc"] = {
+        c: 100.0 * row[i] / max(1, sum(row)) for i, (c, row) in enumerate(zip(exp.data.classes, metrics["confusion"]))
+    }
+    return result

@@ -1,0 +1,177 @@
+"""Everything a run builds before its first step: device, precision, data, model, optimizer.
+
+Shared by training (engine.fit), checkpoint evaluation and sweep workers; it raises
+before any run directory exists, so a bad config or missing data leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnctl.config import Config
+from bnctl.data import Batches, ImageData, load_dataset
+from bnctl.errors import ConfigError, DataError
+from bnctl.models import build_model
+from bnctl.optim import make_optimizer, make_scheduler
+
+
+# ------------------------------------------------------------------ devices and precision
+
+# ------------------------------------------------------------------ devices and precision
+
+def resolve_device(name: str) -> torch.device:
+    """Turn the config's device string into a torch.device, or explain why it is unavailable."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but this machine has no usable CUDA GPU; use device=cpu or device=auto")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device=mps but Apple's Metal backend is not available here; use device=cpu or auto")
+    return torch.device(name)
+
+
+@dataclass
+class Precision:
+    """Autocast and gradient scaling for one device and precision setting."""
+
+    device: torch.device
+    name: str = "fp32"
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.name == "fp16" and self.device.type != "cuda":
+            raise ConfigError(f"train.precision=fp16 needs a CUDA device (got {self.device}); use bf16 instead")
+        # Only fp16 needs loss scaling; a disabled scaler passes straight through.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.name == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+# Below this many images per step, splitting each tiny convolution across CPU threads gains
+# nothing (2 cores: equal at batch 8), and when another process holds a core every op waits
+# for the descheduled thread: 10-100x slower at batch 4. bench/RESULTS.md has the figures.
+SMALL_CPU_BATCH = 16
+
+
+def training_threads(device: torch.device, batch_size: int) -> int:
+    """The intra-op thread count train_one_epoch uses: one for small CPU batches unless OMP_NUM_THREADS is set."""
+    if device.type == "cpu" and batch_size < SMALL_CPU_BATCH and "OMP_NUM_THREADS" not in os.environ:
+        return 1
+    return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def cpu_threads_for(batches: Batches):
+    """Train with training_threads(...) threads, then restore the previous count."""
+    before, wanted = torch.get_num_threads(), training_threads(batches.x.device, batches.batch_size)
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    # Running sums in float64 where the device has it (Apple's MPS has not).
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+# ------------------------------------------------------------------ setup shared by train and eval
+
+@dataclass
+class Experiment:
+    """Everything built from a config before the first step: device, data, model, optimizer."""
+
+    cfg: Config
+    device: torch.device
+    data: ImageData
+    model: nn.Module  # the plain module: what checkpoints save
+    forward: nn.Module  # what training calls (compiled when train.compile)
+    precision: Precision
+    generator: torch.Generator
+    train_batches: Batches
+    test_batches: Batches
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.classes)
+
+    def batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, **options: Any) -> Batches:
+        """Unaugmented batches of any tensors (plain by default, e.g. for evaluation)."""
+        d = self.cfg.data
+        return Batches(x, y, batch_size, device=self.device, mean=d.mean, std=d.std,
+                       channels_last=self.cfg.train.channels_last, **options)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(cfg: Config, data: ImageData | None = None) -> Experiment:
+    """Resolve the device, load data and build model and optimizer; raise before any run dir exists."""
+    device = resolve_device(cfg.device)
+    precision = Precision(device, cfg.train.precision)
+    data = data if data is not None else load_dataset(cfg.data)
+    seed_everything(cfg.seed)
+    try:
+        model = build_model(cfg.model, num_classes=len(data.classes), image_size=data.image_size)
+    except RuntimeError as err:  # a layer's kernel or pooling window is larger than what is left of the image
+        raise DataError(f"images of {data.image_size[0]}x{data.image_size[1]} pixels are too small for model "
+                        f"{cfg.model.name} ({str(err).splitlines()[0]}); use larger images "
+                        "(data.image_size for imagefolder) or another model") from None
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format)
+    forward = torch.compile(model) if cfg.train.compile else model
+    generator = torch.Generator().manual_seed(cfg.seed)
+    d = cfg.data
+    common = dict(device=device, mean=d.mean, std=d.std, channels_last=cfg.train.channels_last)
+    # Drop the incomplete last batch: a tiny final batch would give BN noisy (or, at size 1, no) statistics.
+    train_batches = Batches(data.train_x, data.train_y, cfg.train.batch_size, shuffle=True, drop_last=True,
+                            augment=d.augment, generator=generator, **common)
+    test_batches = Batches(data.test_x, data.test_y, cfg.train.eval_batch_size, **common)
+    optimizer = make_optimizer(model, cfg.optimizer, device)
+    scheduler = make_scheduler(optimizer, cfg, max(1, len(train_batches)))  # eval needs no full training batch
+    return Experiment(cfg, device, data, model, forward, precision, generator, train_batches, test_batches,
+                      optimizer, scheduler)
+
+
+def _check_fits(exp: Experiment) -> None:
+    """Catch a data/model mismatch now, with a clear message, rather than mid-epoch."""
+    x = exp.data.train_x[:2].to(exp.device).float()
+    try:
+        exp.model.eval()
+        with torch.inference_mode():
+            out = exp.model(x)
+    except RuntimeError as err:
+        raise DataError(f"the data's images ({tuple(x.shape[1:])}) do not fit model {exp.cfg.model.name}: "
+                        f"{str(err).splitlines()[0]}") from None
+    finally:
+        exp.model.train()
+    if out.shape[1] != exp.num_classes:
+        raise DataError(f"model outputs {out.shape[1]} classes but the data has {exp.num_classes}")
