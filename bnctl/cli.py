@@ -6,17 +6,17 @@ that `bnctl --help` and `bnctl plot` start quickly.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from bnctl.errors import BnctlError, ConfigError, InterruptedRun
+from bnctl.clikit import console, existing as _existing, reports_errors as _reports_errors, state as _state
+from bnctl.errors import BnctlError, ConfigError
 
 app = typer.Typer(
     name="bnctl",
@@ -27,41 +27,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
-_state = {"debug": False}
-
-
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
     _state["debug"] = debug
-
-
-def _reports_errors(command: Callable) -> Callable:
-    """Turn bnctl's known errors into a short message and exit code; no traceback unless --debug."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except BnctlError as err:
-            if _state["debug"]:
-                raise
-            label = "[bold yellow]stopped:[/]" if isinstance(err, InterruptedRun) else "[bold red]error:[/]"
-            err_console.print(f"{label} {escape(str(err))}", soft_wrap=True)  # paths may hold [brackets]
-            raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-        except Exception as err:  # a bug in bnctl or an environment problem: still no wall of text by default
-            if _state["debug"]:
-                raise
-            first = (str(err).strip().splitlines() or [""])[0][:300]
-            err_console.print(f"[bold red]internal error:[/] {type(err).__name__}: {escape(first)}\n"
-                              "run again with `bnctl --debug ...` for the traceback", soft_wrap=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
 
 
 # ------------------------------------------------------------------ train
@@ -103,18 +71,6 @@ class _RichReporter:
 
     def close(self) -> None:
         self.progress.stop()
-
-
-def _existing(path: Path, kind: str, holding: str | None = None) -> Path:
-    """A path argument that must exist (a folder holding `holding`, if given); a usage error (exit 2) otherwise."""
-    if not path.exists():
-        raise ConfigError(f"{kind} not found: {path}")
-    if holding is not None:
-        if not path.is_dir():
-            raise ConfigError(f"{path} is a file; give a {kind} (the folder holding {holding})")
-        if not (path / holding).is_file():
-            raise ConfigError(f"{path} is not a bnctl {kind} (no {holding})")
-    return path
 
 
 def _resume_config(run_dir: Path, overrides: list[str]):
