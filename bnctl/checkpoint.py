@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnctl import rundir
-from bnctl.errors import CheckpointError, ConfigError
+from bnctl import config as config_mod, rundir
+from bnctl.errors import CheckpointError, ConfigError, DataError
 
 FORMAT = "bnctl-checkpoint"
 FORMAT_VERSION = 1
@@ -71,7 +71,17 @@ def load(path: Path) -> dict[str, Any]:
     missing = [k for k in ("model", "config", "epoch") if k not in state]
     if missing:
         raise CheckpointError(f"{path} is an incomplete bnctl checkpoint (missing {', '.join(missing)})")
+    config_mod.upgrade_stored(state["config"])
     return state
+
+
+def check_classes(state: dict[str, Any], classes: list[str], path: Path) -> None:
+    """Refuse data whose class folders differ from the ones the model was trained on (labels would be permuted)."""
+    trained = state.get("classes")
+    if trained is not None and list(trained) != list(classes):
+        raise DataError(f"{path} was trained on classes {list(trained)} but the data has {list(classes)}; "
+                        "the model's outputs follow the trained order, so every label would be wrong. "
+                        "Evaluate on data with the same class folders (names and order)")
 
 
 def load_model_state(model: torch.nn.Module, weights: dict[str, Any], path: Path) -> None:

@@ -82,7 +82,9 @@ def _resume_config(run_dir: Path, overrides: list[str]):
         allowed = ", ".join(sorted(config_mod.RESUMABLE_KEYS))
         raise ConfigError(f"--resume continues a run as configured; only {allowed} may change "
                           f"(got {', '.join(changed)}). Start a new run to change anything else.")
-    return config_mod.load(_existing(run_dir, "run directory", holding="config.yaml") / "config.yaml", overrides)
+    # moved=True: a run continued on another device adapts its precision there (fp16 -> fp32 off CUDA).
+    return config_mod.load(_existing(run_dir, "run directory", holding="config.yaml") / "config.yaml", overrides,
+                           moved=True)
 
 
 @app.command()
@@ -126,9 +128,11 @@ def train(
         verb = "resuming" if resume is not None else "run directory"
         console.print(f"[dim]{verb}:[/] {path}")
 
+    trained = False
     try:
         result = engine.fit(cfg, runs_root=runs_root, run_dir=run_dir, resume=resume, reporter=reporter,
                             on_run_dir=announce, probe_factory=BNProbe.for_experiment)
+        trained = True
     finally:
         reporter.close()
         if "dir" in started and (started["dir"] / "metrics.csv").is_file():
@@ -136,6 +140,10 @@ def train(
                 plotting.plot_run(started["dir"])
             except BnctlError:
                 pass  # no complete epoch yet: nothing to draw
+            except Exception:
+                if trained:
+                    raise
+                # Training failed already: its error is the one to report, not the figure's.
     best = result.summary["best"]
     console.print(f"[bold green]done[/] best test accuracy {best['test_acc']:.2f}% at epoch {best['epoch']} "
                   f"in {result.summary['wall_time_s']:.1f}s")
@@ -180,6 +188,8 @@ def eval_(
     mode = ("BN running statistics" if bn_mode == "running"
             else f"BN statistics of each test batch of {result['batch_size']}")
     console.print(f"[bold]{checkpoint}[/] (epoch {result['epoch']}; {mode})", soft_wrap=True)
+    for note in result.get("notes", []):
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     if bn_mode == "batch" and not result["bn_layers"]:
         console.print("[yellow]note:[/] this model has no BN layers, so --bn-mode batch changes nothing")
     table = Table()

@@ -13,10 +13,10 @@ import difflib
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from bnctl.errors import ConfigError
 
@@ -40,11 +40,26 @@ BATCH_STAT_NORMS = frozenset({"batch", "batch_manual", "ghost"})
 
 PositiveFloat = Field(gt=0)
 
+# torch.manual_seed, torch.Generator and numpy's generators all accept any seed in this range.
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+Beta = Annotated[float, Field(ge=0, lt=1)]  # an Adam decay rate: 1 would never forget, above 1 diverges
+
+ShortcutName = Literal["zero_pad", "projection"]
+
+# Keys that only mean something for some models: set to anything but their default with another
+# model they would be silently ignored, so validation refuses them. (section, key) -> models.
+MODEL_SPECIFIC_KEYS: dict[tuple[str, str], frozenset[str]] = {
+    ("model", "depth"): frozenset({"vgg", "resnet20"}),
+    ("model", "fc_norm"): frozenset({"seed_cnn"}),
+    ("model", "shortcut"): frozenset({"resnet20"}),
+}
+
 
 class _Section(BaseModel):
-    """Base for every section: unknown keys are errors, assignments re-validate."""
+    """Base for every section: unknown keys are errors, assignments re-validate, floats must be finite."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a NaN mean or an infinite lr would only surface later as a "diverged" run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -53,8 +68,8 @@ class DataConfig(_Section):
     download: bool = False  # cifar10 only; needs network access
     train_size: int = Field(5000, ge=10)  # synthetic only: images generated for training
     test_size: int = Field(1000, ge=10)  # synthetic only: images generated for testing
-    synthetic_seed: int = 0  # synthetic only: the dataset's own seed, independent of the run's seed
-    train_limit: Optional[int] = Field(None, ge=1)  # use only the first N training images (quick runs)
+    synthetic_seed: Seed = 0  # synthetic only: the dataset's own seed, independent of the run's seed
+    train_limit: Optional[int] = Field(None, ge=1)  # train on a fixed random subset of N images (seeded, not the first N)
     image_size: int = Field(32, ge=8)  # imagefolder: images are resized to this square size
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalization, on the 0..1 scale
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -73,6 +88,7 @@ class ModelConfig(_Section):
     width: float = Field(1.0, gt=0)  # channel multiplier (1.0 = the published widths)
     depth: Optional[int] = Field(None, ge=1)  # None = standard depth; vgg: 11|13|16|19 (11); resnet20: 6n+2 (20)
     fc_norm: bool = True  # seed_cnn: normalize the hidden fully connected layer too (as the notebook does)
+    shortcut: ShortcutName = "zero_pad"  # resnet20: zero_pad = He et al.'s parameter-free option A; projection = 1x1 conv + norm (B)
     virtual_batch_size: int = Field(8, ge=2)  # ghost: samples per virtual batch (below train.batch_size)
     groups: int = Field(8, ge=1)  # group: channel groups per GroupNorm
     bn_momentum: Optional[float] = Field(0.1, ge=0, le=1)  # PyTorch convention: new = (1-m)*old + m*batch; None = cumulative average
@@ -90,7 +106,7 @@ class OptimizerConfig(_Section):
     lr: float = Field(1e-3, gt=0)  # peak learning rate (onecycle's max_lr)
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     nesterov: bool = False  # sgd only
-    betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw only
+    betas: tuple[Beta, Beta] = (0.9, 0.999)  # adam/adamw only; each in [0, 1)
     weight_decay: float = Field(0.0, ge=0)  # on conv/linear parameters
     norm_weight_decay: float = Field(0.0, ge=0)  # on normalization scales and shifts (decaying them is rarely wanted)
 
@@ -123,7 +139,7 @@ class TrainConfig(_Section):
 
 class Config(_Section):
     name: str = Field("experiment", min_length=1)  # letters, digits, _ . - (it becomes part of a folder name)
-    seed: int = 0
+    seed: Seed = 0  # 0 .. 2**63-1
     device: str = "auto"  # auto: cuda, then mps, then cpu; or cpu, mps, cuda, cuda:N
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -146,7 +162,18 @@ class Config(_Section):
         return v
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Config":
+    def _model_specific_keys(self) -> "Config":
+        for (section, key), models in MODEL_SPECIFIC_KEYS.items():
+            part = getattr(self, section)
+            value, default = getattr(part, key), type(part).model_fields[key].default
+            if self.model.name not in models and value != default:
+                raise ValueError(
+                    f"{section}.{key}={value!r} does not apply to model.name={self.model.name} (only to "
+                    f"{', '.join(sorted(models))}) and would be ignored; remove it or choose such a model")
+        return self
+
+    @model_validator(mode="after")
+    def _cross_checks(self, info: ValidationInfo) -> "Config":
         if self.model.norm in BATCH_STAT_NORMS and self.train.batch_size == 1:
             raise ValueError(
                 f"train.batch_size=1 cannot train with model.norm={self.model.norm}: batch normalization "
@@ -167,10 +194,23 @@ class Config(_Section):
                 f"train.batch_size={self.train.batch_size} leaves a ghost batch of one sample with "
                 f"model.virtual_batch_size={self.model.virtual_batch_size}; choose sizes that divide evenly"
             )
-        if self.train.precision == "fp16" and not self.device.startswith("cuda"):
+        if batch_stats_at_eval(self) and self.train.eval_batch_size == 1:
+            raise ValueError(
+                f"train.eval_batch_size=1 cannot evaluate model.norm={self.model.norm} with "
+                "model.bn_track_running_stats=false: without running estimates, eval mode normalizes with "
+                "each test batch's statistics, and one image has no variance. Use eval_batch_size >= 2.")
+        # A run moved to another device (eval --device, resume device=...) adapts its precision in
+        # experiment.setup and says so; a new run asking for the impossible is refused here.
+        moved = bool(info.context and info.context.get("moved"))
+        if self.train.precision == "fp16" and not self.device.startswith("cuda") and not moved:
             if self.device != "auto":
                 raise ValueError("train.precision=fp16 needs a CUDA device; use bf16 on CPU")
         return self
+
+
+def batch_stats_at_eval(cfg: Config) -> bool:
+    """Whether the model normalizes with batch statistics even in eval mode (no running estimates)."""
+    return cfg.model.norm in BATCH_STAT_NORMS and not cfg.model.bn_track_running_stats
 
 
 # ---------------------------------------------------------------- loading
@@ -226,14 +266,18 @@ def _suggest(word: str, choices: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def validate(raw: Any, source: str = "") -> Config:
-    """Validate a raw mapping into a Config, raising ConfigError with dotted keys."""
+def validate(raw: Any, source: str = "", moved: bool = False) -> Config:
+    """Validate a raw mapping into a Config, raising ConfigError with dotted keys.
+
+    ``moved``: the config of an existing run continued or evaluated on another device, whose
+    precision experiment.setup adapts (fp16 exists only on CUDA), so it is not refused here.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config {source} must be a mapping of sections, got {type(raw).__name__}")
     try:
-        return Config.model_validate(raw)
+        return Config.model_validate(raw, context={"moved": moved})
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
 
@@ -245,7 +289,11 @@ class _StrictLoader(yaml.SafeLoader):
         seen: set = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, collections.abc.Hashable) and key in seen:
+            if not isinstance(key, collections.abc.Hashable):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain name, not a {type(key).__name__} ({key!r})",
+                    key_node.start_mark)
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key '{key}' (the second would silently win)", key_node.start_mark)
             seen.add(key)
@@ -318,15 +366,23 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return raw
 
 
-def load(path: Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when path is None), apply overrides and validate."""
+def load(path: Path | None, overrides: list[str] | None = None, moved: bool = False) -> Config:
+    """Load a YAML config (or the defaults when path is None), apply overrides and validate (see validate)."""
     raw = read_yaml(path) if path is not None else {}
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
     raw = apply_overrides(raw, parse_overrides(overrides or []))
-    return validate(raw, str(path) if path else "")
+    return validate(raw, str(path) if path else "", moved=moved)
+
+
+def upgrade_stored(raw: Any) -> Any:
+    """A config stored by an older bnctl, completed so that it rebuilds the model that bnctl trained."""
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if isinstance(model, dict) and model.get("name") == "resnet20" and "shortcut" not in model:
+        model["shortcut"] = "projection"  # resnet20's only shortcut before model.shortcut existed
+    return raw
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -140,11 +140,31 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path} is not a valid CIFAR-10 batch file ({err})") from None
     if not isinstance(entry, dict) or "data" not in entry:
         raise DataError(f"{path} is not a valid CIFAR-10 batch file (no 'data' entry)")
-    data = np.asarray(entry["data"], dtype=np.uint8)
-    labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise DataError(f"{path}: expected N x 3072 pixels and N labels, got {data.shape} and {labels.shape}")
-    return data.reshape(-1, 3, 32, 32), labels
+    return _check_cifar_arrays(path, entry["data"], entry.get("labels"))
+
+
+def _check_cifar_arrays(path: Path, data, labels) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's pixels and labels as arrays, after checking what training would otherwise trip over mid-epoch."""
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        found = f"a {data.dtype} array" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path}: 'data' must be a uint8 array of N x 3072 pixels, got {found}")
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path}: 'data' must be N x 3072 pixels (32x32 RGB), got shape {data.shape}")
+    if labels is None:
+        raise DataError(f"{path} has no 'labels' entry (a CIFAR-10 batch holds 'data' and 'labels')")
+    try:
+        labels = np.asarray(labels)
+    except (ValueError, TypeError):
+        raise DataError(f"{path}: 'labels' is not a list of class numbers") from None
+    if labels.ndim != 1 or not (labels.size == 0 or np.issubdtype(labels.dtype, np.integer)):
+        raise DataError(f"{path}: 'labels' must be a flat list of integers, got {labels.dtype} of shape {labels.shape}")
+    if len(labels) != len(data):
+        raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
+    bad = labels[(labels < 0) | (labels >= len(CIFAR_CLASSES))]
+    if bad.size:
+        raise DataError(f"{path}: label {int(bad[0])} is outside CIFAR-10's classes 0..{len(CIFAR_CLASSES) - 1} "
+                        f"({bad.size} such label(s))")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def _download_cifar(root: Path) -> None:
@@ -202,6 +222,9 @@ def _read_image_folder(split_dir: Path, size: int) -> tuple[torch.Tensor, torch.
                 images[i] = np.asarray(im)
         except (UnidentifiedImageError, OSError) as err:
             raise DataError(f"cannot decode image {path}: {err}") from None
+        except Image.DecompressionBombError:  # PIL's guard against images made to exhaust memory
+            raise DataError(f"image {path} is too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} "
+                            "pixels, PIL's decompression-bomb limit); shrink it or remove it") from None
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     y = torch.tensor([t for _, t in folder.samples], dtype=torch.int64)
     return x, y, list(folder.classes)

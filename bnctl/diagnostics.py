@@ -55,11 +55,17 @@ class BNProbe:
         self.rows: list[tuple] = []
         self._pending: list[tuple[str, str, torch.Tensor]] = []
         self._handles: list = []
-        kept = []
+        self.path, self.writer = path, None
+        self._kept: list[tuple] = []
         if keep_before_epoch > 1 and path.is_file():  # a resumed run keeps the samples of its finished epochs
-            kept = [tuple(r[c] for c in COLUMNS) for r in rundir.read_csv(path) if r["epoch"] < keep_before_epoch]
-        self.writer = rundir.CsvAppender(path, COLUMNS)
-        self.writer.extend(kept)
+            self._kept = [tuple(r[c] for c in COLUMNS) for r in rundir.read_csv(path)
+                          if isinstance(r["epoch"], int) and r["epoch"] < keep_before_epoch]
+
+    def open(self) -> None:
+        """Start diagnostics.csv afresh with the kept samples (separate from reading, which may fail)."""
+        self.writer = rundir.CsvAppender(self.path, COLUMNS)
+        self.writer.extend(self._kept)
+        self._kept = []
 
     @classmethod
     def for_experiment(cls, exp: Any, run_dir: Path, start_epoch: int) -> "BNProbe":
@@ -126,6 +132,8 @@ class BNProbe:
         self._detach()
 
     def flush(self) -> None:
+        if self.writer is None:  # never opened: the run stopped before it began
+            return
         self.writer.extend(self.rows)
         self.rows.clear()
 

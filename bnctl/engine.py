@@ -8,6 +8,7 @@ inference mode, because BN's behaviour depends on it.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,7 @@ def _state(exp: Experiment, epoch: int, history: list[dict], best: dict) -> dict
         "scheduler": exp.scheduler.state_dict(), "scaler": exp.precision.scaler.state_dict(),
         "history": history, "best": best, "config": config_mod.to_dict(exp.cfg),
         "rng": checkpoint.capture_rng(exp.generator),
+        "classes": list(exp.data.classes),  # eval refuses data whose class folders differ (labels would be permuted)
     }
 
 
@@ -145,7 +147,7 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
     With ``resume``, continue that run from its last checkpoint so that the result is
     identical to an uninterrupted run.
     """
-    exp = setup(cfg)
+    exp = setup(cfg, moved=resume is not None)  # a resumed run may continue on a device without its precision
     if len(exp.train_batches) == 0:
         raise DataError(f"only {len(exp.data.train_y)} training images, fewer than "
                         f"train.batch_size={cfg.train.batch_size}; lower the batch size or add data")
@@ -155,7 +157,20 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
     run_dir = Path(resume) if resume is not None else rundir.create(runs_root, cfg.name, exact=run_dir)
     # One process per run directory: resuming a run that is still training would interleave two writers.
     with rundir.RunLock(run_dir):
-        return _fit_in(exp, run_dir, resume is not None, reporter, on_run_dir, probe_factory)
+        try:
+            return _fit_in(exp, run_dir, resume is not None, reporter, on_run_dir, probe_factory)
+        except InterruptedRun:
+            if resume is not None or (run_dir / rundir.CHECKPOINT_DIR / "last.pt").exists():
+                raise
+            # Stopped before any epoch completed: the folder holds only what the run wrote at its start
+            # and cannot be resumed, so it goes rather than lingering as a run that looks usable.
+            try:
+                shutil.rmtree(run_dir)
+                fate = f"the run directory {run_dir} was removed"
+            except OSError as err:
+                fate = f"{run_dir} holds no checkpoint (removing it failed: {err.strerror or err})"
+            raise InterruptedRun(f"interrupted in epoch 1, before any epoch completed: nothing was kept and {fate}. "
+                                 "Start again with the same command") from None
 
 
 def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
@@ -165,28 +180,35 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
     history: list[dict] = []
     best: dict[str, Any] = {"test_acc": None, "epoch": None}
     start = 1
+    # Everything that can fail (reading the checkpoint, the diagnostics kept so far) comes before
+    # the first write, so a resume that fails leaves the run's files exactly as they were.
     if resuming:
         history, best, start = _restore(exp, run_dir)
+    probe = probe_factory(exp, run_dir, start) if (probe_factory and cfg.train.diagnostics) else None
+    clean_train = exp.eval_batches(exp.data.train_x, exp.data.train_y, cfg.train.eval_batch_size) \
+        if cfg.train.eval_train else None
+    columns = METRIC_COLUMNS + (CLEAN_TRAIN_COLUMNS if cfg.train.eval_train else [])
+    if resuming:
         rundir.remove_temp_files(run_dir)  # left by a run killed mid-write
+        _settle_best(run_dir, start - 1, best)  # a kill between last.pt and best.pt left best.pt an epoch behind
         rundir.atomic_write_text(run_dir / rundir.CONFIG_FILE, config_mod.to_yaml(cfg))
         rundir.record_resume(run_dir, {"from_epoch": start - 1, "epochs": cfg.train.epochs, "device": str(exp.device),
-                                       "threads": training_threads(exp.device, cfg.train.batch_size)})
+                                       "threads": training_threads(exp.device, cfg.train.batch_size),
+                                       "precision": cfg.train.precision, "notes": exp.notes})
     else:
         rundir.record_provenance(run_dir, config_mod.to_yaml(cfg), {
             "device": str(exp.device), "seed": cfg.seed,
             "threads": training_threads(exp.device, cfg.train.batch_size),
-            "num_classes": exp.num_classes, "train_images": len(exp.data.train_y),
-            "steps_per_epoch": len(exp.train_batches),
-            "test_images": len(exp.data.test_y)})
+            "num_classes": exp.num_classes, "classes": list(exp.data.classes),
+            "train_images": len(exp.data.train_y), "steps_per_epoch": len(exp.train_batches),
+            "test_images": len(exp.data.test_y), "eval_order_seed": exp.eval_order_seed})
     on_run_dir(run_dir)
-
-    columns = METRIC_COLUMNS + (CLEAN_TRAIN_COLUMNS if cfg.train.eval_train else [])
     metrics = rundir.MetricsWriter(run_dir / rundir.METRICS_FILE, columns, history)
-    probe = probe_factory(exp, run_dir, start) if (probe_factory and cfg.train.diagnostics) else None
-    clean_train = exp.batches(exp.data.train_x, exp.data.train_y, cfg.train.eval_batch_size) \
-        if cfg.train.eval_train else None
+    if probe is not None:
+        probe.open()
     summary = _Summary(run_dir, cfg, exp, history, best)
     steps = len(exp.train_batches)
+    best_on_disk = best["epoch"]  # the epoch best.pt holds (after _settle_best on resume)
     epoch = start - 1
     try:
         for epoch in range(start, cfg.train.epochs + 1):
@@ -198,19 +220,23 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
                 raise DivergedError(f"test loss became {row['test_loss']} after epoch {epoch}", epoch, steps)
             is_best = best["test_acc"] is None or row["test_acc"] > best["test_acc"]
             new_best = {"test_acc": row["test_acc"], "test_loss": row["test_loss"], "epoch": epoch} if is_best else best
-            # Checkpoint before the metrics row: a row on disk always has its checkpoint.
+            # last.pt is what resume trusts, so it goes first and, once written, the epoch counts as kept;
+            # a kill before best.pt follows is repaired from it (see _settle_best). The metrics row comes
+            # last: a row on disk always has its checkpoint.
             state = _state(exp, epoch, history + [row], new_best)
             checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "last.pt", state)
-            if is_best:
-                checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "best.pt", state)
             history.append(row)
             best = new_best
+            if is_best:
+                checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "best.pt", state)
+                best_on_disk = epoch
             metrics.append(row)
             if probe is not None:
                 probe.flush()
             reporter.epoch_end(row)
             summary.update(best, status="running")
     except DivergedError as err:
+        _settle_best(run_dir, len(history), best, best_on_disk)
         summary.update(best, status="diverged", diverged={"epoch": err.epoch, "step": err.step, "message": str(err)})
         kept = (f"the last good checkpoint (epoch {len(history)}) and its metrics are kept" if history
                 else "no epoch completed, so there is no checkpoint")
@@ -218,18 +244,34 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
                             f"a warm-up schedule or normalization layers; {kept} in {run_dir}",
                             err.epoch, err.step) from None
     except KeyboardInterrupt:
-        # The epoch in progress is the one after the last complete one (the loop may not have advanced yet).
+        _settle_best(run_dir, len(history), best, best_on_disk)
+        # The epoch in progress is the one after the last checkpointed one (the loop may not have advanced yet).
         summary.update(best, status="interrupted", interrupted_in_epoch=len(history) + 1)
-        kept = f"{len(history)} complete epoch(s) kept" if history else "no epoch had completed"
-        raise InterruptedRun(f"interrupted in epoch {len(history) + 1}; {kept}. "
+        raise InterruptedRun(f"interrupted in epoch {len(history) + 1}; {len(history)} complete epoch(s) kept. "
                              f"Continue with: bnctl train --resume {run_dir}") from None
     except BaseException as err:
+        _settle_best(run_dir, len(history), best, best_on_disk)
         summary.update(best, status="failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
         if probe is not None:
             probe.close()
     return RunResult(run_dir, summary.update(best, status="completed"))
+
+
+def _settle_best(run_dir: Path, last_epoch: int, best: dict[str, Any], on_disk: Optional[int] = None) -> None:
+    """Make best.pt hold the best epoch when that is the last one and a stop came before best.pt was written.
+
+    Best effort: a failure here must not hide the error being handled (resume repairs it again).
+    """
+    if not last_epoch or best.get("epoch") != last_epoch or on_disk == last_epoch:
+        return
+    folder = run_dir / rundir.CHECKPOINT_DIR
+    try:
+        with open(folder / "last.pt", "rb") as src, rundir.atomic_write(folder / "best.pt", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except OSError:
+        pass
 
 
 def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
@@ -241,7 +283,8 @@ def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
     train = train_one_epoch(exp.forward, exp.train_batches, exp.optimizer, exp.scheduler, exp.precision,
                             epoch, reporter, probe, first_step=(epoch - 1) * steps)
     t1 = time.perf_counter()
-    # Test metrics always come from eval mode: BN must use its running statistics, not the test batch's.
+    # Test metrics always come from eval mode: BN uses its running statistics (or, without them, the statistics
+    # of test batches drawn in a seeded random order; see experiment.setup).
     test = evaluate(exp.forward, exp.test_batches, exp.precision)
     row = {"epoch": epoch, "train_loss": train["train_loss"], "train_acc": train["train_acc"],
            "test_loss": test["loss"], "test_acc": test["acc"], "lr": lr}
@@ -255,8 +298,9 @@ def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
 
 def _restore(exp: Experiment, run_dir: Path) -> tuple[list[dict], dict[str, Any], int]:
     """Load the last checkpoint into exp; return its history, best metrics and the next epoch."""
-    state = _resume_state(run_dir, exp.cfg)
+    state = _resume_state(run_dir, exp)
     checkpoint.load_model_state(exp.model, state["model"], run_dir / rundir.CHECKPOINT_DIR / "last.pt")
+    checkpoint.check_classes(state, exp.data.classes, run_dir / rundir.CHECKPOINT_DIR / "last.pt")
     exp.optimizer.load_state_dict(state["optimizer"])
     exp.precision.scaler.load_state_dict(state["scaler"])
     exp.scheduler.load_state_dict(state["scheduler"])
@@ -268,13 +312,15 @@ def _restore(exp: Experiment, run_dir: Path) -> tuple[list[dict], dict[str, Any]
     return state["history"], state["best"], state["epoch"] + 1
 
 
-def _resume_state(run_dir: Path, cfg: Config) -> dict[str, Any]:
+def _resume_state(run_dir: Path, exp: Experiment) -> dict[str, Any]:
     """The checkpoint to continue from, after checking it belongs to this run's config."""
     path = run_dir / rundir.CHECKPOINT_DIR / "last.pt"
     state = checkpoint.load(path)
-    now, then = config_mod.flatten(config_mod.to_dict(cfg)), config_mod.flatten(state["config"])
-    changed = sorted(k for k in now.keys() | then.keys()
-                     if k not in config_mod.RESUMABLE_KEYS and now.get(k) != then.get(k))
+    now, then = config_mod.flatten(config_mod.to_dict(exp.cfg)), config_mod.flatten(state["config"])
+    allowed = set(config_mod.RESUMABLE_KEYS)
+    if exp.notes and then.get("train.precision") == "fp16":  # adapted to a device without fp16 (setup's note)
+        allowed.add("train.precision")
+    changed = sorted(k for k in now.keys() | then.keys() if k not in allowed and now.get(k) != then.get(k))
     if changed:
         raise ConfigError(f"{run_dir / rundir.CONFIG_FILE} no longer matches its checkpoint ({', '.join(changed[:5])} "
                           "differ); restore it or start a new run")

@@ -15,8 +15,8 @@ from torch import nn
 from bnctl import checkpoint, config as config_mod
 from bnctl.data import Batches
 from bnctl.engine import evaluate
-from bnctl.errors import ConfigError
-from bnctl.experiment import setup
+from bnctl.errors import ConfigError, DataError
+from bnctl.experiment import seeded_order, setup
 from bnctl.norms import set_bn_batch_mode, uses_batch_stats
 
 BN_MODES = ("running", "batch")  # eval --bn-mode: population statistics, or each test batch's own
@@ -55,8 +55,11 @@ def recalibrate_bn(model: nn.Module, batches: Batches, num_images: int) -> int:
     return used
 
 
-def _one_image_batch(n: int, batch_size: int, model: nn.Module) -> bool:
-    """Whether normalizing n images in batches of batch_size hands some BN layer a single image."""
+def _one_image_batch(n: int, batch_size: int, model: nn.Module, split_virtual: bool = True) -> bool:
+    """Whether normalizing n images in batches of batch_size hands some BN layer a single image.
+
+    ``split_virtual``: ghost BN cuts batches into virtual ones (in train mode, as --bn-mode batch runs it).
+    """
     full, rest = divmod(n, batch_size)
     sizes = [batch_size] * full + ([rest] if rest else [])
     if rest == 1 and full:  # Batches folds a lone last image into the batch before it
@@ -64,7 +67,7 @@ def _one_image_batch(n: int, batch_size: int, model: nn.Module) -> bool:
     for m in model.modules():
         if not uses_batch_stats(m):
             continue
-        virtual = getattr(m, "virtual_batch_size", None)  # ghost BN cuts larger batches into virtual ones
+        virtual = getattr(m, "virtual_batch_size", None) if split_virtual else None
         for size in sizes:
             if size == 1 or (virtual is not None and size > virtual and size % virtual == 1):
                 return True
@@ -72,12 +75,17 @@ def _one_image_batch(n: int, batch_size: int, model: nn.Module) -> bool:
 
 
 def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str | None = None,
-                        bn_mode: str = "running", batch_size: int | None = None, recalibrate: int = 0) -> dict:
+                        bn_mode: str = "running", batch_size: int | None = None, recalibrate: int = 0,
+                        order_seed: int | None = None) -> dict:
     """Rebuild a model from a checkpoint alone and evaluate it on the test split.
 
-    ``bn_mode="batch"`` normalizes with each test batch's statistics (as a model left in
-    train mode does); ``recalibrate=N`` first recomputes BN's running statistics from N
-    training images. Both work on a copy of the weights: the checkpoint file is only read.
+    ``bn_mode="batch"`` normalizes with each test batch's statistics: BN layers in train
+    mode, everything else (dropout included) in eval mode. Those batches are drawn in a
+    random order fixed by ``order_seed`` (default: the run's seed), so that class-sorted
+    files do not make one-class batches. ``recalibrate=N`` first recomputes BN's running
+    statistics from N training images. Both work on a copy of the weights: the checkpoint
+    file is only read. On a device without the run's precision (fp16 off CUDA) the model is
+    evaluated in fp32, and result["notes"] says so.
     """
     if bn_mode not in BN_MODES:
         raise ConfigError(f"unknown --bn-mode '{bn_mode}'; choose one of: {', '.join(BN_MODES)}")
@@ -90,21 +98,33 @@ def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str
         raw = config_mod.apply_overrides(raw, {"data.root": data_root})
     if device is not None:
         raw = config_mod.apply_overrides(raw, {"device": device})
-    cfg = config_mod.validate(raw, f"stored in {path}")
+    cfg = config_mod.validate(raw, f"stored in {path}", moved=True)
     if batch_size is not None:
         cfg.train.eval_batch_size = batch_size
-    exp = setup(cfg)
-    checkpoint.load_model_state(exp.model, state["model"], Path(path))
-    model, test = exp.model, exp.test_batches
+    exp = setup(cfg, moved=True)
+    checkpoint.load_model_state(exp.model, state["model"], Path(path))  # a different class count fails here
+    checkpoint.check_classes(state, exp.data.classes, Path(path))
+    model = exp.model
+    batch_stats = bn_mode == "batch" or config_mod.batch_stats_at_eval(cfg)
+    if batch_stats:
+        # Each batch's statistics shape its predictions, so the batches must mix the classes whatever
+        # the files' order (image folders list theirs class by class): a seeded random order, recorded.
+        order_seed = cfg.seed if order_seed is None else order_seed
+        test = exp.batches(*seeded_order(exp.data.test_x, exp.data.test_y, order_seed), cfg.train.eval_batch_size)
+    else:
+        order_seed, test = None, exp.test_batches  # running statistics: the order cannot matter
     bn_layers = sum(uses_batch_stats(m) for m in model.modules())
-    if bn_mode == "batch" and _one_image_batch(len(test.y), test.batch_size, model):
+    if batch_stats and _one_image_batch(len(test.y), test.batch_size, model, split_virtual=bn_mode == "batch"):
+        why = ("--bn-mode batch normalizes" if bn_mode == "batch" else
+               "this model keeps no running statistics (model.bn_track_running_stats=false), so eval mode normalizes")
         raise ConfigError(
-            f"--bn-mode batch normalizes each test batch with its own statistics, but {len(test.y)} test images "
+            f"{why} each test batch with its own statistics, but {len(test.y)} test images "
             f"in batches of {test.batch_size} leave a batch of one image (counting ghost BN's virtual batches), "
             "which has none; choose another --batch-size")
     result: dict[str, Any] = {"checkpoint": str(path), "epoch": state["epoch"], "bn_mode": bn_mode,
                               "batch_size": test.batch_size, "bn_layers": bn_layers, "classes": exp.data.classes,
-                              "device": str(exp.device)}
+                              "device": str(exp.device), "precision": cfg.train.precision, "order_seed": order_seed,
+                              "notes": list(exp.notes)}
     if recalibrate:
         if not any(_has_running_stats(m) for m in model.modules()):
             raise ConfigError(f"--recalibrate needs BN layers that keep running statistics; this model has "
@@ -114,6 +134,10 @@ def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str
         # Shuffled whole training batches: class-sorted data (image folders) must not bias the statistics.
         recal = exp.batches(exp.data.train_x, exp.data.train_y, max(2, cfg.train.batch_size), shuffle=True,
                             drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
+        if len(recal) == 0:  # reset statistics (mean 0, variance 1) would be reported as "recalibrated"
+            raise DataError(f"--recalibrate needs at least one whole training batch of {recal.batch_size} images, "
+                            f"but the training split has {len(recal.y)}; point --data-root at the training data "
+                            "or evaluate without --recalibrate")
         used = recalibrate_bn(model, recal, recalibrate)
         result["recalibration"] = {"images": used, "batch_size": recal.batch_size,
                                    "before_acc": before["acc"], "before_loss": before["loss"]}

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnctl.config import Config
+from bnctl.config import Config, batch_stats_at_eval
 from bnctl.data import Batches, ImageData, load_dataset
 from bnctl.errors import ConfigError, DataError
 from bnctl.models import build_model
@@ -111,6 +111,8 @@ class Experiment:
     test_batches: Batches
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    notes: list[str] = field(default_factory=list)  # what setup changed and why (e.g. a precision adapted to the device)
+    eval_order_seed: int | None = None  # evaluation batches are drawn in this seed's order when BN uses batch statistics at eval
 
     @property
     def num_classes(self) -> int:
@@ -121,6 +123,12 @@ class Experiment:
         d = self.cfg.data
         return Batches(x, y, batch_size, device=self.device, mean=d.mean, std=d.std,
                        channels_last=self.cfg.train.channels_last, **options)
+
+    def eval_batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Batches:
+        """Evaluation batches, in eval_order_seed's fixed random order when that is set (see setup)."""
+        if self.eval_order_seed is not None:
+            x, y = seeded_order(x, y, self.eval_order_seed)
+        return self.batches(x, y, batch_size)
 
 
 def seed_everything(seed: int) -> None:
@@ -133,9 +141,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup(cfg: Config, data: ImageData | None = None) -> Experiment:
-    """Resolve the device, load data and build model and optimizer; raise before any run dir exists."""
+def adapt_precision(cfg: Config, device: torch.device) -> str | None:
+    """Turn fp16 into fp32 off CUDA (for a run evaluated or resumed elsewhere); return what changed, or None."""
+    if cfg.train.precision != "fp16" or device.type == "cuda":
+        return None
+    cfg.train.precision = "fp32"
+    return (f"train.precision fp16 -> fp32: fp16 autocast and loss scaling need CUDA, and this runs on {device}; "
+            "numbers can differ slightly from the fp16 run's")
+
+
+def seeded_order(x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y in a random order fixed by seed (a copy)."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    return x[order], y[order]
+
+
+def setup(cfg: Config, data: ImageData | None = None, moved: bool = False) -> Experiment:
+    """Resolve the device, load data and build model and optimizer; raise before any run dir exists.
+
+    ``moved``: an existing run evaluated or resumed on this device; a precision the device
+    lacks is adapted (see adapt_precision) and noted in Experiment.notes instead of refused.
+    """
     device = resolve_device(cfg.device)
+    notes = [note] if moved and (note := adapt_precision(cfg, device)) else []
     precision = Precision(device, cfg.train.precision)
     data = data if data is not None else load_dataset(cfg.data)
     seed_everything(cfg.seed)
@@ -154,11 +182,17 @@ def setup(cfg: Config, data: ImageData | None = None) -> Experiment:
     # Drop the incomplete last batch: a tiny final batch would give BN noisy (or, at size 1, no) statistics.
     train_batches = Batches(data.train_x, data.train_y, cfg.train.batch_size, shuffle=True, drop_last=True,
                             augment=d.augment, generator=generator, **common)
-    test_batches = Batches(data.test_x, data.test_y, cfg.train.eval_batch_size, **common)
+    test_x, test_y, order_seed = data.test_x, data.test_y, None
+    if batch_stats_at_eval(cfg):
+        # Eval mode normalizes with each test batch's statistics here, so the batches must mix the
+        # classes: files listed class by class would give one-class batches and a meaningless accuracy.
+        order_seed = cfg.seed
+        test_x, test_y = seeded_order(test_x, test_y, order_seed)
+    test_batches = Batches(test_x, test_y, cfg.train.eval_batch_size, **common)
     optimizer = make_optimizer(model, cfg.optimizer, device)
     scheduler = make_scheduler(optimizer, cfg, max(1, len(train_batches)))  # eval needs no full training batch
     return Experiment(cfg, device, data, model, forward, precision, generator, train_batches, test_batches,
-                      optimizer, scheduler)
+                      optimizer, scheduler, notes, order_seed)
 
 
 def _check_fits(exp: Experiment) -> None:

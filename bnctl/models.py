@@ -100,8 +100,37 @@ class VGG(_PooledNet):
         self._finish(layers, c_in, cfg, num_classes)
 
 
+class ZeroPadShortcut(nn.Module):
+    """He et al.'s option A: subsample by the stride and pad the new channels with zeros (no parameters)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.stride, self.pad = stride, c_out - c_in
+        if self.pad < 0:
+            raise ValueError(f"a zero-pad shortcut cannot shrink {c_in} channels to {c_out}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, ::self.stride, ::self.stride]
+        # The extra channels go half before and half after the existing ones.
+        return nn.functional.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, pad_channels={self.pad}"
+
+
+def _projection(cfg: ModelConfig, c_in: int, c_out: int, stride: int) -> nn.Module:
+    """Option B: a strided 1x1 convolution and a norm layer."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=cfg.norm == "none"), make_norm(cfg, c_out, 2))
+
+
+SHORTCUTS: dict[str, Callable[[ModelConfig, int, int, int], nn.Module]] = {
+    "zero_pad": lambda cfg, c_in, c_out, stride: ZeroPadShortcut(c_in, c_out, stride),
+    "projection": _projection,
+}
+
+
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-norm layers with an identity (or 1x1 projection) shortcut."""
+    """Two 3x3 conv-norm layers with an identity shortcut, or model.shortcut where the shape changes."""
 
     def __init__(self, cfg: ModelConfig, c_in: int, c_out: int, stride: int):
         super().__init__()
@@ -112,7 +141,7 @@ class BasicBlock(nn.Module):
         self.norm2 = make_norm(cfg, c_out, 2)
         self.shortcut = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=bias), make_norm(cfg, c_out, 2))
+            self.shortcut = SHORTCUTS[cfg.shortcut](cfg, c_in, c_out, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.norm1(self.conv1(x)))
@@ -120,7 +149,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(_PooledNet):
-    """CIFAR ResNet of depth 6n+2 (He et al. 2016): 20, 32, 44, 56 ..."""
+    """CIFAR ResNet of depth 6n+2 (He et al. 2016): 20, 32, 44, 56 ...; 0.27M parameters at depth 20."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int = 10, image_size: tuple[int, int] = (32, 32)):
         super().__init__()

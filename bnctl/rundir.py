@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import platform
@@ -249,8 +250,12 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found; is this a bnctl run directory?")
-    with open(path, newline="", encoding="utf-8") as f:
-        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        # Rows are appended whole, each ending in a newline: an unterminated last line was cut off
+        # by a kill mid-append and is not a row.
+        text = text[: text.rfind("\n") + 1]
+    return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text, newline=""))]
 
 
 def _parse(text: str | None) -> Any:
