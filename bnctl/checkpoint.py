@@ -10,6 +10,7 @@ from __future__ import annotations
 import pickle
 import random
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,21 @@ def load(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is an incomplete bnctl checkpoint (missing {', '.join(missing)})")
     config_mod.upgrade_stored(state["config"])
     return state
+
+
+def repair_best(folder: Path, last_epoch: int, best_epoch: int | None, on_disk: int | None = None) -> None:
+    """Copy last.pt to best.pt when the last epoch is the best and best.pt (holding epoch on_disk) lags.
+
+    Epochs write last.pt, then best.pt: a stop between the two is repaired from last.pt, which
+    resume trusts. Best effort: it runs while another error is handled, which it must not hide.
+    """
+    if not last_epoch or best_epoch != last_epoch or on_disk == last_epoch:
+        return
+    try:
+        with open(folder / "last.pt", "rb") as src, rundir.atomic_write(folder / "best.pt", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except OSError:
+        pass
 
 
 def check_classes(state: dict[str, Any], classes: list[str], path: Path) -> None:

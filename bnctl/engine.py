@@ -190,7 +190,8 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
     columns = METRIC_COLUMNS + (CLEAN_TRAIN_COLUMNS if cfg.train.eval_train else [])
     if resuming:
         rundir.remove_temp_files(run_dir)  # left by a run killed mid-write
-        _settle_best(run_dir, start - 1, best)  # a kill between last.pt and best.pt left best.pt an epoch behind
+        # A kill between last.pt and best.pt leaves best.pt an epoch behind (or missing).
+        checkpoint.repair_best(run_dir / rundir.CHECKPOINT_DIR, start - 1, best["epoch"])
         rundir.atomic_write_text(run_dir / rundir.CONFIG_FILE, config_mod.to_yaml(cfg))
         rundir.record_resume(run_dir, {"from_epoch": start - 1, "epochs": cfg.train.epochs, "device": str(exp.device),
                                        "threads": training_threads(exp.device, cfg.train.batch_size),
@@ -208,7 +209,17 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
         probe.open()
     summary = _Summary(run_dir, cfg, exp, history, best)
     steps = len(exp.train_batches)
-    best_on_disk = best["epoch"]  # the epoch best.pt holds (after _settle_best on resume)
+    on_disk = {"best": best["epoch"], "rows": len(history)}  # the epoch best.pt holds, the rows metrics.csv has
+
+    def settle() -> None:
+        """After a stop: bring best.pt and metrics.csv level with last.pt, which resume trusts (best effort)."""
+        checkpoint.repair_best(run_dir / rundir.CHECKPOINT_DIR, len(history), best["epoch"], on_disk["best"])
+        if on_disk["rows"] != len(history):
+            try:  # rewritten whole (atomically): the stop may have come in the middle of an append
+                rundir.MetricsWriter(run_dir / rundir.METRICS_FILE, columns, history)
+            except OSError:  # must not hide the error being handled; resume rewrites metrics.csv anyway
+                pass
+
     epoch = start - 1
     try:
         for epoch in range(start, cfg.train.epochs + 1):
@@ -221,7 +232,7 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
             is_best = best["test_acc"] is None or row["test_acc"] > best["test_acc"]
             new_best = {"test_acc": row["test_acc"], "test_loss": row["test_loss"], "epoch": epoch} if is_best else best
             # last.pt is what resume trusts, so it goes first and, once written, the epoch counts as kept;
-            # a kill before best.pt follows is repaired from it (see _settle_best). The metrics row comes
+            # a kill before best.pt follows is repaired from it (checkpoint.repair_best). The metrics row comes
             # last: a row on disk always has its checkpoint.
             state = _state(exp, epoch, history + [row], new_best)
             checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "last.pt", state)
@@ -229,14 +240,16 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
             best = new_best
             if is_best:
                 checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "best.pt", state)
-                best_on_disk = epoch
+                on_disk["best"] = epoch
+            on_disk["rows"] = -1  # unknown until the append returns
             metrics.append(row)
+            on_disk["rows"] = len(history)
             if probe is not None:
                 probe.flush()
             reporter.epoch_end(row)
             summary.update(best, status="running")
     except DivergedError as err:
-        _settle_best(run_dir, len(history), best, best_on_disk)
+        settle()
         summary.update(best, status="diverged", diverged={"epoch": err.epoch, "step": err.step, "message": str(err)})
         kept = (f"the last good checkpoint (epoch {len(history)}) and its metrics are kept" if history
                 else "no epoch completed, so there is no checkpoint")
@@ -244,34 +257,19 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
                             f"a warm-up schedule or normalization layers; {kept} in {run_dir}",
                             err.epoch, err.step) from None
     except KeyboardInterrupt:
-        _settle_best(run_dir, len(history), best, best_on_disk)
+        settle()
         # The epoch in progress is the one after the last checkpointed one (the loop may not have advanced yet).
         summary.update(best, status="interrupted", interrupted_in_epoch=len(history) + 1)
         raise InterruptedRun(f"interrupted in epoch {len(history) + 1}; {len(history)} complete epoch(s) kept. "
                              f"Continue with: bnctl train --resume {run_dir}") from None
     except BaseException as err:
-        _settle_best(run_dir, len(history), best, best_on_disk)
+        settle()
         summary.update(best, status="failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
         if probe is not None:
             probe.close()
     return RunResult(run_dir, summary.update(best, status="completed"))
-
-
-def _settle_best(run_dir: Path, last_epoch: int, best: dict[str, Any], on_disk: Optional[int] = None) -> None:
-    """Make best.pt hold the best epoch when that is the last one and a stop came before best.pt was written.
-
-    Best effort: a failure here must not hide the error being handled (resume repairs it again).
-    """
-    if not last_epoch or best.get("epoch") != last_epoch or on_disk == last_epoch:
-        return
-    folder = run_dir / rundir.CHECKPOINT_DIR
-    try:
-        with open(folder / "last.pt", "rb") as src, rundir.atomic_write(folder / "best.pt", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    except OSError:
-        pass
 
 
 def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
