@@ -261,6 +261,11 @@ def compare(
     console.print(str(plotting.plot_compare(runs, out)))
 
 
+from bnctl.commands import sweep as sweep_cmd  # noqa: E402 - command groups register after the core commands
+
+app.command(epilog=sweep_cmd.EPILOG)(sweep_cmd.sweep)
+
+
 def main() -> None:
     app()
 

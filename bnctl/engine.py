@@ -20,7 +20,7 @@ from torch import nn
 
 from bnctl import checkpoint, config as config_mod, rundir
 from bnctl.config import Config
-from bnctl.data import Batches
+from bnctl.data import Batches, ImageData
 from bnctl.errors import CheckpointError, ConfigError, DataError, DivergedError, InterruptedRun
 from bnctl.experiment import Experiment, Precision, _check_fits, _sum_dtype, cpu_threads_for, setup, training_threads
 from bnctl.models import count_parameters
@@ -141,13 +141,14 @@ def _state(exp: Experiment, epoch: int, history: list[dict], best: dict) -> dict
 
 def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = None, resume: Path | None = None,
         reporter: Reporter = SilentReporter(), on_run_dir: Callable[[Path], None] = lambda p: None,
-        probe_factory=None) -> RunResult:
+        probe_factory=None, data: ImageData | None = None) -> RunResult:
     """Train cfg.train.epochs epochs, writing metrics, checkpoints and summary to a run directory.
 
     With ``resume``, continue that run from its last checkpoint so that the result is
-    identical to an uninterrupted run.
+    identical to an uninterrupted run. ``data``, when given, is the already loaded dataset of
+    cfg.data (a sweep worker loads each dataset once and reuses it across runs).
     """
-    exp = setup(cfg, moved=resume is not None)  # a resumed run may continue on a device without its precision
+    exp = setup(cfg, data, moved=resume is not None)  # a resumed run may continue on a device without its precision
     if len(exp.train_batches) == 0:
         raise DataError(f"only {len(exp.data.train_y)} training images, fewer than "
                         f"train.batch_size={cfg.train.batch_size}; lower the batch size or add data")

@@ -1,0 +1,193 @@
+"""`bnctl sweep`: run a grid of configs x seeds, resumably, on several worker processes."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.markup import escape
+
+from bnctl.clikit import console, reports_errors
+from bnctl.errors import ConfigError
+
+EPILOG = ("Values: KEY=a,b,c sweeps, KEY=v fixes; commas inside [brackets] or quotes do not split, "
+          "so data.mean=[0.4,0.4,0.4],[0.5,0.5,0.5] sweeps two lists.")
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise ConfigError(f"--shard {text}: give I/N with 0 <= I < N (0-based, e.g. 0/4 ... 3/4)")
+    return int(m.group(1)), int(m.group(2))
+
+
+class _SweepProgress:
+    """One bar over the whole sweep (runs done / total, failures, ETA) and one line per finished run."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        # The live bar only on a terminal; in logs the per-run lines say enough.
+        self.progress = Progress(TextColumn("[bold]sweep"), BarColumn(), TextColumn("{task.fields[counts]}"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=console, transient=True, disable=not console.is_terminal,
+                                 speed_estimate_period=3600)
+        self.task = None
+        self.running: dict[str, float] = {}  # run -> fraction of its epochs done
+        self.finished = self.failed = self.diverged = self.done_before = self.total = 0
+
+    def start(self, plan, selected, todo, jobs) -> None:
+        self.total, self.done_before = len(selected), len(selected) - len(todo)
+        console.print(f"[bold]{plan.name}[/]: {len(selected)} run(s) in this {'shard' if len(selected) < len(plan.runs) else 'sweep'}"
+                      f", {self.done_before} already finished, {len(todo)} to run with {jobs} job(s)")
+        self.progress.start()
+        self.task = self.progress.add_task("sweep", total=max(1, len(todo)), counts=self._counts())
+
+    def _counts(self) -> str:
+        done = self.done_before + self.finished
+        extra = "".join([f", [red]{self.failed} failed[/]" if self.failed else "",
+                         f", [yellow]{self.diverged} diverged[/]" if self.diverged else ""])
+        return f"{done}/{self.total} runs{extra}, {len(self.running)} running"
+
+    def _update(self) -> None:
+        self.progress.update(self.task, completed=self.finished + sum(self.running.values()), counts=self._counts())
+
+    def run_started(self, spec) -> None:
+        self.running[spec.name] = 0.0
+        self._update()
+
+    def run_progress(self, spec, epoch: int, epochs: int) -> None:
+        self.running[spec.name] = epoch / max(1, epochs)
+        self._update()
+
+    def run_finished(self, spec, outcome: str, row: dict[str, Any]) -> None:
+        self.running.pop(spec.name, None)
+        self.finished += 1
+        self.failed += outcome == "failed"
+        self.diverged += outcome == "diverged"
+        num = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+        style = {"completed": "green", "diverged": "yellow", "failed": "red"}.get(outcome, "dim")
+        detail = (f"test acc {num(row['final_test_acc'], '.2f')}%  best {num(row['best_test_acc'], '.2f')}%  "
+                  f"{num(row['wall_time_s'], '.1f')}s")
+        if outcome in ("failed", "diverged") and row.get("error"):
+            detail += f"  {str(row['error']).splitlines()[0][:160]}"
+        elif outcome == "busy":
+            detail = "being run by another process; left to it"
+        elif outcome == "skipped":
+            detail = "finished by another process"
+        console.print(f"[{style}]{outcome:>11}[/] {escape(spec.name)}  {escape(detail)}", soft_wrap=True)
+        self._update()
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _print_plan(plan, selected, statuses: dict[str, str] | None) -> None:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("run", overflow="fold")
+    for key in plan.grid:
+        table.add_column(key)
+    table.add_column("seed", justify="right")
+    if statuses is not None:
+        table.add_column("status")
+    for spec in selected:
+        cells = [spec.name, *(str(spec.overrides[k]) for k in plan.grid), str(spec.seed)]
+        table.add_row(*cells, *([statuses[spec.name]] if statuses is not None else []))
+    console.print(table)
+    fixed = ", ".join(f"{k}={v}" for k, v in plan.fixed.items()) or "none"
+    console.print(f"base config: {plan.base_config or '(inline)'}; fixed: {fixed}; seeds: {plan.seeds}")
+    cells = len({s.cell for s in selected})
+    console.print(f"[bold]{len(selected)} run(s)[/] ({cells} cell(s) x {len(plan.seeds)} seed(s)"
+                  + (f"; {len(plan.runs)} in the whole sweep" if len(selected) != len(plan.runs) else "") + ")")
+
+
+@reports_errors
+def sweep(
+    overrides: Optional[List[str]] = typer.Argument(None, metavar="KEY=a,b,c | KEY=v",
+                                                    help="Swept (KEY=a,b,c) and fixed (KEY=v) config keys."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Base YAML config (inline form)."),
+    sweep_file: Optional[Path] = typer.Option(None, "--sweep", help="A sweep file: name, base, fixed, grid, seeds."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Finish an existing sweep directory."),
+    seeds: Optional[str] = typer.Option(None, "--seeds",
+                                        help="Seeds per cell: a count (3 = seeds 0,1,2) or a list (0,4,7)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Sweep name (default: the config's name)."),
+    root: Path = typer.Option(Path("runs/sweeps"), "--root", help="Where new sweep directories are created."),
+    sweep_dir: Optional[Path] = typer.Option(None, "--sweep-dir",
+                                             help="Exact sweep directory: new, or one holding this same plan "
+                                                  "(every task of a job array can run the same command)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs at once, in worker processes sharing the CPU threads."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="Run only slice I of N (0-based: 0/4 ... 3/4)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print the plan and the run count, and exit."),
+) -> None:
+    """Run a grid of configs x seeds: each run an ordinary run directory, results.csv kept up to date."""
+    from bnctl import sweep as sweep_mod
+
+    overrides = overrides or []
+    forms = [f for f, v in (("--config", config), ("--sweep", sweep_file), ("--resume", resume)) if v is not None]
+    if len(forms) != 1:
+        raise ConfigError("give one of --config FILE KEY=a,b,c ..., --sweep FILE or --resume SWEEP_DIR"
+                          + (f" (got {' and '.join(forms)})" if forms else ""))
+    part = _parse_shard(shard)
+    if resume is not None:
+        if overrides or seeds or name or sweep_dir:
+            raise ConfigError("--resume runs the sweep as planned in its sweep.yaml; drop the overrides, "
+                              "--seeds, --name and --sweep-dir")
+        plan = sweep_mod.read_plan(resume)
+        plan.validate()
+    elif sweep_file is not None:
+        if seeds or name:
+            raise ConfigError("a sweep file names its seeds and name; edit the file (or use --config KEY=... form)")
+        plan = sweep_mod.plan_from_file(sweep_file, overrides)
+    else:
+        plan = sweep_mod.plan_inline(config, overrides, seeds, name=name)
+
+    selected = plan.shard(part)
+    if dry_run:
+        statuses = ({s.name: sweep_mod.run_status(resume, s)[0] for s in selected} if resume is not None else None)
+        _print_plan(plan, selected, statuses)
+        return
+    target = resume if resume is not None else sweep_mod.create(plan, root, exact=sweep_dir)
+    console.print(f"[dim]sweep directory:[/] {escape(str(target))}", soft_wrap=True)
+    progress = _SweepProgress()
+    started = time.monotonic()
+    try:
+        outcome = sweep_mod.execute(target, jobs=jobs, shard=part, reporter=progress)
+    finally:
+        progress.close()
+    _finish(outcome, time.monotonic() - started)
+
+
+def _finish(outcome, seconds: float) -> None:
+    from bnctl import sweep as sweep_mod
+
+    ran = len(outcome.completed) + len(outcome.diverged) + len(outcome.failed)
+    parts = [f"{len(outcome.completed)} completed", f"{len(outcome.diverged)} diverged",
+             f"{len(outcome.failed)} failed"]
+    if outcome.already_done:
+        parts.append(f"{outcome.already_done} already finished before")
+    if outcome.busy:
+        parts.append(f"{len(outcome.busy)} left to another process running them")
+    console.print(f"[bold]{ran} run(s) in {seconds:.0f}s:[/] " + ", ".join(parts))
+    results = outcome.sweep_dir / sweep_mod.RESULTS_FILE
+    console.print(f"[dim]results: {escape(str(results))}   next: bnctl report {escape(str(outcome.sweep_dir))}[/]",
+                  soft_wrap=True)
+    if outcome.failed:
+        from bnctl.clikit import err_console
+
+        err_console.print(f"[bold red]error:[/] {len(outcome.failed)} run(s) failed:", soft_wrap=True)
+        for run, error in outcome.failed.items():
+            err_console.print(f"  {escape(run)}: {escape(error.splitlines()[0][:300])}", soft_wrap=True)
+        err_console.print(f"run them again with: bnctl sweep --resume {escape(str(outcome.sweep_dir))} "
+                          f"(details in {escape(str(outcome.sweep_dir / sweep_mod.ERRORS_DIR))} and the run folders)",
+                          soft_wrap=True)
+        console.print(escape(str(outcome.sweep_dir)), soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(escape(str(outcome.sweep_dir)), soft_wrap=True)  # last line: the sweep directory, for scripts

@@ -1,0 +1,306 @@
+"""Running a sweep's runs: per-run claims, the dataset cache, and long-lived worker processes.
+
+Each run is claimed with an flock on claims/<run>.lock for as long as it trains, so two
+processes working on one sweep (two resumes, or shards that overlap by mistake) never
+run the same run twice; the claim vanishes with its process. Workers are started with
+"spawn" (a fork after torch's thread pools exist can deadlock), import torch once, split
+the CPU threads between them and keep each dataset they load for the next run.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from bnctl import rundir, sweep
+from bnctl.errors import DivergedError, InterruptedRun
+
+
+@dataclass
+class Task:
+    """One run to do: where, which, and its resolved config (a plain dict, cheap to send to a worker)."""
+
+    sweep_dir: Path
+    spec: sweep.RunSpec
+    config: dict[str, Any]
+
+
+@dataclass
+class Result:
+    """How a task ended: completed | diverged | failed | interrupted | busy (claimed elsewhere) | skipped."""
+
+    spec: sweep.RunSpec
+    outcome: str
+    error: str | None = None
+    seconds: float = 0.0  # from receiving the task to its end, in the process that ran it
+
+
+# ------------------------------------------------------------------ claims
+
+@contextlib.contextmanager
+def claim(sweep_dir: Path, name: str) -> Iterator[bool]:
+    """Hold the run's claim (True) or learn that another process holds it (False)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one process per sweep is up to the user
+        yield True
+        return
+    folder = Path(sweep_dir) / sweep.CLAIMS_DIR
+    folder.mkdir(exist_ok=True)
+    f = open(folder / f"{name}.lock", "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield True
+    finally:
+        f.close()  # releases the flock
+
+
+# ------------------------------------------------------------------ one run
+
+_DATA: collections.OrderedDict = collections.OrderedDict()
+DATA_CACHE_SIZE = 2  # datasets kept per process (a sweep rarely varies its data; CIFAR-10 is ~180 MB)
+
+
+def cached_data(data_cfg):
+    """The dataset of a data config, loaded once per process and reused by later runs."""
+    from bnctl.data import load_dataset
+
+    key = json.dumps(data_cfg.model_dump(mode="json"), sort_keys=True)
+    if key in _DATA:
+        _DATA.move_to_end(key)
+        return _DATA[key]
+    data = load_dataset(data_cfg)
+    _DATA[key] = data
+    while len(_DATA) > DATA_CACHE_SIZE:
+        _DATA.popitem(last=False)
+    return data
+
+
+class _EpochReporter:
+    """Forwards the end of each epoch to the sweep's progress display."""
+
+    def __init__(self, progress: Callable[[int, int], None], epochs: int):
+        self.progress, self.epochs = progress, epochs
+
+    def epoch_start(self, epoch: int, steps: int) -> None: ...
+    def step(self, done: int, loss: float) -> None: ...
+
+    def epoch_end(self, row: dict[str, Any]) -> None:
+        self.progress(int(row["epoch"]), self.epochs)
+
+
+def _record_error(sweep_dir: Path, name: str, error: str, trace: str = "") -> None:
+    folder = Path(sweep_dir) / sweep.ERRORS_DIR
+    folder.mkdir(exist_ok=True)
+    rundir.write_json(folder / f"{name}.json", {"error": error, "traceback": trace,
+                                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def run_task(task: Task, progress: Callable[[int, int], None] = lambda e, n: None) -> Result:
+    """Claim the run, then start it, resume it from its checkpoint, or find it already finished."""
+    start = time.perf_counter()
+    spec = task.spec
+    with claim(task.sweep_dir, spec.name) as held:
+        if not held:
+            return Result(spec, "busy")
+        status, _ = sweep.run_status(task.sweep_dir, spec)  # read under the claim: nobody else writes now
+        if status in sweep.FINISHED:
+            return Result(spec, "skipped")
+        try:
+            return Result(spec, *_run_claimed(task, status, progress), seconds=time.perf_counter() - start)
+        except KeyboardInterrupt:  # before fit's own handler took over (while loading data, building the model)
+            return Result(spec, "interrupted", seconds=time.perf_counter() - start)
+
+
+def _run_claimed(task: Task, status: str, progress: Callable[[int, int], None]) -> tuple[str, str | None]:
+    from bnctl import config as config_mod, engine
+
+    spec, folder = task.spec, sweep.run_dir(task.sweep_dir, task.spec)
+    (Path(task.sweep_dir) / sweep.ERRORS_DIR / f"{spec.name}.json").unlink(missing_ok=True)
+    resume = None
+    if folder.exists():
+        has_checkpoint = (folder / rundir.CHECKPOINT_DIR / "last.pt").is_file()
+        if status in ("interrupted", "running") and has_checkpoint:
+            resume = folder  # stopped mid-way (Ctrl-C, or killed while "running"): continue from last.pt
+        else:
+            shutil.rmtree(folder)  # failed, or stopped before its first checkpoint: start again
+    try:
+        cfg = config_mod.validate(task.config, f"of run {spec.name}")
+        data = cached_data(cfg.data)
+        engine.fit(cfg, run_dir=None if resume else folder, resume=resume, data=data,
+                   reporter=_EpochReporter(progress, cfg.train.epochs))
+        return "completed", None
+    except DivergedError as err:
+        return "diverged", str(err)
+    except InterruptedRun:
+        return "interrupted", None
+    except Exception as err:  # noqa: BLE001 - any crash of one run is recorded; the sweep goes on
+        error = f"{type(err).__name__}: {err}"
+        _record_error(task.sweep_dir, spec.name, error, traceback.format_exc())
+        return "failed", error
+
+
+# ------------------------------------------------------------------ many runs
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def run_tasks(tasks: list[Task], jobs: int, reporter) -> Iterator[Result]:
+    """Run the tasks (in this process when jobs == 1, else in worker processes), yielding each result.
+
+    An interrupted run (Ctrl-C) ends the iteration with KeyboardInterrupt once every worker has stopped.
+    """
+    if jobs == 1 or len(tasks) <= 1:
+        for task in tasks:
+            reporter.run_started(task.spec)
+            result = run_task(task, lambda e, n, spec=task.spec: reporter.run_progress(spec, e, n))
+            yield result
+            if result.outcome == "interrupted":
+                raise KeyboardInterrupt
+        return
+    yield from _Pool(min(jobs, len(tasks)), max(1, available_cpus() // jobs)).run(tasks, reporter)
+
+
+def _worker_main(conn, threads: int) -> None:
+    """A worker process: set its share of CPU threads, then run tasks until told to stop."""
+    import torch
+
+    torch.set_num_threads(threads)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):  # the sweep process is gone, or Ctrl-C while idle
+            return
+        if task is None:
+            return
+        try:
+            result = run_task(task, lambda e, n: conn.send(("epoch", task.spec.name, e, n)))
+            conn.send(("done", result))
+        except (BrokenPipeError, EOFError, OSError, KeyboardInterrupt):
+            return
+        if result.outcome == "interrupted":
+            return
+
+
+class _Slot:
+    def __init__(self, process, conn):
+        self.process, self.conn, self.task = process, conn, None
+
+
+class _Pool:
+    """N long-lived worker processes, each given its next task as soon as it is free."""
+
+    GRACE_S = 15.0  # after Ctrl-C: time for workers to record their runs as interrupted
+
+    def __init__(self, n: int, threads: int):
+        import multiprocessing
+
+        self.ctx = multiprocessing.get_context("spawn")
+        self.n, self.threads = n, threads
+        self.slots: list[_Slot] = []
+
+    def _start(self) -> _Slot:
+        parent, child = self.ctx.Pipe()
+        process = self.ctx.Process(target=_worker_main, args=(child, self.threads), daemon=True,
+                                   name="bnctl-sweep-worker")
+        process.start()
+        child.close()
+        return _Slot(process, parent)
+
+    def run(self, tasks: list[Task], reporter) -> Iterator[Result]:
+        from multiprocessing.connection import wait
+
+        pending = collections.deque(tasks)
+        try:
+            self.slots = [self._start() for _ in range(self.n)]
+            for slot in self.slots:
+                self._assign(slot, pending, reporter)
+            while any(s.task for s in self.slots):
+                busy = [s for s in self.slots if s.task]
+                ready = wait([s.conn for s in busy] + [s.process.sentinel for s in busy])
+                for slot in busy:
+                    result = self._poll(slot, ready, reporter)
+                    if result is None:
+                        continue
+                    yield result
+                    if result.outcome == "interrupted":
+                        raise KeyboardInterrupt
+                    if slot.process.is_alive():
+                        self._assign(slot, pending, reporter)
+                    elif pending:
+                        self.slots[self.slots.index(slot)] = slot = self._start()
+                        self._assign(slot, pending, reporter)
+        finally:
+            self._stop()
+
+    def _assign(self, slot: _Slot, pending: collections.deque, reporter) -> None:
+        slot.task = pending.popleft() if pending else None
+        if slot.task is not None:
+            reporter.run_started(slot.task.spec)
+            slot.conn.send(slot.task)
+
+    def _poll(self, slot: _Slot, ready: list, reporter) -> Result | None:
+        """The slot's finished result, if any; progress messages are passed on to the reporter."""
+        while slot.conn in ready or slot.conn.poll():
+            ready = []
+            try:
+                message = slot.conn.recv()
+            except (EOFError, OSError):
+                break
+            if message[0] == "epoch":
+                reporter.run_progress(slot.task.spec, message[2], message[3])
+                continue
+            slot.task = None
+            return message[1]
+        if slot.process.sentinel in ready or not slot.process.is_alive():
+            slot.process.join()
+            task, slot.task = slot.task, None
+            error = f"worker process died (exit code {slot.process.exitcode})"
+            _record_error(task.sweep_dir, task.spec.name, error)
+            return Result(task.spec, "failed", error)
+        return None
+
+    def _stop(self) -> None:
+        """Let idle workers exit; give busy ones (after Ctrl-C) time to record their runs, then end them."""
+        for slot in self.slots:
+            if slot.task is None and slot.process.is_alive():
+                with contextlib.suppress(OSError):
+                    slot.conn.send(None)
+        busy = [s for s in self.slots if s.task is not None and s.process.is_alive()]
+        deadline = time.monotonic() + self.GRACE_S
+        if busy:
+            # A terminal's Ctrl-C reached the workers too; a kill of this process alone did not.
+            time.sleep(0.5)
+            for slot in busy:
+                if slot.process.is_alive():
+                    with contextlib.suppress(OSError):
+                        os.kill(slot.process.pid, signal.SIGINT)
+        for slot in self.slots:
+            slot.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if slot.process.is_alive():
+                slot.process.terminate()
+                slot.process.join(timeout=5)
+            slot.conn.close()
+        self.slots = []
+
