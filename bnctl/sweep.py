@@ -138,6 +138,9 @@ class RunSpec:
     overrides: dict[str, Any]
     seed: int
 
+    def __hash__(self) -> int:  # names are unique within a plan
+        return hash(self.name)
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "cell": self.cell, "overrides": dict(self.overrides), "seed": self.seed}
 
@@ -556,7 +559,8 @@ def execute(sweep_dir: Path, *, jobs: int = 1, shard: tuple[int, int] | None = N
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (got {jobs})")
     selected = plan.shard(shard)
-    configs = {spec.name: cfg for spec, cfg in plan.configs() if spec in selected}
+    wanted = {spec.name for spec in selected}
+    configs = {spec.name: cfg for spec, cfg in plan.configs() if spec.name in wanted}
     for sub in (RUNS_DIR, CLAIMS_DIR):
         (sweep_dir / sub).mkdir(exist_ok=True)
     todo = [s for s in selected if run_status(sweep_dir, s)[0] not in FINISHED]
