@@ -538,6 +538,9 @@ class Outcome:
     failed: dict[str, str] = field(default_factory=dict)  # run name -> error
     busy: list[str] = field(default_factory=list)  # being run by another process
     interrupted: list[str] = field(default_factory=list)
+    # run name -> seconds from the task reaching its process to its end, and whether it was that process's
+    # first run (which pays for the imports and the dataset); bench/sweep_jobs.py derives overheads from them
+    timings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -571,6 +574,7 @@ def execute(sweep_dir: Path, *, jobs: int = 1, shard: tuple[int, int] | None = N
     try:
         for result in workers.run_tasks(tasks, jobs, reporter):
             spec = result.spec
+            outcome.timings[spec.name] = {"seconds": result.seconds, "first_in_process": result.first_in_process}
             if result.outcome == "completed":
                 outcome.completed.append(spec.name)
             elif result.outcome == "skipped":  # another process finished it after this one looked

@@ -42,6 +42,7 @@ class Result:
     outcome: str
     error: str | None = None
     seconds: float = 0.0  # from receiving the task to its end, in the process that ran it
+    first_in_process: bool = False  # the first run this process trained (it paid for imports and data)
 
 
 # ------------------------------------------------------------------ claims
@@ -75,6 +76,7 @@ def claim(sweep_dir: Path, name: str) -> Iterator[bool]:
 # ------------------------------------------------------------------ one run
 
 _DATA: collections.OrderedDict = collections.OrderedDict()
+_RUNS_STARTED = [0]  # runs this process has started (the first pays for importing torch and the engine)
 DATA_CACHE_SIZE = 2  # datasets kept per process (a sweep rarely varies its data; CIFAR-10 is ~180 MB)
 
 
@@ -123,10 +125,13 @@ def run_task(task: Task, progress: Callable[[int, int], None] = lambda e, n: Non
         status, _ = sweep.run_status(task.sweep_dir, spec)  # read under the claim: nobody else writes now
         if status in sweep.FINISHED:
             return Result(spec, "skipped")
+        _RUNS_STARTED[0] += 1
+        first = _RUNS_STARTED[0] == 1
         try:
-            return Result(spec, *_run_claimed(task, status, progress), seconds=time.perf_counter() - start)
+            outcome, error = _run_claimed(task, status, progress)
         except KeyboardInterrupt:  # before fit's own handler took over (while loading data, building the model)
-            return Result(spec, "interrupted", seconds=time.perf_counter() - start)
+            outcome, error = "interrupted", None
+        return Result(spec, outcome, error, time.perf_counter() - start, first)
 
 
 def _run_claimed(task: Task, status: str, progress: Callable[[int, int], None]) -> tuple[str, str | None]:
@@ -184,6 +189,13 @@ def run_tasks(tasks: list[Task], jobs: int, reporter) -> Iterator[Result]:
 
 def _worker_main(conn, threads: int) -> None:
     """A worker process: set its share of CPU threads, then run tasks until told to stop."""
+    try:
+        _serve(conn, threads)
+    except KeyboardInterrupt:  # Ctrl-C while starting up: nothing was claimed yet
+        pass
+
+
+def _serve(conn, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)

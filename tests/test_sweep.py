@@ -153,7 +153,7 @@ def test_dry_run_prints_the_plan_and_count_and_creates_nothing(small, tmp_path, 
     result = cli("sweep", "-c", small, "model.norm=batch,none", "--seeds", "3", "--dry-run",
                  "--root", tmp_path / "sweeps", "--shard", "1/2")
     assert result.exit_code == 0, result.output
-    assert "3 run(s)" in result.output and "6 in the whole sweep" in result.output
+    assert "3 run(s) of 6" in result.output and "2 cell(s) x 3 seed(s)" in result.output
     assert not (tmp_path / "sweeps").exists()
 
 

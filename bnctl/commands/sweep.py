@@ -104,9 +104,8 @@ def _print_plan(plan, selected, statuses: dict[str, str] | None) -> None:
     console.print(table)
     fixed = ", ".join(f"{k}={v}" for k, v in plan.fixed.items()) or "none"
     console.print(f"base config: {plan.base_config or '(inline)'}; fixed: {fixed}; seeds: {plan.seeds}")
-    cells = len({s.cell for s in selected})
-    console.print(f"[bold]{len(selected)} run(s)[/] ({cells} cell(s) x {len(plan.seeds)} seed(s)"
-                  + (f"; {len(plan.runs)} in the whole sweep" if len(selected) != len(plan.runs) else "") + ")")
+    whole = f" of {len(plan.runs)}" if len(selected) != len(plan.runs) else ""
+    console.print(f"[bold]{len(selected)} run(s){whole}[/] ({len(plan.cells)} cell(s) x {len(plan.seeds)} seed(s))")
 
 
 @reports_errors
