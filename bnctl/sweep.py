@@ -566,6 +566,7 @@ def execute(sweep_dir: Path, *, jobs: int = 1, shard: tuple[int, int] | None = N
     configs = {spec.name: cfg for spec, cfg in plan.configs() if spec.name in wanted}
     for sub in (RUNS_DIR, CLAIMS_DIR):
         (sweep_dir / sub).mkdir(exist_ok=True)
+    write_results(sweep_dir, plan)  # the table as the files stand now (a killed sweep left it behind)
     todo = [s for s in selected if run_status(sweep_dir, s)[0] not in FINISHED]
     outcome = Outcome(sweep_dir, selected=len(selected), already_done=len(selected) - len(todo))
     reporter = reporter or SilentSweepReporter()

@@ -270,7 +270,13 @@ class _Pool:
         slot.task = pending.popleft() if pending else None
         if slot.task is not None:
             reporter.run_started(slot.task.spec)
-            slot.conn.send(slot.task)
+            try:
+                slot.conn.send(slot.task)
+            except OSError:  # the worker died while idle: start another for this task
+                slot.process.join()
+                fresh = self._start()
+                slot.process, slot.conn = fresh.process, fresh.conn
+                slot.conn.send(slot.task)
 
     def _poll(self, slot: _Slot, ready: list, reporter) -> Result | None:
         """The slot's finished result, if any; progress messages are passed on to the reporter."""
@@ -293,21 +299,38 @@ class _Pool:
             return Result(task.spec, "failed", error)
         return None
 
+    @staticmethod
+    def _still_busy(slot: _Slot) -> bool:
+        """True while a worker has neither reported the end of its run nor exited."""
+        if slot.task is None or not slot.process.is_alive():
+            return False
+        with contextlib.suppress(EOFError, OSError):
+            while slot.conn.poll():
+                if slot.conn.recv()[0] == "done":
+                    slot.task = None
+                    return False
+        return True
+
     def _stop(self) -> None:
         """Let idle workers exit; give busy ones (after Ctrl-C) time to record their runs, then end them."""
         for slot in self.slots:
             if slot.task is None and slot.process.is_alive():
                 with contextlib.suppress(OSError):
                     slot.conn.send(None)
-        busy = [s for s in self.slots if s.task is not None and s.process.is_alive()]
         deadline = time.monotonic() + self.GRACE_S
-        if busy:
-            # A terminal's Ctrl-C reached the workers too; a kill of this process alone did not.
-            time.sleep(0.5)
-            for slot in busy:
-                if slot.process.is_alive():
-                    with contextlib.suppress(OSError):
-                        os.kill(slot.process.pid, signal.SIGINT)
+        # A terminal's Ctrl-C reached the workers too: they mark their runs interrupted and report.
+        # Only those that stay silent (this process alone was signalled) get a SIGINT of their own,
+        # so that no worker is interrupted a second time while it writes its summary.
+        quiet_until = time.monotonic() + 3.0
+        while time.monotonic() < quiet_until and any(self._still_busy(s) for s in self.slots):
+            time.sleep(0.05)
+        for slot in self.slots:
+            if self._still_busy(slot):
+                with contextlib.suppress(OSError):
+                    os.kill(slot.process.pid, signal.SIGINT)
+            elif slot.process.is_alive():  # finished its run meanwhile: let it exit
+                with contextlib.suppress(OSError):
+                    slot.conn.send(None)
         for slot in self.slots:
             slot.process.join(timeout=max(0.0, deadline - time.monotonic()))
             if slot.process.is_alive():

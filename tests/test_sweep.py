@@ -278,33 +278,40 @@ def test_jobs_2_gives_the_same_results_as_jobs_1(tmp_path, small):
 
 
 def test_interrupting_a_jobs_2_sweep_then_resuming_completes_it(tmp_path, small):
-    """Ctrl-C (SIGINT to the process group) during a --jobs 2 sweep, then --resume from another process."""
+    """Ctrl-C (SIGINT to the process group) during a --jobs 2 sweep, then a resume from another process."""
     cfg = write_config(tmp_path / "slower.yaml", {**SMALL, "data": {**SMALL["data"], "train_size": 160},
-                                                 "train": {**SMALL["train"], "epochs": 2}})
+                                                 "train": {**SMALL["train"], "epochs": 3}})
     plan = sweep.plan_inline(cfg, ["model.norm=batch,none,group"], seeds=2)
     d = sweep.create(plan, tmp_path / "sw")
     code = "import sys; from pathlib import Path; from bnctl import sweep; sweep.execute(Path(sys.argv[1]), jobs=2)"
+    # A shell's background jobs ignore SIGINT, and children inherit that; a terminal's foreground job does not.
     proc = subprocess.Popen([sys.executable, "-c", code, str(d)], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            start_new_session=True, stderr=subprocess.PIPE, text=True)
+                            start_new_session=True, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
-    done: set[str] = set()
-    while not done and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-        done = {n for n, s in _statuses(d).items() if s == "completed"}
+    while proc.poll() is None and time.monotonic() < deadline:  # wait until some run is mid-way
+        time.sleep(0.02)
+        if any(len(rundir.read_csv(m)) >= 1 for m in d.glob("runs/*/metrics.csv")
+               if not (m.parent / "summary.json").is_file() or _statuses(d)[m.parent.name] != "completed"):
+            break
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the sweep and its workers
     _, err = proc.communicate(timeout=120)
-    done = {n for n, s in _statuses(d).items() if s == "completed"}
+    assert proc.returncode != 0 and "InterruptedRun" in err and "--resume" in err
+    stopped = _statuses(d)
+    assert "running" not in stopped.values() and "interrupted" in stopped.values()  # stopped cleanly
+    assert not any(_held(d, f.stem) for f in (d / "claims").iterdir())  # the workers are gone
+    done = {n for n, s in stopped.items() if s == "completed"}
+    epochs = {n: rundir.epochs_completed(d / "runs" / n) for n, s in stopped.items() if s == "interrupted"}
     before = _mtimes(d, done)
-    assert done, "no run completed before the interrupt"
-    if proc.returncode != 0:  # interrupted with work left: the runs it stopped are marked for resuming
-        assert "InterruptedRun" in err or "KeyboardInterrupt" in err
-        assert not any((d / "claims" / f).is_file() and _held(d, f) for f in os.listdir(d / "claims"))
     outcome = sweep.execute(d, jobs=1)
     assert outcome.ok and not set(outcome.completed) & done
     assert set(_statuses(d).values()) == {"completed"}
     assert _mtimes(d, done) == before  # finished runs were not run again
+    for name, k in epochs.items():  # interrupted runs continued from their checkpoints
+        resumes = rundir.read_json(d / "runs" / name / "run.json").get("resumes", [])
+        assert [r["from_epoch"] for r in resumes] == ([k] if k else [])
 
 
-def _held(d: Path, lock_name: str) -> bool:
-    with workers.claim(d, lock_name.removesuffix(".lock")) as held:
+def _held(d: Path, name: str) -> bool:
+    with workers.claim(d, name) as held:
         return not held
