@@ -14,7 +14,9 @@ busier slows them alike; the table gives medians over rounds. Figures:
   i.e. worker-seconds not spent training or evaluating, start-up amortized;
 - overhead per run, steady: median over runs that were not their process's first of
   (time from the task reaching its process to the run's end - its train + eval time):
-  run directory, provenance, model and optimizer, checkpoints, summary, results.csv.
+  run directory, provenance, model and optimizer, checkpoints, summary, results.csv;
+- CPU s per run: user + system CPU time of the arm's processes (workers included) / runs,
+  which other load on the machine hardly changes, unlike every wall-clock figure.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import csv
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -62,10 +65,10 @@ print(json.dumps({"dir": str(d), "execute_s": t2 - t1, "before_execute_s": t1 - 
 def run_arm(jobs: int, p: dict, workdir: Path) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"jobs{jobs}-", dir=workdir))
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     out = subprocess.run([sys.executable, "-c", ARM, json.dumps({**p, "jobs": jobs, "dir": str(folder)})],
                          capture_output=True, text=True, env=env, cwd=ROOT)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     if out.returncode != 0:
         sys.exit(f"arm --jobs {jobs} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -76,10 +79,16 @@ def run_arm(jobs: int, p: dict, workdir: Path) -> dict:
         with open(run / "metrics.csv", newline="") as f:
             own[run.name] = sum(float(r["epoch_time_s"]) for r in csv.DictReader(f))
     steady = [t["seconds"] - own[name] for name, t in result["timings"].items() if not t["first_in_process"]]
-    return {"jobs": jobs, "wall_s": wall, "execute_s": result["execute_s"], "own_s": sum(own.values()),
+    return {"jobs": jobs, "wall_s": wall, "cpu_per_run_s": cpu / p["runs"], "execute_s": result["execute_s"], "own_s": sum(own.values()),
             "mean_run_s": statistics.mean(own.values()),
             "all_in_overhead_s": (jobs * result["execute_s"] - sum(own.values())) / p["runs"],
             "steady_overhead_s": statistics.median(steady) if steady else float("nan")}
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of finished child processes (a waited arm includes its workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def load() -> str:
@@ -120,8 +129,8 @@ def main() -> None:
         f"test images, 1 epoch, seeds 0-{p['runs'] - 1}; median of {p['rounds']} round(s).",
         "",
         "| --jobs | wall s (whole process) | runs/hour | speed-up | runs/hour, execute only | speed-up | "
-        "train+eval s per run | overhead per run, all-in | overhead per run, steady |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "train+eval s per run | overhead per run, all-in | overhead per run, steady | CPU s per run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for j in args.jobs:
         m = med[j]
@@ -129,10 +138,12 @@ def main() -> None:
         base_rph, base_exec = 3600 * p["runs"] / base["wall_s"], 3600 * p["runs"] / base["execute_s"]
         lines.append(f"| {j} | {m['wall_s']:.1f} | {rph:.0f} | {rph / base_rph:.2f}x | {rph_exec:.0f} | "
                      f"{rph_exec / base_exec:.2f}x | {m['mean_run_s']:.2f} | {m['all_in_overhead_s']:.2f} s | "
-                     f"{m['steady_overhead_s']:.2f} s |")
+                     f"{m['steady_overhead_s']:.2f} s | {m['cpu_per_run_s']:.2f} |")
     lines += ["", "Targets: --jobs 2 at least 1.8x the runs/hour of --jobs 1 on 2 cores; overhead per run under 1 s. "
               "'all-in' spreads the start-up (importing torch, generating the data, starting workers) over the runs; "
-              "'steady' is what each further run costs."]
+              "'steady' is what each further run costs. CPU s per run (user + system, all processes of the arm, "
+              "start-up included) barely depends on other load: similar figures for both arms mean the workers "
+              "add little work, so on 2 otherwise idle cores --jobs 2 would approach twice the runs/hour."]
     print("\n".join(lines))
 
 
