@@ -9,6 +9,7 @@ worker processes) lives in bnctl/workers.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 import yaml
 
 from bnctl import config as config_mod, rundir
-from bnctl.errors import ConfigError
+from bnctl.errors import ConfigError, InterruptedRun
 from bnctl.plan import Plan, RunSpec, parse_seeds, parse_sweep_overrides, plan_from_file, plan_inline, split_values
 
 __all__ = ["Plan", "RunSpec", "plan_inline", "plan_from_file", "parse_sweep_overrides", "parse_seeds", "split_values",
@@ -257,28 +258,28 @@ def execute(sweep_dir: Path, *, jobs: int = 1, shard: tuple[int, int] | None = N
     reporter = reporter or SilentSweepReporter()
     reporter.start(plan, selected, todo, jobs)
     tasks = [workers.Task(sweep_dir, spec, config_mod.to_dict(configs[spec.name])) for spec in todo]
+    results = workers.run_tasks(tasks, jobs, reporter)
     try:
-        for result in workers.run_tasks(tasks, jobs, reporter):
-            spec = result.spec
-            outcome.timings[spec.name] = {"seconds": result.seconds, "first_in_process": result.first_in_process}
-            if result.outcome == "completed":
-                outcome.completed.append(spec.name)
-            elif result.outcome == "skipped":  # another process finished it after this one looked
-                outcome.already_done += 1
-            elif result.outcome == "diverged":
-                outcome.diverged.append(spec.name)
-            elif result.outcome == "busy":
-                outcome.busy.append(spec.name)
-            elif result.outcome == "interrupted":
-                outcome.interrupted.append(spec.name)
-            else:
-                outcome.failed[spec.name] = result.error or "failed"
-            rows = write_results(sweep_dir, plan)
-            reporter.run_finished(spec, result.outcome, next(r for r in rows if r["run"] == spec.name))
+        with contextlib.closing(results):  # stops the workers however the loop ends
+            for result in results:
+                spec = result.spec
+                outcome.timings[spec.name] = {"seconds": result.seconds, "first_in_process": result.first_in_process}
+                if result.outcome == "completed":
+                    outcome.completed.append(spec.name)
+                elif result.outcome == "skipped":  # another process finished it after this one looked
+                    outcome.already_done += 1
+                elif result.outcome == "diverged":
+                    outcome.diverged.append(spec.name)
+                elif result.outcome == "busy":
+                    outcome.busy.append(spec.name)
+                elif result.outcome == "interrupted":
+                    outcome.interrupted.append(spec.name)
+                else:
+                    outcome.failed[spec.name] = result.error or "failed"
+                rows = write_results(sweep_dir, plan)
+                reporter.run_finished(spec, result.outcome, next(r for r in rows if r["run"] == spec.name))
     except KeyboardInterrupt:
         write_results(sweep_dir, plan)
-        from bnctl.errors import InterruptedRun
-
         raise InterruptedRun(f"sweep interrupted; finished runs are kept and the others are resumable. "
                              f"Continue with: bnctl sweep --resume {sweep_dir}") from None
     write_results(sweep_dir, plan)
