@@ -155,6 +155,9 @@ def test_dry_run_prints_the_plan_and_count_and_creates_nothing(small, tmp_path, 
     assert result.exit_code == 0, result.output
     assert "3 run(s) of 6" in result.output and "2 cell(s) x 3 seed(s)" in result.output
     assert not (tmp_path / "sweeps").exists()
+    # a shard of a new sweep must name the folder that all shards share
+    result = cli("sweep", "-c", small, "model.norm=batch,none", "--root", tmp_path / "sweeps", "--shard", "0/2")
+    assert result.exit_code == 2 and "--sweep-dir" in result.output and not (tmp_path / "sweeps").exists()
 
 
 # ------------------------------------------------------------------ running

@@ -13,7 +13,8 @@ from rich.markup import escape
 from bnctl.clikit import console, reports_errors
 from bnctl.errors import ConfigError
 
-EPILOG = ("Values: KEY=a,b,c sweeps, KEY=v fixes; commas inside [brackets] or quotes do not split, "
+# (rich markup: a backslash keeps [brackets] from being read as a style tag)
+EPILOG = ("Values: KEY=a,b,c sweeps, KEY=v fixes; commas inside \\[brackets] or quotes do not split, "
           "so data.mean=[0.4,0.4,0.4],[0.5,0.5,0.5] sweeps two lists.")
 
 
@@ -149,6 +150,9 @@ def sweep(
         plan = sweep_mod.plan_inline(config, overrides, seeds, name=name)
 
     selected = plan.shard(part)
+    if part is not None and resume is None and sweep_dir is None and not dry_run:
+        raise ConfigError("every shard must write to the same sweep directory: add --sweep-dir DIR (the same "
+                          "for all shards), or create the sweep first and run bnctl sweep --resume DIR --shard I/N")
     if dry_run:
         statuses = ({s.name: sweep_mod.run_status(resume, s)[0] for s in selected} if resume is not None else None)
         _print_plan(plan, selected, statuses)
