@@ -97,8 +97,26 @@ def train(
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where new run directories are created."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
 ) -> None:
-    """Train a model as a YAML config describes; write metrics, checkpoints and curves to a run directory."""
-    from bnctl import config as config_mod
+    """Train a model as a YAML config describes; write metrics, checkpoints and curves to a run directory.
+
+    Under torchrun (torchrun --nproc_per_node=N -m bnctl train ...) the N processes train one run together.
+    """
+    from bnctl import distributed
+
+    if distributed.env_rank() == 0:
+        return _train(overrides, config, run_dir, runs_root, resume)
+    # Data-parallel ranks other than 0 stay quiet: rank 0 reports progress and every error they share
+    # (config errors, agreed setup failures, divergence); crashes of this rank alone are still shown.
+    console.quiet = True
+    try:
+        _train(overrides, config, run_dir, runs_root, resume)
+    except BnctlError as err:
+        raise SystemExit(err.exit_code) from None  # not typer.Exit: reports_errors would report that
+
+
+def _train(overrides: Optional[List[str]], config: Optional[Path], run_dir: Optional[Path], runs_root: Path,
+           resume: Optional[Path]) -> None:
+    from bnctl import config as config_mod, distributed
 
     overrides = overrides or []
     if resume is None and config is None:
@@ -130,8 +148,9 @@ def train(
 
     trained = False
     try:
-        result = engine.fit(cfg, runs_root=runs_root, run_dir=run_dir, resume=resume, reporter=reporter,
-                            on_run_dir=announce, probe_factory=BNProbe.for_experiment)
+        with distributed.process_group(cfg.device) as dist:
+            result = engine.fit(cfg, runs_root=runs_root, run_dir=run_dir, resume=resume, reporter=reporter,
+                                on_run_dir=announce, probe_factory=BNProbe.for_experiment, dist=dist)
         trained = True
     finally:
         reporter.close()

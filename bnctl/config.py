@@ -31,6 +31,7 @@ OptimizerName = Literal["adam", "adamw", "sgd"]
 SchedulerName = Literal["none", "cosine", "step", "onecycle"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Augment = Literal["none", "crop_flip"]
+DistBN = Literal["broadcast", "reduce", "none"]
 
 # The only keys a resumed run may change: anything else would not reproduce the run.
 RESUMABLE_KEYS = frozenset({"train.epochs", "device"})
@@ -135,6 +136,11 @@ class TrainConfig(_Section):
     eval_train: bool = False  # add a clean eval-mode pass over the training set (clean_train_* columns)
     diagnostics: bool = False  # record BN statistics to diagnostics.csv
     diagnostics_every: int = Field(50, ge=1)  # steps between diagnostic samples
+    # Under torchrun (several processes) only; one process ignores both. batch_size stays the global batch.
+    sync_bn: bool = True  # BN statistics over the global batch (results independent of the process count);
+    #                       false: each process normalizes its own slice = ghost BN, virtual batch batch_size/N
+    dist_bn: DistBN = "reduce"  # unsynchronized BN's running stats at each epoch end: average over processes
+    #                             (reduce), rank 0's (broadcast), or left per process (none)
 
 
 class Config(_Section):

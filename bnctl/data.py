@@ -267,13 +267,22 @@ def load_dataset(cfg: DataConfig) -> ImageData:
 
 # ------------------------------------------------------------------ batching
 
-def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random pad-and-crop plus horizontal flip of a whole uint8 batch at once."""
+def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4,
+              within: tuple[int, int] | None = None) -> torch.Tensor:
+    """Random pad-and-crop plus horizontal flip of a whole uint8 batch at once.
+
+    ``within=(start, total)``: x holds positions start.. of a batch of ``total`` images.
+    The randomness is drawn for all ``total`` positions, as one process drawing the whole
+    batch does, and x gets its positions' share: a data-parallel rank augments its
+    slice exactly as a single process would.
+    """
     n, c, h, w = x.shape
+    start, total = within if within is not None else (0, n)
+    mine = slice(start, start + n)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (total,), generator=generator)[mine].to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (total,), generator=generator)[mine].to(x.device)
+    flip = (torch.rand(total, generator=generator) < 0.5)[mine].to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (n,1,h,1)
     cols = dx[:, None] + torch.arange(w, device=x.device)  # (n,w)
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]  # flipping = reading columns backwards
@@ -287,12 +296,17 @@ class Batches:
 
     Training order and augmentation draw from ``generator`` (a CPU generator the
     engine owns and checkpoints), so a seed fixes every batch exactly.
+    ``part=(rank, world_size)`` serves one data-parallel rank its contiguous share of
+    each batch: every rank draws the same order and augmentation, so together they
+    see exactly the batches one process would (``batch_size`` stays the global batch).
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, device: torch.device,
                  mean, std, shuffle: bool = False, drop_last: bool = False, augment: str = "none",
-                 generator: torch.Generator | None = None, channels_last: bool = False):
+                 generator: torch.Generator | None = None, channels_last: bool = False,
+                 part: tuple[int, int] = (0, 1)):
         self.x = x.to(device)
+        self.part = part
         self.y = y.to(device)
         self.batch_size = batch_size
         self.shuffle, self.drop_last, self.augment = shuffle, drop_last, augment
@@ -317,10 +331,14 @@ class Batches:
         for i in range(count):
             end = n if (i == count - 1 and not self.drop_last) else (i + 1) * self.batch_size
             sl = slice(i * self.batch_size, end)
-            idx = order[sl] if order is not None else sl
+            rank, world = self.part
+            total = end - sl.start
+            start = rank * total // world  # this rank's contiguous share of the (global) batch
+            mine = slice(sl.start + start, sl.start + (rank + 1) * total // world)
+            idx = order[mine] if order is not None else mine
             xb = self.x[idx]
             if self.augment == "crop_flip":
-                xb = crop_flip(xb, self.generator)
+                xb = crop_flip(xb, self.generator, within=(start, total))
             # Change layout while the batch is still 1 byte per value; the float result keeps it.
             xb = xb.contiguous(memory_format=self.memory_format)
             yield torch.addcmul(self.shift, xb.float(), self.scale), self.y[idx]

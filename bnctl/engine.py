@@ -7,6 +7,7 @@ inference mode, because BN's behaviour depends on it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -18,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnctl import checkpoint, config as config_mod, rundir
+from bnctl import checkpoint, config as config_mod, distributed, rundir
 from bnctl.config import Config
 from bnctl.data import Batches, ImageData
+from bnctl.distributed import SINGLE, Dist
 from bnctl.errors import CheckpointError, ConfigError, DataError, DivergedError, InterruptedRun
 from bnctl.experiment import Experiment, Precision, _check_fits, _sum_dtype, cpu_threads_for, setup, training_threads
 from bnctl.models import count_parameters
@@ -51,8 +53,12 @@ class SilentReporter:
 
 def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, scheduler,
                     precision: Precision, epoch: int, reporter: Reporter = SilentReporter(),
-                    probe=None, first_step: int = 0) -> dict[str, float]:
-    """One pass over the training batches; returns running train loss and accuracy."""
+                    probe=None, first_step: int = 0, dist: Dist = SINGLE) -> dict[str, float]:
+    """One pass over the training batches; returns running train loss and accuracy.
+
+    Under data parallelism each rank trains on its share of every batch and the returned
+    numbers are summed over ranks: the same as one process training on whole batches.
+    """
     model.train()
     device = batches.x.device
     loss_sum = torch.zeros((), device=device, dtype=_sum_dtype(device))
@@ -70,7 +76,8 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)
             loss_sum += loss.detach() * len(y)
-            if (i + 1) % check_every == 0 and not math.isfinite(loss_sum.item()):
+            # Under DDP the check is on the sum over ranks, so every rank stops at the same step.
+            if (i + 1) % check_every == 0 and not math.isfinite(dist.sum(loss_sum).item()):
                 raise DivergedError(f"loss became {loss.item()} at epoch {epoch}, step {i + 1}", epoch, i + 1)
             optimizer.zero_grad(set_to_none=True)
             precision.scaler.scale(loss).backward()
@@ -85,14 +92,18 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
                 reporter.step(i + 1, (loss_sum / seen).item())
     if seen == 0:
         raise DataError(f"no complete training batch: {len(batches.y)} images < batch_size {batches.batch_size}")
+    loss_sum, correct, seen = dist.sum_counts(loss_sum, correct, seen)
     if not math.isfinite(loss_sum.item()):  # a GPU run may have diverged after its last check
         raise DivergedError(f"loss became non-finite in epoch {epoch}", epoch, len(batches))
     return {"train_loss": (loss_sum / seen).item(), "train_acc": 100.0 * correct.item() / seen, "images": seen}
 
 
 def evaluate(model: nn.Module, batches: Batches, precision: Precision,
-             num_classes: Optional[int] = None, bn_batch_stats: bool = False) -> dict[str, Any]:
+             num_classes: Optional[int] = None, bn_batch_stats: bool = False, dist: Dist = SINGLE) -> dict[str, Any]:
     """Loss and accuracy in one pass, in eval mode (BN uses its running statistics).
+
+    Under data parallelism each rank evaluates its shard and the counts and sums are
+    added over ranks, so the numbers are those of one process evaluating everything.
 
     ``bn_batch_stats`` makes BN normalize with each test batch's own statistics, as a
     model left in train mode does; call it on a copy, since that also moves running stats.
@@ -114,7 +125,8 @@ def evaluate(model: nn.Module, batches: Batches, precision: Precision,
             if num_classes:
                 confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2).view_as(confusion)
     model.train(was_training)
-    n = len(batches.y)
+    loss_sum, correct, n = dist.sum_counts(loss_sum, correct, len(batches.y))
+    confusion = dist.sum(confusion)
     out: dict[str, Any] = {"loss": (loss_sum / n).item(), "acc": 100.0 * correct.item() / n, "images": n}
     if num_classes:
         out["confusion"] = confusion.cpu().tolist()
@@ -141,35 +153,51 @@ def _state(exp: Experiment, epoch: int, history: list[dict], best: dict) -> dict
 
 def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = None, resume: Path | None = None,
         reporter: Reporter = SilentReporter(), on_run_dir: Callable[[Path], None] = lambda p: None,
-        probe_factory=None, data: ImageData | None = None) -> RunResult:
+        probe_factory=None, data: ImageData | None = None, dist: Dist = SINGLE) -> RunResult:
     """Train cfg.train.epochs epochs, writing metrics, checkpoints and summary to a run directory.
 
     With ``resume``, continue that run from its last checkpoint so that the result is
     identical to an uninterrupted run. ``data``, when given, is the already loaded dataset of
-    cfg.data (a sweep worker loads each dataset once and reuses it across runs).
+    cfg.data (a sweep worker loads each dataset once and reuses it across runs). Under data
+    parallelism (``dist``) every rank calls fit; rank 0 alone writes, reports and owns the run directory.
     """
-    exp = setup(cfg, data, moved=resume is not None)  # a resumed run may continue on a device without its precision
-    if len(exp.train_batches) == 0:
-        raise DataError(f"only {len(exp.data.train_y)} training images, fewer than "
-                        f"train.batch_size={cfg.train.batch_size}; lower the batch size or add data")
-    _check_fits(exp)
-    if resume is not None and not (Path(resume) / rundir.CHECKPOINT_DIR / "last.pt").is_file():
-        raise ConfigError(f"{resume} has no checkpoint to resume from (no epoch completed); start a new run")
-    run_dir = Path(resume) if resume is not None else rundir.create(runs_root, cfg.name, exact=run_dir)
-    # One process per run directory: resuming a run that is still training would interleave two writers.
-    with rundir.RunLock(run_dir):
+    if not dist.is_main:
+        reporter, on_run_dir, probe_factory = SilentReporter(), lambda p: None, None
+
+    def prepare() -> Experiment:
+        # A resumed run may continue on a device without its precision (moved).
+        exp = setup(cfg, data, moved=resume is not None, dist=dist)
+        if len(exp.train_batches) == 0:
+            raise DataError(f"only {len(exp.data.train_y)} training images, fewer than "
+                            f"train.batch_size={cfg.train.batch_size}; lower the batch size or add data")
+        _check_fits(exp)
+        if resume is not None and not (Path(resume) / rundir.CHECKPOINT_DIR / "last.pt").is_file():
+            raise ConfigError(f"{resume} has no checkpoint to resume from (no epoch completed); start a new run")
+        return exp
+
+    exp = dist.agree(prepare)  # a failure on any rank stops every rank here, with one message
+    with contextlib.ExitStack() as stack:
+        def claim() -> str | None:
+            if not dist.is_main:
+                return None
+            path = Path(resume) if resume is not None else rundir.create(runs_root, cfg.name, exact=run_dir)
+            # One process per run directory: resuming a run that is still training would interleave two writers.
+            stack.enter_context(rundir.RunLock(path))
+            return str(path)
+
+        path = Path(dist.agree(claim, share=True))  # rank 0 creates the folder; the others learn its path
         try:
-            return _fit_in(exp, run_dir, resume is not None, reporter, on_run_dir, probe_factory)
+            return _fit_in(exp, path, resume is not None, reporter, on_run_dir, probe_factory)
         except InterruptedRun:
-            if resume is not None or (run_dir / rundir.CHECKPOINT_DIR / "last.pt").exists():
+            if not dist.is_main or resume is not None or (path / rundir.CHECKPOINT_DIR / "last.pt").exists():
                 raise
             # Stopped before any epoch completed: the folder holds only what the run wrote at its start
             # and cannot be resumed, so it goes rather than lingering as a run that looks usable.
             try:
-                shutil.rmtree(run_dir)
-                fate = f"the run directory {run_dir} was removed"
+                shutil.rmtree(path)
+                fate = f"the run directory {path} was removed"
             except OSError as err:
-                fate = f"{run_dir} holds no checkpoint (removing it failed: {err.strerror or err})"
+                fate = f"{path} holds no checkpoint (removing it failed: {err.strerror or err})"
             raise InterruptedRun(f"interrupted in epoch 1, before any epoch completed: nothing was kept and {fate}. "
                                  "Start again with the same command") from None
 
@@ -177,43 +205,51 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
 def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
             on_run_dir: Callable[[Path], None], probe_factory) -> RunResult:
     """fit's body, once the run directory is chosen and locked."""
-    cfg = exp.cfg
-    history: list[dict] = []
-    best: dict[str, Any] = {"test_acc": None, "epoch": None}
-    start = 1
+    cfg, dist = exp.cfg, exp.dist
+    main = dist.is_main  # only rank 0 writes; every rank computes the same rows
+
     # Everything that can fail (reading the checkpoint, the diagnostics kept so far) comes before
     # the first write, so a resume that fails leaves the run's files exactly as they were.
-    if resuming:
-        history, best, start = _restore(exp, run_dir)
-    probe = probe_factory(exp, run_dir, start) if (probe_factory and cfg.train.diagnostics) else None
+    def restore() -> tuple[list[dict], dict[str, Any], int, Any]:
+        history, best, start = _restore(exp, run_dir) if resuming else ([], {"test_acc": None, "epoch": None}, 1)
+        probe = probe_factory(exp, run_dir, start) if (probe_factory and cfg.train.diagnostics) else None
+        return history, best, start, probe
+
+    history, best, start, probe = dist.agree(restore)
     clean_train = exp.eval_batches(exp.data.train_x, exp.data.train_y, cfg.train.eval_batch_size) \
         if cfg.train.eval_train else None
     columns = METRIC_COLUMNS + (CLEAN_TRAIN_COLUMNS if cfg.train.eval_train else [])
-    if resuming:
+    parallel = {"world_size": dist.world_size, "backend": dist.backend,
+                "sync_bn": distributed.count_sync_layers(exp.model) > 0}
+    if resuming and main:
         rundir.remove_temp_files(run_dir)  # left by a run killed mid-write
         # A kill between last.pt and best.pt leaves best.pt an epoch behind (or missing).
         checkpoint.repair_best(run_dir / rundir.CHECKPOINT_DIR, start - 1, best["epoch"])
         rundir.atomic_write_text(run_dir / rundir.CONFIG_FILE, config_mod.to_yaml(cfg))
         rundir.record_resume(run_dir, {"from_epoch": start - 1, "epochs": cfg.train.epochs, "device": str(exp.device),
                                        "threads": training_threads(exp.device, cfg.train.batch_size),
-                                       "precision": cfg.train.precision, "notes": exp.notes})
-    else:
+                                       "precision": cfg.train.precision, "notes": exp.notes, **parallel})
+    elif main:
         rundir.record_provenance(run_dir, config_mod.to_yaml(cfg), {
             "device": str(exp.device), "seed": cfg.seed,
             "threads": training_threads(exp.device, cfg.train.batch_size),
             "num_classes": exp.num_classes, "classes": list(exp.data.classes),
             "train_images": len(exp.data.train_y), "steps_per_epoch": len(exp.train_batches),
-            "test_images": len(exp.data.test_y), "eval_order_seed": exp.eval_order_seed})
+            "test_images": len(exp.data.test_y), "eval_order_seed": exp.eval_order_seed, **parallel})
     on_run_dir(run_dir)
-    metrics = rundir.MetricsWriter(run_dir / rundir.METRICS_FILE, columns, history)
+    # DDP once the weights are final (it broadcasts rank 0's at construction); evaluation skips it.
+    exp.eval_forward, exp.forward = exp.forward, dist.wrap(exp.forward)
+    metrics = rundir.MetricsWriter(run_dir / rundir.METRICS_FILE, columns, history) if main else None
     if probe is not None:
         probe.open()
-    summary = _Summary(run_dir, cfg, exp, history, best)
+    summary = _Summary(run_dir, cfg, exp, history, best, write=main)
     steps = len(exp.train_batches)
     on_disk = {"best": best["epoch"], "rows": len(history)}  # the epoch best.pt holds, the rows metrics.csv has
 
     def settle() -> None:
         """After a stop: bring best.pt and metrics.csv level with last.pt, which resume trusts (best effort)."""
+        if not main:
+            return
         checkpoint.repair_best(run_dir / rundir.CHECKPOINT_DIR, len(history), best["epoch"], on_disk["best"])
         if on_disk["rows"] != len(history):
             try:  # rewritten whole (atomically): the stop may have come in the middle of an append
@@ -235,16 +271,18 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
             # last.pt is what resume trusts, so it goes first and, once written, the epoch counts as kept;
             # a kill before best.pt follows is repaired from it (checkpoint.repair_best). The metrics row comes
             # last: a row on disk always has its checkpoint.
-            state = _state(exp, epoch, history + [row], new_best)
-            checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "last.pt", state)
+            state = _state(exp, epoch, history + [row], new_best) if main else {}
+            if main:
+                checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "last.pt", state)
             history.append(row)
             best = new_best
-            if is_best:
+            if main and is_best:
                 checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "best.pt", state)
                 on_disk["best"] = epoch
-            on_disk["rows"] = -1  # unknown until the append returns
-            metrics.append(row)
-            on_disk["rows"] = len(history)
+            if main:
+                on_disk["rows"] = -1  # unknown until the append returns
+                metrics.append(row)
+                on_disk["rows"] = len(history)
             if probe is not None:
                 probe.flush()
             reporter.epoch_end(row)
@@ -280,15 +318,18 @@ def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
     steps = len(exp.train_batches)
     t0 = time.perf_counter()
     train = train_one_epoch(exp.forward, exp.train_batches, exp.optimizer, exp.scheduler, exp.precision,
-                            epoch, reporter, probe, first_step=(epoch - 1) * steps)
+                            epoch, reporter, probe, first_step=(epoch - 1) * steps, dist=exp.dist)
+    # Unsynchronized BN leaves each rank its own running statistics: make them one model's (train.dist_bn).
+    distributed.reconcile_running_stats(exp.model, exp.dist, exp.cfg.train.dist_bn)
     t1 = time.perf_counter()
     # Test metrics always come from eval mode: BN uses its running statistics (or, without them, the statistics
     # of test batches drawn in a seeded random order; see experiment.setup).
-    test = evaluate(exp.forward, exp.test_batches, exp.precision)
+    evaluator = exp.forward if exp.eval_forward is None else exp.eval_forward  # never the DDP wrapper
+    test = evaluate(evaluator, exp.test_batches, exp.precision, dist=exp.dist)
     row = {"epoch": epoch, "train_loss": train["train_loss"], "train_acc": train["train_acc"],
            "test_loss": test["loss"], "test_acc": test["acc"], "lr": lr}
     if clean_train is not None:  # the running train accuracy mixes many weights; this is the final model's
-        clean = evaluate(exp.forward, clean_train, exp.precision)
+        clean = evaluate(evaluator, clean_train, exp.precision, dist=exp.dist)
         row |= {"clean_train_loss": clean["loss"], "clean_train_acc": clean["acc"]}
     t2 = time.perf_counter()
     return row | {"epoch_time_s": t2 - t0, "train_time_s": t1 - t0, "eval_time_s": t2 - t1,
@@ -332,8 +373,10 @@ def _resume_state(run_dir: Path, exp: Experiment) -> dict[str, Any]:
 class _Summary:
     """summary.json, rewritten atomically after every epoch and at the end."""
 
-    def __init__(self, run_dir: Path, cfg: Config, exp: Experiment, history: list[dict], best: dict):
+    def __init__(self, run_dir: Path, cfg: Config, exp: Experiment, history: list[dict], best: dict,
+                 write: bool = True):
         self.path, self.cfg, self.exp, self.history = run_dir / rundir.SUMMARY_FILE, cfg, exp, history
+        self.write = write  # False on data-parallel ranks other than 0
         self.started = time.time()
         try:
             previous = rundir.read_json(self.path) if self.path.exists() else {}
@@ -351,5 +394,6 @@ class _Summary:
             "device": str(self.exp.device), "num_parameters": count_parameters(self.exp.model),
             "versions": rundir.versions(), **extra,
         }
-        rundir.write_json(self.path, summary)
+        if self.write:
+            rundir.write_json(self.path, summary)
         return summary

@@ -16,6 +16,7 @@ from torch import nn
 
 from bnctl.config import Config, batch_stats_at_eval
 from bnctl.data import Batches, ImageData, load_dataset
+from bnctl.distributed import SINGLE, Dist, convert_sync_bn
 from bnctl.errors import ConfigError, DataError
 from bnctl.models import build_model
 from bnctl.optim import make_optimizer, make_scheduler
@@ -113,6 +114,8 @@ class Experiment:
     scheduler: Any
     notes: list[str] = field(default_factory=list)  # what setup changed and why (e.g. a precision adapted to the device)
     eval_order_seed: int | None = None  # evaluation batches are drawn in this seed's order when BN uses batch statistics at eval
+    dist: Dist = SINGLE  # this process's place in a data-parallel group (SINGLE: one process)
+    eval_forward: Any = None  # what evaluation calls when training calls a DDP wrapper (None: forward)
 
     @property
     def num_classes(self) -> int:
@@ -125,10 +128,14 @@ class Experiment:
                        channels_last=self.cfg.train.channels_last, **options)
 
     def eval_batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Batches:
-        """Evaluation batches, in eval_order_seed's fixed random order when that is set (see setup)."""
+        """Evaluation batches, in eval_order_seed's fixed random order when that is set (see setup).
+
+        Under data parallelism, this rank's shard of them (evaluate sums over ranks).
+        """
         if self.eval_order_seed is not None:
             x, y = seeded_order(x, y, self.eval_order_seed)
-        return self.batches(x, y, batch_size)
+        shard = self.dist.part(len(y))
+        return self.batches(x[shard], y[shard], batch_size)
 
 
 def seed_everything(seed: int) -> None:
@@ -156,13 +163,19 @@ def seeded_order(x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Ten
     return x[order], y[order]
 
 
-def setup(cfg: Config, data: ImageData | None = None, moved: bool = False) -> Experiment:
+def setup(cfg: Config, data: ImageData | None = None, moved: bool = False, dist: Dist = SINGLE) -> Experiment:
     """Resolve the device, load data and build model and optimizer; raise before any run dir exists.
 
     ``moved``: an existing run evaluated or resumed on this device; a precision the device
     lacks is adapted (see adapt_precision) and noted in Experiment.notes instead of refused.
+    Under data parallelism (``dist``) the device is this rank's, BN layers become synchronized
+    ones (train.sync_bn), and each rank gets its share of every training batch and a shard
+    of the test set. Nothing here communicates, so a failure can be agreed on (Dist.agree).
     """
-    device = resolve_device(cfg.device)
+    device = dist.device if dist.enabled else resolve_device(cfg.device)
+    if cfg.train.batch_size % dist.world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly "
+                          f"over the {dist.world_size} processes; use a multiple of {dist.world_size}")
     notes = [note] if moved and (note := adapt_precision(cfg, device)) else []
     precision = Precision(device, cfg.train.precision)
     data = data if data is not None else load_dataset(cfg.data)
@@ -175,24 +188,27 @@ def setup(cfg: Config, data: ImageData | None = None, moved: bool = False) -> Ex
                         "(data.image_size for imagefolder) or another model") from None
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
+    if dist.enabled and cfg.train.sync_bn:
+        convert_sync_bn(model, cuda=device.type == "cuda")
     forward = torch.compile(model) if cfg.train.compile else model
     generator = torch.Generator().manual_seed(cfg.seed)
     d = cfg.data
     common = dict(device=device, mean=d.mean, std=d.std, channels_last=cfg.train.channels_last)
     # Drop the incomplete last batch: a tiny final batch would give BN noisy (or, at size 1, no) statistics.
     train_batches = Batches(data.train_x, data.train_y, cfg.train.batch_size, shuffle=True, drop_last=True,
-                            augment=d.augment, generator=generator, **common)
+                            augment=d.augment, generator=generator, part=(dist.rank, dist.world_size), **common)
     test_x, test_y, order_seed = data.test_x, data.test_y, None
     if batch_stats_at_eval(cfg):
         # Eval mode normalizes with each test batch's statistics here, so the batches must mix the
         # classes: files listed class by class would give one-class batches and a meaningless accuracy.
         order_seed = cfg.seed
         test_x, test_y = seeded_order(test_x, test_y, order_seed)
-    test_batches = Batches(test_x, test_y, cfg.train.eval_batch_size, **common)
+    shard = dist.part(len(test_y))  # evaluation sums counts over ranks: each rank takes a shard
+    test_batches = Batches(test_x[shard], test_y[shard], cfg.train.eval_batch_size, **common)
     optimizer = make_optimizer(model, cfg.optimizer, device)
     scheduler = make_scheduler(optimizer, cfg, max(1, len(train_batches)))  # eval needs no full training batch
     return Experiment(cfg, device, data, model, forward, precision, generator, train_batches, test_batches,
-                      optimizer, scheduler, notes, order_seed)
+                      optimizer, scheduler, notes, order_seed, dist)
 
 
 def _check_fits(exp: Experiment) -> None:
