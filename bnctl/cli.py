@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from bnctl.clikit import console, existing as _existing, reports_errors as _reports_errors, state as _state
+from bnctl.clikit import sigterm_stops_like_ctrl_c, sigkill_test_hook
 from bnctl.errors import BnctlError, ConfigError
 
 app = typer.Typer(
@@ -68,6 +69,7 @@ class _RichReporter:
                  f"{row['test_acc']:.2f}%", f"{row['lr']:.2e}", f"{row['epoch_time_s']:.1f}s",
                  f"{row['images_per_s']:.0f}"]
         console.print("  ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, self.COLUMNS)))
+        sigkill_test_hook(row["epoch"])
 
     def close(self) -> None:
         self.progress.stop()
@@ -89,6 +91,7 @@ def _resume_config(run_dir: Path, overrides: list[str]):
 
 @app.command()
 @_reports_errors
+@sigterm_stops_like_ctrl_c()
 def train(
     overrides: Optional[List[str]] = typer.Argument(None, metavar="KEY=VALUE",
                                                     help="Override config keys, e.g. optimizer.lr=0.01 train.epochs=5"),
@@ -135,7 +138,7 @@ def _train(overrides: Optional[List[str]], config: Optional[Path], run_dir: Opti
     else:
         cfg = config_mod.load(config, overrides)
 
-    from bnctl import engine, plotting  # heavy imports only once the config is known to be valid
+    from bnctl import elastic, engine, plotting  # heavy imports only once the config is known to be valid
     from bnctl.diagnostics import BNProbe
 
     reporter = _RichReporter(cfg.train.epochs)
@@ -144,6 +147,9 @@ def _train(overrides: Optional[List[str]], config: Optional[Path], run_dir: Opti
     def announce(path: Path) -> None:
         started["dir"] = path
         verb = "resuming" if resume is not None else "run directory"
+        restart = elastic.attempt()
+        if restart is not None and restart.restart > 0:
+            verb += f" (torchrun restart {restart.restart})"
         console.print(f"[dim]{verb}:[/] {path}")
 
     trained = False

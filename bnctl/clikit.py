@@ -5,9 +5,13 @@ Command modules (bnctl/cli.py and bnctl/commands/*.py) import from here; library
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import signal
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
@@ -17,7 +21,11 @@ from bnctl.errors import BnctlError, ConfigError, InterruptedRun
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
-state = {"debug": False}
+state: dict[str, Any] = {"debug": False, "signal": None}
+
+# Exit codes of a run stopped by a signal: 128 + the signal's number, the shell's convention.
+CTRL_C_EXIT = 130
+SIGTERM_EXIT = 143
 
 
 def reports_errors(command: Callable) -> Callable:
@@ -30,12 +38,19 @@ def reports_errors(command: Callable) -> Callable:
         except BnctlError as err:
             if state["debug"]:
                 raise
-            label = "[bold yellow]stopped:[/]" if isinstance(err, InterruptedRun) else "[bold red]error:[/]"
+            code, label = err.exit_code, "[bold red]error:[/]"
+            if isinstance(err, InterruptedRun):
+                by = err.signal or state["signal"]
+                code = SIGTERM_EXIT if by == "SIGTERM" else err.exit_code
+                label = f"[bold yellow]stopped{f' ({by})' if by else ''}:[/]"
             err_console.print(f"{label} {escape(str(err))}", soft_wrap=True)  # paths may hold [brackets]
-            raise typer.Exit(err.exit_code) from None
+            raise typer.Exit(code) from None
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
+            by = state["signal"]
+            err_console.print(f"[yellow]interrupted{f' ({by})' if by else ''}[/]")
+            raise typer.Exit(SIGTERM_EXIT if by == "SIGTERM" else CTRL_C_EXIT) from None
+        except typer.Exit:  # a command's own exit code
+            raise
         except Exception as err:  # a bug in bnctl or an environment problem: still no wall of text by default
             if state["debug"]:
                 raise
@@ -57,3 +72,57 @@ def existing(path: Path, kind: str, holding: str | None = None) -> Path:
         if not (path / holding).is_file():
             raise ConfigError(f"{path} is not a bnctl {kind} (no {holding})")
     return path
+
+
+@contextlib.contextmanager
+def sigterm_stops_like_ctrl_c() -> Iterator[None]:
+    """While a command trains, SIGTERM stops it exactly as Ctrl-C does (exit code 143 instead of 130).
+
+    Slurm, Kubernetes and torchrun send SIGTERM and wait some seconds before SIGKILL. Python's default
+    is to die at once, leaving a run marked "running"; raising KeyboardInterrupt instead sends the run
+    down the engine's Ctrl-C path (status "interrupted", last checkpoint kept, resume hint). Under
+    torchrun (WORLD_SIZE > 1) SIGTERM and SIGINT only request the stop, which every rank then honours
+    at the same step (see bnctl/stopping.py). The handler belongs to the command, not the library: a
+    program that embeds bnctl.engine owns its process's signals. Only the first signal counts; later
+    ones (torchrun forwards the one the shell already delivered) are ignored so the stop can finish.
+    """
+    from bnctl import stopping
+
+    state["signal"] = None
+    stopping.clear()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    together = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if state["signal"] is not None:
+            return
+        state["signal"] = signal.Signals(signum).name
+        if together:
+            stopping.request(state["signal"])
+        else:
+            raise KeyboardInterrupt(state["signal"])
+
+    caught = [signal.SIGTERM, signal.SIGINT] if together else [signal.SIGTERM]
+    previous = {signum: signal.signal(signum, on_signal) for signum in caught}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+TEST_KILL_ENV = "BNCTL_TEST_SIGKILL_AFTER_EPOCH"
+
+
+def sigkill_test_hook(epoch: int) -> None:
+    """A test hook, not a feature: BNCTL_TEST_SIGKILL_AFTER_EPOCH=N[:RANK] makes the process of rank RANK
+    (default 0) SIGKILL itself once epoch N is saved, on torchrun's first attempt only, so that tests can
+    check that `torchrun --max-restarts` continues the run. Unset, it does nothing."""
+    spec = os.environ.get(TEST_KILL_ENV)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    kill_epoch, _, kill_rank = spec.partition(":")
+    if epoch == int(kill_epoch) and os.environ.get("RANK", "0") == (kill_rank or "0"):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -372,6 +372,19 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return raw
 
 
+class SlurmConfig(_Section):
+    """A sweep file's `slurm:` section: the job array `bnctl sweep --launcher slurm` submits (options override it)."""
+
+    partition: Optional[str] = None  # Slurm partition (None: the cluster's default)
+    time_min: int = Field(60, ge=1)  # wall-time limit of each array task, in minutes
+    cpus_per_run: int = Field(2, ge=1)  # CPU cores of each task; a task trains one run at a time
+    gpus_per_run: int = Field(0, ge=0)  # GPUs of each task (0: CPU-only runs)
+    mem_gb: Optional[float] = Field(None, gt=0)  # memory of each task (None: the partition's default)
+    parallelism: int = Field(16, ge=1)  # array tasks running at once (sbatch --array=0-N%parallelism)
+    tasks: Optional[int] = Field(None, ge=1)  # array tasks; task i runs shard i/tasks (None: one task per run)
+    setup: list[str] = []  # shell lines each task runs first (module load ..., source .venv/bin/activate)
+
+
 def load(path: Path | None, overrides: list[str] | None = None, moved: bool = False) -> Config:
     """Load a YAML config (or the defaults when path is None), apply overrides and validate (see validate)."""
     raw = read_yaml(path) if path is not None else {}

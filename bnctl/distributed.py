@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnctl.elastic import attempt_store
 from bnctl.errors import BnctlError, ConfigError
 from bnctl.norms import ManualBatchNorm, uses_batch_stats
 
@@ -200,7 +201,9 @@ def process_group(device_name: str) -> Iterator[Dist]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    td.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s()))
+    timeout = timedelta(seconds=timeout_s())
+    # Under torchrun, a store private to this attempt: a restarted group must not meet the dead one's keys.
+    td.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, store=attempt_store(timeout))
     try:
         yield Dist(rank, world, local_rank, backend, device)
     finally:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnctl import checkpoint, config as config_mod, distributed, rundir
+from bnctl import checkpoint, config as config_mod, distributed, elastic, rundir, stopping
 from bnctl.config import Config
 from bnctl.data import Batches, ImageData
 from bnctl.distributed import SINGLE, Dist
@@ -77,8 +77,8 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
                 loss = F.cross_entropy(logits.float(), y)
             loss_sum += loss.detach() * len(y)
             # Under DDP the check is on the sum over ranks, so every rank stops at the same step.
-            if (i + 1) % check_every == 0 and not math.isfinite(dist.sum(loss_sum).item()):
-                raise DivergedError(f"loss became {loss.item()} at epoch {epoch}, step {i + 1}", epoch, i + 1)
+            if (i + 1) % check_every == 0:
+                _check_step(loss_sum, loss, dist, epoch, i + 1)
             optimizer.zero_grad(set_to_none=True)
             precision.scaler.scale(loss).backward()
             if probe is not None:
@@ -96,6 +96,23 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     if not math.isfinite(loss_sum.item()):  # a GPU run may have diverged after its last check
         raise DivergedError(f"loss became non-finite in epoch {epoch}", epoch, len(batches))
     return {"train_loss": (loss_sum / seen).item(), "train_acc": 100.0 * correct.item() / seen, "images": seen}
+
+
+def _check_step(loss_sum: torch.Tensor, loss: torch.Tensor, dist: Dist, epoch: int, step: int) -> None:
+    """Stop at this step if the loss stopped being finite or a stop was requested (stopping.py).
+
+    Under DDP both are read from every rank in one all-reduce, so every rank stops at the same step.
+    """
+    if dist.enabled:
+        mine = torch.cat([loss_sum.reshape(1), loss_sum.new_tensor(stopping.flags())])
+        total, *requests = dist.sum(mine).tolist()
+    else:
+        total, requests = loss_sum.item(), stopping.flags()
+    why = stopping.reason(requests)
+    if why is not None:
+        raise KeyboardInterrupt(why)  # the Ctrl-C path: status interrupted, last checkpoint kept
+    if not math.isfinite(total):
+        raise DivergedError(f"loss became {loss.item()} at epoch {epoch}, step {step}", epoch, step)
 
 
 def evaluate(model: nn.Module, batches: Batches, precision: Precision,
@@ -177,19 +194,21 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
 
     exp = dist.agree(prepare)  # a failure on any rank stops every rank here, with one message
     with contextlib.ExitStack() as stack:
-        def claim() -> str | None:
+        def claim() -> tuple[str, bool] | None:
             if not dist.is_main:
                 return None
-            path = Path(resume) if resume is not None else rundir.create(runs_root, cfg.name, exact=run_dir)
+            # A new folder, --resume's, or (a worker group torchrun restarted) the one its first attempt made.
+            path, resuming = elastic.claim_run_dir(runs_root, cfg.name, run_dir, resume)
             # One process per run directory: resuming a run that is still training would interleave two writers.
             stack.enter_context(rundir.RunLock(path))
-            return str(path)
+            return str(path), resuming
 
-        path = Path(dist.agree(claim, share=True))  # rank 0 creates the folder; the others learn its path
+        claimed, resuming = dist.agree(claim, share=True)  # rank 0 creates the folder; the others learn its path
+        path = Path(claimed)
         try:
-            return _fit_in(exp, path, resume is not None, reporter, on_run_dir, probe_factory)
-        except InterruptedRun:
-            if not dist.is_main or resume is not None or (path / rundir.CHECKPOINT_DIR / "last.pt").exists():
+            return _fit_in(exp, path, resuming, reporter, on_run_dir, probe_factory)
+        except InterruptedRun as stop:
+            if not dist.is_main or resuming or (path / rundir.CHECKPOINT_DIR / "last.pt").exists():
                 raise
             # Stopped before any epoch completed: the folder holds only what the run wrote at its start
             # and cannot be resumed, so it goes rather than lingering as a run that looks usable.
@@ -199,7 +218,7 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
             except OSError as err:
                 fate = f"{path} holds no checkpoint (removing it failed: {err.strerror or err})"
             raise InterruptedRun(f"interrupted in epoch 1, before any epoch completed: nothing was kept and {fate}. "
-                                 "Start again with the same command") from None
+                                 "Start again with the same command", signal=stop.signal) from None
 
 
 def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
@@ -228,14 +247,16 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
         rundir.atomic_write_text(run_dir / rundir.CONFIG_FILE, config_mod.to_yaml(cfg))
         rundir.record_resume(run_dir, {"from_epoch": start - 1, "epochs": cfg.train.epochs, "device": str(exp.device),
                                        "threads": training_threads(exp.device, cfg.train.batch_size),
-                                       "precision": cfg.train.precision, "notes": exp.notes, **parallel})
+                                       "precision": cfg.train.precision, "notes": exp.notes, **parallel,
+                                       **elastic.run_info()})
     elif main:
         rundir.record_provenance(run_dir, config_mod.to_yaml(cfg), {
             "device": str(exp.device), "seed": cfg.seed,
             "threads": training_threads(exp.device, cfg.train.batch_size),
             "num_classes": exp.num_classes, "classes": list(exp.data.classes),
             "train_images": len(exp.data.train_y), "steps_per_epoch": len(exp.train_batches),
-            "test_images": len(exp.data.test_y), "eval_order_seed": exp.eval_order_seed, **parallel})
+            "test_images": len(exp.data.test_y), "eval_order_seed": exp.eval_order_seed, **parallel,
+            **elastic.run_info()})
     on_run_dir(run_dir)
     # DDP once the weights are final (it broadcasts rank 0's at construction); evaluation skips it.
     exp.eval_forward, exp.forward = exp.forward, dist.wrap(exp.forward)
@@ -295,12 +316,14 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
         raise DivergedError(f"training diverged: {err}. Try a lower optimizer.lr (now {cfg.optimizer.lr:g}), "
                             f"a warm-up schedule or normalization layers; {kept} in {run_dir}",
                             err.epoch, err.step) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         settle()
+        by = str(err) if str(err) in stopping.REASONS else None  # a signal's name when the CLI's handler sent it
         # The epoch in progress is the one after the last checkpointed one (the loop may not have advanced yet).
-        summary.update(best, status="interrupted", interrupted_in_epoch=len(history) + 1)
+        summary.update(best, status="interrupted", interrupted_in_epoch=len(history) + 1,
+                       **({"stopped_by": by} if by else {}))
         raise InterruptedRun(f"interrupted in epoch {len(history) + 1}; {len(history)} complete epoch(s) kept. "
-                             f"Continue with: bnctl train --resume {run_dir}") from None
+                             f"Continue with: bnctl train --resume {run_dir}", signal=by) from None
     except BaseException as err:
         settle()
         summary.update(best, status="failed", error=f"{type(err).__name__}: {err}")

@@ -4,6 +4,8 @@ Library code raises these with a message a person can act on; the CLI turns
 them into that message and an exit code, without a traceback.
 """
 
+from __future__ import annotations
+
 
 class BnctlError(Exception):
     """A known failure: the message names the problem and, where possible, the fix."""
@@ -41,6 +43,12 @@ class DivergedError(BnctlError):
 
 
 class InterruptedRun(BnctlError):
-    """The user stopped training (Ctrl-C); the last complete epoch is kept."""
+    """The user stopped training (Ctrl-C), or the system did (SIGTERM); the last complete epoch is kept."""
 
     exit_code = 130
+
+    def __init__(self, message: str, signal: str | None = None):
+        super().__init__(message)
+        self.signal = signal  # "SIGTERM" when a scheduler stopped the run: then the shell's code for it, 143
+        if signal == "SIGTERM":
+            self.exit_code = 143

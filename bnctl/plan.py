@@ -286,7 +286,7 @@ def plan_inline(config_path: Path | None, overrides: Sequence[str], seeds: int |
     return plan.validate()
 
 
-SWEEP_FILE_KEYS = {"name", "base", "fixed", "grid", "seeds"}
+SWEEP_FILE_KEYS = {"name", "base", "fixed", "grid", "seeds", "slurm"}  # slurm: read by bnctl.launchers
 
 
 def plan_from_file(path: Path, extra_overrides: Sequence[str] = ()) -> Plan:

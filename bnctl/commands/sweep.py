@@ -126,6 +126,22 @@ def sweep(
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs at once, in worker processes sharing the CPU threads."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Run only slice I of N (0-based: 0/4 ... 3/4)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print the plan and the run count, and exit."),
+    launcher: str = typer.Option("local", "--launcher",
+                                 help="local: run here; slurm: submit a Slurm job array (needs submitit)."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="slurm: partition.", rich_help_panel="Slurm"),
+    time_min: Optional[int] = typer.Option(None, "--time", help="slurm: minutes per task (60).",
+                                           rich_help_panel="Slurm"),
+    cpus_per_run: Optional[int] = typer.Option(None, "--cpus-per-run", help="slurm: CPU cores per task (2).",
+                                               rich_help_panel="Slurm"),
+    gpus_per_run: Optional[int] = typer.Option(None, "--gpus-per-run", help="slurm: GPUs per task (0).",
+                                               rich_help_panel="Slurm"),
+    mem_gb: Optional[float] = typer.Option(None, "--mem-gb", help="slurm: memory per task.", rich_help_panel="Slurm"),
+    parallelism: Optional[int] = typer.Option(None, "--parallelism", help="slurm: tasks running at once (16).",
+                                              rich_help_panel="Slurm"),
+    tasks: Optional[int] = typer.Option(None, "--tasks", help="slurm: array tasks (default: one per run).",
+                                        rich_help_panel="Slurm"),
+    wait: bool = typer.Option(False, "--wait", help="slurm: wait for the array to end, then summarize.",
+                              rich_help_panel="Slurm"),
 ) -> None:
     """Run a grid of configs x seeds: each run an ordinary run directory, results.csv kept up to date."""
     from bnctl import sweep as sweep_mod
@@ -157,8 +173,21 @@ def sweep(
         statuses = ({s.name: sweep_mod.run_status(resume, s)[0] for s in selected} if resume is not None else None)
         _print_plan(plan, selected, statuses)
         return
+    from bnctl import launchers
+
+    launchers.check_launcher(launcher)
+    if launcher == "slurm":  # settings first: a bad one must not leave a sweep directory behind
+        if jobs != 1:
+            raise ConfigError("--jobs is for --launcher local; a Slurm task trains one run at a time "
+                              "(more runs at once: --parallelism)")
+        settings = launchers.slurm_settings(sweep_file, {
+            "partition": partition, "time_min": time_min, "cpus_per_run": cpus_per_run, "gpus_per_run": gpus_per_run,
+            "mem_gb": mem_gb, "parallelism": parallelism, "tasks": tasks})
     target = resume if resume is not None else sweep_mod.create(plan, root, exact=sweep_dir)
     console.print(f"[dim]sweep directory:[/] {escape(str(target))}", soft_wrap=True)
+    if launcher == "slurm":
+        _submit(launchers.LAUNCHERS[launcher](target, settings, shard=part), wait)
+        return
     progress = _SweepProgress()
     started = time.monotonic()
     try:
@@ -194,3 +223,27 @@ def _finish(outcome, seconds: float) -> None:
         console.print(escape(str(outcome.sweep_dir)), soft_wrap=True)
         raise typer.Exit(1)
     console.print(escape(str(outcome.sweep_dir)), soft_wrap=True)  # last line: the sweep directory, for scripts
+
+
+def _submit(submission, wait: bool) -> None:
+    """Report a submitted job array; with --wait, its end too."""
+    from bnctl import sweep as sweep_mod
+
+    console.print(f"submitted Slurm job array {submission.job_id} ({submission.tasks} task(s)); "
+                  f"logs in {escape(str(submission.logs))}", soft_wrap=True)
+    if not wait:
+        console.print(f"[dim]follow: squeue -j {submission.job_id}   then: bnctl report {escape(str(submission.sweep_dir))}"
+                      f"   anything left undone: bnctl sweep --resume {escape(str(submission.sweep_dir))}[/]",
+                      soft_wrap=True)
+        console.print(escape(str(submission.sweep_dir)), soft_wrap=True)
+        return
+    summaries = submission.wait()
+    _, rows = sweep_mod.load(submission.sweep_dir)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    console.print(f"[bold]{len(summaries)} task(s) ended:[/] "
+                  + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    console.print(escape(str(submission.sweep_dir)), soft_wrap=True)
+    if any(row["status"] == "failed" for row in rows):
+        raise typer.Exit(1)
