@@ -108,7 +108,8 @@ def _cell(value, fmt: str) -> str:
 def print_table(rows: list[dict], header: str) -> None:
     print(header)
     print()
-    print("| run | precision | channels_last | mode | train img/s | first epoch s | test acc % | peak GPU MiB | status |")
+    print("| run | precision | channels_last | mode | train img/s | first epoch s | test acc % | peak GPU MiB "
+          "| status |")
     print("|---|---|---|---|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['label']} | {r['precision']} | {r['channels_last']} | {r['mode']} | "

@@ -232,7 +232,8 @@ def _submit(submission, wait: bool) -> None:
     console.print(f"submitted Slurm job array {submission.job_id} ({submission.tasks} task(s)); "
                   f"logs in {escape(str(submission.logs))}", soft_wrap=True)
     if not wait:
-        console.print(f"[dim]follow: squeue -j {submission.job_id}   then: bnctl report {escape(str(submission.sweep_dir))}"
+        where = escape(str(submission.sweep_dir))
+        console.print(f"[dim]follow: squeue -j {submission.job_id}   then: bnctl report {where}"
                       f"   anything left undone: bnctl sweep --resume {escape(str(submission.sweep_dir))}[/]",
                       soft_wrap=True)
         console.print(escape(str(submission.sweep_dir)), soft_wrap=True)
