@@ -1,6 +1,6 @@
 """A sweep's report: statistics over seeds per cell, summary.csv, report.md and figures.
 
-Reads files only (sweep.yaml, results.csv, each run's metrics.csv), like plotting: it
+Reads files only (sweep.yaml, each run's summary.json and metrics.csv), like plotting: it
 imports neither torch nor the engine, so it runs on any machine and on a sweep that is
 still running or was stopped part-way; what is missing is listed, never guessed.
 """
@@ -72,26 +72,18 @@ def _gap(row: dict[str, Any]) -> float | None:
 
 
 def load(sweep_dir: Path) -> SweepData:
-    """Read sweep.yaml and results.csv; runs that results.csv does not list yet count as pending."""
+    """The plan and one row per planned run, read fresh from the run directories (results.csv may lag a crash)."""
+    from bnctl import sweep
+
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / SWEEP_FILE).is_file():
         raise ConfigError(f"{sweep_dir} is not a bnctl sweep directory (no {SWEEP_FILE})")
-    plan = config_mod.read_yaml(sweep_dir / SWEEP_FILE) or {}
-    planned = plan.get("runs") or []
-    if not planned:
+    plan, rows = sweep.load(sweep_dir)
+    if not plan.runs:
         raise ConfigError(f"{sweep_dir / SWEEP_FILE} lists no runs")
-    found = {}
-    if (sweep_dir / RESULTS_FILE).is_file():
-        found = {str(r["run"]): r for r in rundir.read_csv(sweep_dir / RESULTS_FILE)}
-    rows = []
-    for spec in planned:
-        row = dict(found.get(spec["name"]) or {"run": spec["name"], "status": "pending"})
-        # The plan, not the CSV's parsed text, is the authority on which values a run has.
-        row.update({"run": spec["name"], "cell": spec["cell"], "seed": spec["seed"], **spec["overrides"]})
-        row["status"] = row.get("status") or "pending"
+    for row in rows:
         row["gap"] = _gap(row)
-        rows.append(row)
-    return SweepData(sweep_dir, plan, rows)
+    return SweepData(sweep_dir, plan.to_dict(), rows)
 
 
 def cells(data: SweepData) -> list[Cell]:

@@ -1,4 +1,4 @@
-"""Constructed sweep directories that follow the sweep contract (sweep.yaml, results.csv, runs/<name>/metrics.csv).
+"""Constructed sweep directories that follow the sweep contract (sweep.yaml, runs/<name>/summary.json, metrics.csv).
 
 The report and the verdict rules read only these files, so tests build them directly with
 known numbers instead of training.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,6 +46,15 @@ def make_sweep(root: Path, grid: dict[str, list], seeds: list[int],
                 row.update(res)
                 run_dir = sweep / "runs" / run["name"]
                 run_dir.mkdir()
+                summary = {"status": row["status"], "epochs_completed": row["epochs"] or None,
+                           "final": {"test_acc": res.get("final_test_acc"), "test_loss": res.get("final_test_loss"),
+                                     "train_acc": res.get("final_train_acc"),
+                                     "clean_train_acc": res.get("final_clean_train_acc")},
+                           "best": {"test_acc": res.get("best_test_acc"), "epoch": res.get("best_epoch")},
+                           "wall_time_s": res.get("wall_time_s")}
+                if res.get("error"):
+                    summary["error"] = res["error"]
+                (run_dir / "summary.json").write_text(json.dumps(summary))
                 if curve:
                     lines = ["epoch,train_loss,train_acc,test_loss,test_acc"]
                     lines += [f"{e},1.0,50.0,1.0,{acc!r}" for e, acc in enumerate(curve, 1)]
