@@ -269,6 +269,10 @@ from bnctl.commands import report as _report_cmd  # noqa: E402  (command groups 
 
 app.command()(_report_cmd.report)
 
+from bnctl.commands import study as _study_cmd  # noqa: E402
+
+app.add_typer(_study_cmd.app, name="study")
+
 
 def main() -> None:
     app()

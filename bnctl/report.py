@@ -28,7 +28,7 @@ METRICS = [
     ("gap", "train-test gap (points)", 2),  # clean (eval-mode) train acc - test acc; needs train.eval_train
 ]
 # Keys whose values are drawn on a log axis: rates and scales are chosen log-spaced.
-LOG_KEYS = ("lr", "init_scale", "init_std", "weight_decay", "min_lr", "bn_eps")
+LOG_KEYS = ("lr", "init_scale", "init_std", "weight_decay", "min_lr", "bn_eps", "batch_size")
 FINISHED = ("completed", "diverged")  # statuses that are results; anything else is missing
 
 
@@ -113,9 +113,10 @@ def _fmt_summary(s: stats.Summary, digits: int) -> str:
     return f"{s.mean:.{digits}f} ± {s.std:.{digits}f} [{s.lo:.{digits}f}, {s.hi:.{digits}f}]"
 
 
-def table_rows(data: SweepData, all_cells: list[Cell]) -> tuple[list[str], list[list[str]]]:
+def table_rows(data: SweepData, all_cells: list[Cell],
+               only: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
     """The report's table: swept values, n (completed/planned), diverged, then mean ± std [95% CI] per metric."""
-    metrics = _metrics_present(all_cells)
+    metrics = [m for m in _metrics_present(all_cells) if only is None or m[0] in only]
     header = [*data.grid, "n", "diverged", *(label for _, label, _ in metrics)]
     body = []
     for c in all_cells:
@@ -164,36 +165,48 @@ def _label(values: dict[str, Any], keys: list[str]) -> str:
     return ", ".join(f"{k.rsplit('.', 1)[-1]}={values[k]}" for k in keys) or "all runs"
 
 
-def plot_metric_vs_key(data: SweepData, all_cells: list[Cell], key: str, out: Path,
-                       metric: str = "final_test_acc", title: str | None = None) -> Path | None:
-    """metric against one numeric swept key: one line per value of the other keys, 95% t-interval error bars."""
-    from bnctl.plotting import _pyplot, _save
-
+def draw_metric_vs_key(ax, data: SweepData, all_cells: list[Cell], key: str, metric: str = "final_test_acc",
+                       title: str | None = None) -> bool:
+    """On ax: metric against one numeric swept key, one line per value of the other keys, 95% t-interval bars."""
     label = dict((m, lab) for m, lab, _ in METRICS)[metric]
     others = [k for k in data.grid if k != key]
     lines: dict[tuple, list[Cell]] = {}
     for c in all_cells:
         lines.setdefault(tuple(c.values[k] for k in others), []).append(c)
-    if not any(c.stats[metric].n for c in all_cells):
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = False
     for group, members in lines.items():
         pts = sorted((c.values[key], c.stats[metric]) for c in members if c.stats[metric].n)
         if not pts:
             continue
-        xs = [x for x, _ in pts]
-        ys = [s.mean for _, s in pts]
-        err = [s.half_width or 0.0 for _, s in pts]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=_label(dict(zip(others, group)), others))
-    if _log_axis(key, list(data.grid[key])):
-        ax.set_xscale("log")
+        ax.errorbar([x for x, _ in pts], [s.mean for _, s in pts], yerr=[s.half_width or 0.0 for _, s in pts],
+                    marker="o", capsize=3, label=_label(dict(zip(others, group)), others))
+        drawn = True
+    values = list(data.grid[key])
+    if _log_axis(key, values):
+        ax.set_xscale("log", base=2 if key.endswith("batch_size") else 10)
+    if key.endswith("batch_size") or len(values) <= 6:
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.minorticks_off()
     ax.set_xlabel(key)
     ax.set_ylabel(label)
     ns = sorted({c.stats[metric].n for c in all_cells if c.stats[metric].n})
     ax.set_title(title or f"{data.name}: {label} vs {key}\nmean over seeds (n={'/'.join(map(str, ns))}), "
                           "bars: 95% t-interval", fontsize=10)
-    ax.legend(fontsize=8)
+    if drawn and (others or len(lines) > 1):
+        ax.legend(fontsize=8)
+    return drawn
+
+
+def plot_metric_vs_key(data: SweepData, all_cells: list[Cell], key: str, out: Path,
+                       metric: str = "final_test_acc", title: str | None = None) -> Path | None:
+    """metric against one numeric swept key -> a PNG (None when no cell has a value yet)."""
+    from bnctl.plotting import _pyplot, _save
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if not draw_metric_vs_key(ax, data, all_cells, key, metric, title):
+        plt.close(fig)
+        return None
     return _save(fig, out)
 
 

@@ -61,7 +61,8 @@ def test_build_writes_summary_markdown_and_figures(sweep):
     assert {"final_test_acc_vs_lr.png", "gap_vs_lr.png", "curves_test_acc.png"} <= names
     assert all((sweep / n).stat().st_size > 5000 for n in names if n.endswith(".png"))
     assert report.numeric_keys(rep.data) == ["optimizer.lr"]
-    assert report._log_axis("optimizer.lr", [0.001, 0.01]) and not report._log_axis("train.batch_size", [2, 64])
+    assert report._log_axis("optimizer.lr", [0.001, 0.01]) and not report._log_axis("model.width", [0.5, 2.0])
+    assert report._log_axis("train.batch_size", [2, 64])
 
 
 def test_report_cli_prints_the_table_without_importing_torch(sweep):
