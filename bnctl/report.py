@@ -105,7 +105,7 @@ def _metrics_present(all_cells: list[Cell]) -> list[tuple[str, str, int]]:
     return [m for m in METRICS if any(c.stats[m[0]].n for c in all_cells)]
 
 
-def _fmt_summary(s: stats.Summary, digits: int) -> str:
+def fmt_summary(s: stats.Summary, digits: int) -> str:
     if s.n == 0:
         return "-"
     if s.n == 1:
@@ -121,7 +121,7 @@ def table_rows(data: SweepData, all_cells: list[Cell],
     body = []
     for c in all_cells:
         body.append([*(str(c.values[k]) for k in data.grid), f"{c.count('completed')}/{len(c.runs)}",
-                     str(c.count("diverged")), *(_fmt_summary(c.stats[m], d) for m, _, d in metrics)])
+                     str(c.count("diverged")), *(fmt_summary(c.stats[m], d) for m, _, d in metrics)])
     return header, body
 
 
@@ -259,7 +259,7 @@ def plot_cell_curves(data: SweepData, all_cells: list[Cell], out: Path, column: 
 
 # ------------------------------------------------------------------ report.md
 
-def _md_table(header: list[str], body: list[list[str]]) -> str:
+def md_table(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
     return "\n".join(lines)
@@ -318,7 +318,7 @@ def _write_markdown(data: SweepData, all_cells: list[Cell], header, body, figure
     lines += ["Each cell: mean ± sample std [95% t-interval] over its completed seeds (scipy.stats.t); "
               "n = completed/planned. Diverged runs are counted, not averaged. The gap is eval-mode "
               "train accuracy minus test accuracy (needs `train.eval_train`).", "",
-              _md_table(header, body), ""]
+              md_table(header, body), ""]
     if missing:
         lines += [f"**Incomplete:** {len(missing)} of {len(data.rows)} runs are not results yet; "
                   "the statistics above use only the finished ones.", ""]

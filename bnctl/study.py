@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from bnctl import report, rundir, stats, verdicts
-from bnctl.errors import ConfigError
+from bnctl.errors import ConfigError, InterruptedRun
 
 STUDY_FILE, REPORT_FILE, EVAL_FILE, SWEEPS_DIR, FIGURES_DIR = (
     "study.json", "REPORT.md", "notebook_eval.csv", "sweeps", "figures")
@@ -171,6 +171,9 @@ def run(study_dir: Path, *, jobs: int = 1, reporter_factory: Callable[[], Any] |
             reporter = reporter_factory() if reporter_factory else None
             try:
                 outcome = sweep.execute(info["sweeps"][section.key], jobs=jobs, reporter=reporter)
+            except InterruptedRun:
+                raise InterruptedRun(f"study interrupted; finished runs are kept. Continue with: "
+                                     f"bnctl study claims --resume {study_dir}") from None
             finally:
                 if reporter is not None and hasattr(reporter, "close"):
                     reporter.close()
@@ -202,15 +205,14 @@ def _chance(data: report.SweepData) -> float:
     return 10.0
 
 
-def _verdict_for(key: str, data: report.SweepData, chance: float) -> verdicts.Verdict:
-    rows = data.rows
-    if key == "lr":
-        return verdicts.higher_lr(rows, chance)
-    if key == "init":
-        return verdicts.init_sensitivity(rows, chance)
-    if key == "regularization":
-        return verdicts.regularization(rows, dropout=max(data.grid["model.dropout"]))
-    return verdicts.small_batches(rows, chance)
+# Section -> its verdict rule, given the sweep's data and the chance accuracy.
+RULES: dict[str, Callable[[report.SweepData, float], verdicts.Verdict]] = {
+    "lr": lambda data, chance: verdicts.higher_lr(data.rows, chance),
+    "init": lambda data, chance: verdicts.init_sensitivity(data.rows, chance),
+    "regularization": lambda data, chance: verdicts.regularization(data.rows,
+                                                                   dropout=max(data.grid["model.dropout"])),
+    "small_batches": lambda data, chance: verdicts.small_batches(data.rows, chance),
+}
 
 
 FIGURE_KEYS = {"lr": ("optimizer.lr", ["final_test_acc"]), "init": ("model.init_scale", ["final_test_acc"]),
@@ -260,10 +262,6 @@ def _eval_figure(evals: list[dict[str, Any]], out: Path) -> Path | None:
     return _save(fig, out)
 
 
-def _md_table(header: list[str], body: list[list[str]]) -> str:
-    return report._md_table(header, body)
-
-
 def _verdict_md(v: verdicts.Verdict) -> list[str]:
     lines = [f"**Verdict: {v.verdict}.** {v.sentence()[len(v.verdict) + 2:]}", ""]
     lines += [f"- {d}" for d in v.details] + ([""] if v.details else [])
@@ -287,7 +285,7 @@ def write_report(study_dir: Path) -> StudyResult:
         data_names.add(str((data.plan.get("config") or {}).get("data", {}).get("name")))
         missing_total += len(rep.missing)
         planned_total += len(data.rows)
-        v = _verdict_for(section.key, data, _chance(data))
+        v = RULES[section.key](data, _chance(data))
         results[section.key] = v
         fig = _section_figure(section.key, data, cells, study_dir / FIGURES_DIR / f"{section.key}.png")
         only = ["final_test_acc", "gap"] if section.key == "regularization" else ["final_test_acc"]
@@ -295,7 +293,7 @@ def write_report(study_dir: Path) -> StudyResult:
         sections_md += [f"## {section.title}", "", section.question, ""]
         if fig:
             sections_md += [f"![{section.title}]({fig.relative_to(study_dir)})", ""]
-        sections_md += [_md_table(header, body), ""]
+        sections_md += [report.md_table(header, body), ""]
         if rep.missing:
             sections_md += [f"*{len(rep.missing)} of {len(data.rows)} runs are not finished; "
                             "the numbers use the finished ones.*", ""]
@@ -313,11 +311,11 @@ def write_report(study_dir: Path) -> StudyResult:
     if fig5:
         sections_md += [f"![{NOTEBOOK_SECTION.title}]({fig5.relative_to(study_dir)})", ""]
     header = ["evaluation", "test acc %"]
-    body = [[lab, report._fmt_summary(stats.summarize([r[c] for r in evals]), 2)] for c, lab in (
+    body = [[lab, report.fmt_summary(stats.summarize([r[c] for r in evals]), 2)] for c, lab in (
         ("running_acc", "eval mode (running statistics)"),
         ("batch_stats_acc", f"each test batch of {EVAL_BATCH}'s own statistics (the notebook)"),
         ("recalibrated_acc", "eval mode after recalibration"))]
-    sections_md += [_md_table(header, body), ""] + _verdict_md(v5)
+    sections_md += [report.md_table(header, body), ""] + _verdict_md(v5)
 
     rows = [[s.title, results[s.key].verdict, _effect_cell(results[s.key])] for s in [*SECTIONS, NOTEBOOK_SECTION]]
     head = [f"# The notebook's claims, tested ({info['profile']} profile)", "",
@@ -330,7 +328,7 @@ def write_report(study_dir: Path) -> StudyResult:
             "when it includes zero. Numbers are mean ± sample std [95% t-interval] over seeds; diverged runs are "
             "counted per cell and, in the verdict rules, as chance accuracy. The verdicts hold for this model, "
             "data and budget; they are not general truths about BN.", "",
-            _md_table(["section", "verdict", "effect [95% interval]"], rows), ""]
+            report.md_table(["section", "verdict", "effect [95% interval]"], rows), ""]
     path = study_dir / REPORT_FILE
     rundir.atomic_write_text(path, "\n".join(head + sections_md))
     return StudyResult(study_dir, path, results, wall_time_s=info.get("wall_time_s", 0.0))
