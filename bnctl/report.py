@@ -239,7 +239,9 @@ def plot_cell_curves(data: SweepData, all_cells: list[Cell], out: Path, column: 
         color = colors(i % colors.N)
         ax.plot(epochs, [s.mean for s in sums], marker="o" if len(epochs) <= 30 else None, ms=3, color=color,
                 label=f"{_label(c.values, list(data.grid))} (n={max(s.n for s in sums)})")
-        band = [(e, s.lo, s.hi) for e, s in zip(epochs, sums) if s.lo is not None]
+        # An accuracy's t-interval can cross 0 or 100 with few seeds; the drawn band stops at the possible range.
+        lo_cap, hi_cap = (0.0, 100.0) if column.endswith("acc") else (-math.inf, math.inf)
+        band = [(e, max(s.lo, lo_cap), min(s.hi, hi_cap)) for e, s in zip(epochs, sums) if s.lo is not None]
         if band:
             ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], color=color, alpha=0.15)
         drawn += 1
