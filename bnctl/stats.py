@@ -8,6 +8,7 @@ no torch, so reports run anywhere.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -78,7 +79,9 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Difference | None:
     effect = float(xa.mean() - xb.mean())
     if xa.std() == 0 and xb.std() == 0:  # no spread in either arm: the difference is exact
         return Difference(effect, effect, effect, (len(xa), len(xb)), "welch", 0.0 if effect else 1.0)
-    res = stats.ttest_ind(xa, xb, equal_var=False)
+    with warnings.catch_warnings():  # one arm with identical values (all at chance) is valid data, not an error
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = stats.ttest_ind(xa, xb, equal_var=False)
     ci = res.confidence_interval(CONFIDENCE)
     return Difference(effect, float(ci.low), float(ci.high), (len(xa), len(xb)), "welch", float(res.pvalue))
 
@@ -96,7 +99,9 @@ def paired(a: Sequence[float], b: Sequence[float]) -> Difference | None:
     effect = float(d.mean())
     if d.std() == 0:
         return Difference(effect, effect, effect, (len(d),), "paired t", 0.0 if effect else 1.0)
-    res = stats.ttest_rel(xa, xb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = stats.ttest_rel(xa, xb)
     ci = res.confidence_interval(CONFIDENCE)
     return Difference(effect, float(ci.low), float(ci.high), (len(d),), "paired t", float(res.pvalue))
 
