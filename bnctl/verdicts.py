@@ -132,8 +132,10 @@ def init_sensitivity(rows: Sequence[dict], chance: float, norm_key: str = "model
     for n, chunk in ((arm, samples[:len(scales)]), (control, samples[len(scales):])):
         means = [_mean(s) for s in chunk]
         if all(m is not None for m in means) and means:
+            trains = [f"{s:g}" for s, m in zip(scales, means) if m >= chance + TRAINS_MARGIN]
             details.append(f"model.norm={n}: mean accuracy by scale " + ", ".join(
-                f"{s:g}: {m:.1f}%" for s, m in zip(scales, means)) + f"; spread {max(means) - min(means):.1f} points")
+                f"{s:g}: {m:.1f}%" for s, m in zip(scales, means)) + f"; spread {max(means) - min(means):.1f} points"
+                + f"; trains (>= {chance + TRAINS_MARGIN:g}%) at {len(trains)} of {len(scales)} scales")
     effect = stats.bootstrap(samples, _spread_contrast(len(scales))) if len(scales) >= 2 else None
     return Verdict("initialization", rule, decide(effect), effect,
                    f"spread across init scales, {control} minus {arm}", details)
