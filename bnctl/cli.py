@@ -290,6 +290,14 @@ from bnctl.commands import sweep as sweep_cmd  # noqa: E402 - command groups reg
 
 app.command(epilog=sweep_cmd.EPILOG)(sweep_cmd.sweep)
 
+from bnctl.commands import report as _report_cmd  # noqa: E402  (command groups register after the core commands)
+
+app.command()(_report_cmd.report)
+
+from bnctl.commands import study as _study_cmd  # noqa: E402
+
+app.add_typer(_study_cmd.app, name="study")
+
 
 def main() -> None:
     app()

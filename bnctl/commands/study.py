@@ -1,0 +1,68 @@
+"""`bnctl study claims`: run the sweeps that test the notebook's claims and write one REPORT.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+
+from bnctl.clikit import console, existing, reports_errors
+
+app = typer.Typer(help="Packaged studies: sweeps plus a report with verdicts.", no_args_is_help=True)
+
+
+@app.command()
+@reports_errors
+def claims(
+    overrides: Optional[List[str]] = typer.Argument(
+        None, metavar="KEY=VALUE", help="Fixed overrides for every sweep, e.g. data.name=cifar10 data.root=./data"),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p",
+                                          help="quick (default: synthetic data, 118 runs, about 10 min on an idle 2-core CPU "
+                                               "with --jobs 2) or full (CIFAR-10-sized budget, for a GPU)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs at once (CPU threads are divided between them)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Finish a study directory that was stopped."),
+    root: Path = typer.Option(Path("runs/studies"), "--root", help="Where new study directories are created."),
+    studies: Optional[Path] = typer.Option(None, "--studies",
+                                           help="Folder of the profiles' sweep files (default: configs/studies)."),
+    report_only: bool = typer.Option(False, "--report-only", help="With --resume: rewrite REPORT.md, run nothing."),
+) -> None:
+    """Test the notebook's claims (lr, init, regularization, small batches, its evaluation) with seeds and verdicts."""
+    from bnctl import study
+
+    overrides = overrides or []
+    if resume is None:
+        if report_only:
+            from bnctl.errors import ConfigError
+
+            raise ConfigError("--report-only rewrites the report of an existing study; give --resume STUDY_DIR")
+        study_dir = study.create(profile or "quick", overrides, root, studies)
+        console.print(f"[dim]study directory:[/] {escape(str(study_dir))}  "
+                      f"(if stopped, continue with: bnctl study claims --resume {escape(str(study_dir))})",
+                      soft_wrap=True)
+    else:
+        study_dir = existing(resume, "study directory", holding=study.STUDY_FILE)
+        study.resume_check(study_dir, profile, overrides)
+    if report_only:
+        result = study.write_report(study_dir)
+    else:
+        from bnctl.commands.sweep import _SweepProgress
+
+        result = study.run(study_dir, jobs=jobs, reporter_factory=_SweepProgress,
+                           on_event=lambda msg: console.print(f"[bold]{escape(msg)}[/]", soft_wrap=True))
+    from bnctl.commands.report import print_table
+
+    print_table(["section", "verdict", "effect [95% interval]"],
+                [[k, v.verdict, study._effect_cell(v)] for k, v in result.verdicts.items()], 2)
+    if result.wall_time_s:
+        console.print(f"wall time {result.wall_time_s / 60:.1f} min")
+    if result.failed:
+        from bnctl.clikit import err_console
+
+        err_console.print(f"[bold red]error:[/] {len(result.failed)} run(s) failed: "
+                          f"{escape(', '.join(sorted(result.failed)))}; run them again with "
+                          f"bnctl study claims --resume {escape(str(study_dir))}", soft_wrap=True)
+        console.print(escape(str(result.report)), soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(escape(str(result.report)), soft_wrap=True)

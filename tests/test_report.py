@@ -1,0 +1,81 @@
+"""`bnctl report`: statistics per cell, summary.csv, report.md and figures, from a sweep's files only."""
+
+import subprocess
+import sys
+
+import pytest
+
+from bnctl import report, rundir
+from tests.sweepfiles import make_sweep
+
+GRID = {"model.norm": ["batch", "none"], "optimizer.lr": [0.001, 0.01]}
+ACC = {("batch", 0.001): [80.0, 82.0, 84.0], ("batch", 0.01): [85.0, 86.0, 90.0],
+       ("none", 0.001): [70.0, 75.0, 77.0], ("none", 0.01): [10.0, 10.0, 10.0]}
+
+
+def _result(o, seed):
+    norm, lr = o["model.norm"], o["optimizer.lr"]
+    if (norm, lr, seed) == ("none", 0.001, 2):
+        return None  # not started yet
+    if (norm, lr, seed) == ("none", 0.01, 2):
+        return {"status": "diverged", "epochs": 1, "final_test_acc": 10.0}
+    if (norm, lr, seed) == ("batch", 0.01, 2):
+        return {"status": "failed", "error": "RuntimeError: boom"}
+    acc = ACC[norm, lr][seed]
+    return {"status": "completed", "epochs": 3, "final_test_acc": acc, "best_test_acc": acc + 1,
+            "final_test_loss": 0.5, "final_clean_train_acc": acc + 5, "wall_time_s": 2.0,
+            "curve": [acc - 20, acc - 10, acc]}
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    return make_sweep(tmp_path, GRID, [0, 1, 2], _result)
+
+
+def test_cells_aggregate_completed_runs_and_count_the_rest(sweep):
+    cells = {c.name: c for c in report.cells(report.load(sweep))}
+    bn = cells["norm-batch_lr-0.001"]
+    assert bn.stats["final_test_acc"].n == 3 and bn.stats["final_test_acc"].mean == pytest.approx(82.0)
+    assert bn.stats["final_test_acc"].std == pytest.approx(2.0)
+    assert bn.stats["gap"].mean == pytest.approx(5.0)  # clean train acc - test acc
+    failed = cells["norm-batch_lr-0.01"]
+    assert failed.stats["final_test_acc"].n == 2 and failed.count("failed") == 1
+    diverged = cells["norm-none_lr-0.01"]
+    assert diverged.count("diverged") == 1 and diverged.stats["final_test_acc"].n == 2  # counted, not averaged
+    assert [r["run"] for r in cells["norm-none_lr-0.001"].missing] == ["norm-none_lr-0.001-seed2"]
+
+
+def test_build_writes_summary_markdown_and_figures(sweep):
+    rep = report.build(sweep)
+    rows = {r["cell"]: r for r in rundir.read_csv(sweep / "summary.csv")}
+    assert rows["norm-batch_lr-0.001"]["final_test_acc_mean"] == pytest.approx(82.0)
+    assert rows["norm-batch_lr-0.001"]["final_test_acc_ci_lo"] == pytest.approx(82.0 - 4.302652729911275 * 2 / 3 ** 0.5)
+    assert (rows["norm-none_lr-0.01"]["diverged"], rows["norm-none_lr-0.01"]["completed"]) == (1, 2)
+    assert rows["norm-none_lr-0.001"]["missing"] == 1 and rows["norm-batch_lr-0.01"]["failed"] == 1
+    text = (sweep / "report.md").read_text()
+    assert "82.00 ± 2.00" in text and "| batch | 0.001 | 3/3 | 0 |" in text
+    assert "**Incomplete:** 2 of 12 runs" in text
+    assert "norm-batch_lr-0.01-seed2: failed (RuntimeError: boom)" in text
+    assert "norm-none_lr-0.001-seed2: pending" in text
+    names = {p.name for p in rep.files}
+    assert {"final_test_acc_vs_lr.png", "gap_vs_lr.png", "curves_test_acc.png"} <= names
+    assert all((sweep / n).stat().st_size > 5000 for n in names if n.endswith(".png"))
+    assert report.numeric_keys(rep.data) == ["optimizer.lr"]
+    assert report._log_axis("optimizer.lr", [0.001, 0.01]) and not report._log_axis("model.width", [0.5, 2.0])
+    assert report._log_axis("train.batch_size", [2, 64])
+
+
+def test_report_cli_prints_the_table_without_importing_torch(sweep):
+    code = ("import sys\nfrom bnctl.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\nprint(' '.join(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, "report", str(sweep)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "82.00 ± 2.00" in out.stdout and "incomplete: 2 of 12 runs" in out.stdout
+    modules = set(out.stdout.strip().splitlines()[-1].split())
+    assert "scipy.stats" in modules and "torch" not in modules
+
+
+def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path, cli):
+    result = cli("report", tmp_path)
+    assert result.exit_code == 2 and "not a bnctl sweep directory" in result.output

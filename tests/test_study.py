@@ -1,0 +1,129 @@
+"""`bnctl study claims`: plans validated up front, section 5's evaluations, REPORT.md, resume."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bnctl import study, verdicts
+from bnctl.errors import ConfigError
+from tests.sweepfiles import make_sweep
+
+TINY_FIXED = {"device": "cpu", "model.width": 0.25, "model.groups": 4, "data.train_size": 96, "data.test_size": 64,
+              "data.augment": "none", "train.epochs": 1, "train.batch_size": 16, "train.eval_batch_size": 64}
+TINY_GRIDS = {  # 6 cells x 2 seeds: enough to exercise every step (the verdicts are then mostly inconclusive)
+    "lr": {"model.norm": ["batch", "none"], "optimizer.lr": [0.001]},
+    "init": {"model.norm": ["batch", "none"], "model.init_scale": [3.0]},
+    "regularization": {"model.norm": ["batch"], "model.dropout": [0.0]},
+    "small_batches": {"model.norm": ["batch"], "train.batch_size": [4]},
+}
+
+
+def tiny_studies(tmp_path: Path, grids=TINY_GRIDS, seeds=2) -> Path:
+    """A --studies folder whose quick profile holds tiny versions of the four sweep files."""
+    folder = tmp_path / "studies" / "quick"
+    folder.mkdir(parents=True)
+    for key, grid in grids.items():
+        fixed = dict(TINY_FIXED, **({"train.eval_train": True} if key == "regularization" else {}))
+        spec = {"name": f"tiny_{key}", "base": str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"),
+                "fixed": fixed, "grid": grid, "seeds": seeds}
+        (folder / f"{key}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return tmp_path / "studies"
+
+
+def test_shipped_sweep_files_plan_and_validate():
+    from bnctl import sweep
+
+    for profile in study.PROFILES:
+        plans = {s.key: sweep.plan_from_file(study.sweep_file(profile, s.key)) for s in study.SECTIONS}
+        assert plans["small_batches"].grid["train.batch_size"] == [2, 4, 16, 64]
+        assert {"batch", "group", "none"} <= set(plans["small_batches"].grid["model.norm"])
+        assert plans["regularization"].config["train"]["eval_train"] is True
+        notebook = [r for r in plans["small_batches"].runs if r.overrides == study.NOTEBOOK]
+        assert len(notebook) >= 3  # section 5 needs several seeds of BN at batch 4
+        cfg = plans["small_batches"].config_for(notebook[0])
+        assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.model.name) == ("adam", 0.001, "seed_cnn")
+
+
+def test_a_bad_override_fails_before_any_sweep_is_created(tmp_path):
+    with pytest.raises(ConfigError, match="optimizer.lrr"):
+        study.create("quick", ["optimizer.lrr=0.1"], tmp_path / "studies_out")
+    with pytest.raises(ConfigError, match="unknown profile 'huge'"):
+        study.create("huge", [], tmp_path / "studies_out")
+    assert not (tmp_path / "studies_out").exists() or not any((tmp_path / "studies_out").iterdir())
+
+
+def _constructed_study(tmp_path: Path) -> Path:
+    """A study directory whose sweeps hold constructed results with known verdicts."""
+    d = tmp_path / "study"
+    (d / "sweeps").mkdir(parents=True)
+    acc = {
+        "lr": lambda o, s: 80 + s if o["model.norm"] == "batch" or o["optimizer.lr"] < 0.01 else 10.0,
+        "init": lambda o, s: 80 + s if o["model.norm"] == "batch" or o["model.init_scale"] == 1.0 else 30 + s,
+        "regularization": lambda o, s: 70.0 + s,
+        "small_batches": lambda o, s: 80 + s - (30 if o["model.norm"] == "batch" and o["train.batch_size"] == 2 else 0),
+    }
+    grids = {"lr": {"model.norm": ["batch", "none"], "optimizer.lr": [0.001, 0.01, 0.1]},
+             "init": {"model.norm": ["batch", "none"], "model.init_scale": [0.1, 1.0, 10.0]},
+             "regularization": {"model.norm": ["none", "batch"], "model.dropout": [0.0, 0.3]},
+             "small_batches": {"model.norm": ["batch", "group"], "train.batch_size": [2, 4, 64]}}
+    sweeps = {}
+    for key, grid in grids.items():
+        def result(o, s, key=key):
+            a = float(acc[key](o, s))
+            clean = a + (5 + s if key == "regularization" and (o["model.norm"] == "batch" or o["model.dropout"])
+                         else 25 + s if key == "regularization" else 3)
+            return {"status": "completed", "epochs": 2, "final_test_acc": a, "best_test_acc": a,
+                    "final_clean_train_acc": clean, "curve": [a - 5, a]}
+        sweeps[key] = str(make_sweep(d / "sweeps", grid, [0, 1, 2], result, name=key).relative_to(d))
+    (d / study.STUDY_FILE).write_text(json.dumps({"profile": "quick", "overrides": [], "sweeps": sweeps,
+                                                  "created": "2026-11-30T09:00:00", "wall_time_s": 600.0}))
+    (d / study.EVAL_FILE).write_text("run,seed,checkpoint,running_acc,batch_stats_acc,recalibrated_acc,recal_images\n"
+                                     "a,0,x,80.0,70.0,80.5,2000\nb,1,x,82.0,71.0,82.0,2000\nc,2,x,78.0,69.0,78.2,2000\n")
+    return d
+
+
+def test_report_gives_five_sections_with_figure_table_and_verdict(tmp_path):
+    d = _constructed_study(tmp_path)
+    result = study.write_report(d)
+    got = {k: v.verdict for k, v in result.verdicts.items()}
+    assert got == {"lr": verdicts.SUPPORTED, "init": verdicts.SUPPORTED, "regularization": verdicts.SUPPORTED,
+                   "small_batches": verdicts.SUPPORTED, "notebook_eval": verdicts.SUPPORTED}
+    assert result.verdicts["notebook_eval"].effect.effect == pytest.approx((10 + 11 + 9) / 3)
+    text = result.report.read_text()
+    for section in [*study.SECTIONS, study.NOTEBOOK_SECTION]:
+        body = text.split(f"## {section.title}")[1].split("\n## ")[0]
+        assert f"![{section.title}](figures/{section.key}.png)" in body
+        assert "| --- |" not in body and "|---|" in body  # a markdown table
+        assert "**Verdict: supported.**" in body and "*Rule:*" in body
+        assert (d / "figures" / f"{section.key}.png").stat().st_size > 5000
+    assert "wall time so far 10.0 min" in text
+    assert (d / "sweeps" / "lr" / "report.md").is_file()  # each sweep gets its own report too
+
+
+def test_study_runs_evaluates_and_resumes_without_rerunning(tmp_path, cli):
+    studies = tiny_studies(tmp_path)
+    first = cli("study", "claims", "--jobs", "1", "--root", tmp_path / "out", "--studies", studies)
+    assert first.exit_code == 0, first.output
+    (study_dir,) = (tmp_path / "out").iterdir()
+    info = study.read(study_dir)
+    evals = study.notebook_eval_rows(study_dir)
+    assert sorted(r["run"] for r in evals) == ["norm-batch_batch_size-4-seed0", "norm-batch_batch_size-4-seed1"]
+    ckpt = study_dir / evals[0]["checkpoint"]
+    summary = json.loads((ckpt.parent.parent / "summary.json").read_text())
+    assert evals[0]["running_acc"] == pytest.approx(summary["final"]["test_acc"])  # last.pt is the final epoch
+    assert evals[0]["recal_images"] == 96 and 0 <= evals[0]["batch_stats_acc"] <= 100
+    text = (study_dir / "REPORT.md").read_text()
+    assert text.count("**Verdict: ") == 5 and "12 of 12 runs finished" in text
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    mtimes = {p: p.stat().st_mtime_ns for p in study_dir.rglob("summary.json")}
+    again = cli("study", "claims", "--resume", study_dir)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("0 to run") == 4 and "evaluating norm-" not in again.output
+    assert {p: p.stat().st_mtime_ns for p in study_dir.rglob("summary.json")} == mtimes
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest  # evaluation never writes a checkpoint
+    assert study.read(study_dir)["wall_time_s"] > info["wall_time_s"]
+    clash = cli("study", "claims", "--resume", study_dir, "train.epochs=3")
+    assert clash.exit_code == 2 and "give none" in clash.output

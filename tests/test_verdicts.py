@@ -1,0 +1,121 @@
+"""The claims' verdict rules on constructed results: each rule can say supported, contradicted or inconclusive."""
+
+import itertools
+
+import pytest
+
+from bnctl import verdicts
+from bnctl.verdicts import CONTRADICTED, INCONCLUSIVE, SUPPORTED
+
+CHANCE = 10.0
+
+
+def rows(table, keys, metric="final_test_acc", extra=None):
+    """Result rows from {(key values...): [per-seed metric]}; None in a list marks a diverged run."""
+    out = []
+    for values, per_seed in table.items():
+        for seed, v in enumerate(per_seed):
+            row = {**dict(zip(keys, values)), "seed": seed}
+            row.update({"status": "diverged"} if v is None else {"status": "completed", metric: v})
+            if extra:
+                row.update(extra(values, seed))
+            out.append(row)
+    return out
+
+
+LR = ("model.norm", "optimizer.lr")
+
+
+def test_higher_lr_supported_when_bn_trains_where_the_plain_net_diverges():
+    table = {("batch", 1e-3): [80, 82, 81], ("none", 1e-3): [78, 80, 79],
+             ("batch", 1e-2): [75, 77, 76], ("none", 1e-2): [None, 10, 11],
+             ("batch", 1e-1): [12, 10, 11], ("none", 1e-1): [None, None, None]}
+    v = verdicts.higher_lr(rows(table, LR), CHANCE)
+    assert v.verdict == SUPPORTED
+    assert v.effect.effect == pytest.approx(76 - 31 / 3)  # diverged counts as chance (10)
+    assert "0.01" in v.effect_name
+    assert v.details == ["model.norm=batch trains at lr 0.001, 0.01", "model.norm=none trains at lr 0.001"]
+
+
+def test_higher_lr_contradicted_and_inconclusive():
+    contra = {("batch", 1e-2): [20, 21, 19], ("none", 1e-2): [60, 62, 61]}
+    assert verdicts.higher_lr(rows(contra, LR), CHANCE).verdict == CONTRADICTED
+    noisy = {("batch", 1e-2): [40, 70, 55], ("none", 1e-2): [35, 72, 50]}
+    v = verdicts.higher_lr(rows(noisy, LR), CHANCE)
+    assert v.verdict == INCONCLUSIVE and v.effect.lo < 0 < v.effect.hi
+    nothing = {("batch", 1e-2): [10, 11, 10], ("none", 1e-2): [10, 10, 12]}
+    v = verdicts.higher_lr(rows(nothing, LR), CHANCE)
+    assert v.verdict == INCONCLUSIVE and v.effect is None and "none of the grid" in v.details[0]
+
+
+INIT = ("model.norm", "model.init_scale")
+
+
+def test_init_sensitivity_spread():
+    flat_bn = {("batch", 0.1): [80, 81, 79], ("batch", 1.0): [82, 81, 83], ("batch", 10.0): [79, 80, 81],
+               ("none", 0.1): [40, 42, 41], ("none", 1.0): [80, 79, 81], ("none", 10.0): [None, 10, 11]}
+    v = verdicts.init_sensitivity(rows(flat_bn, INIT), CHANCE)
+    # spread: none 80 - 31/3 = 69.67 points; batch 82 - 80 = 2 points
+    assert v.verdict == SUPPORTED and v.effect.effect == pytest.approx(80 - 31 / 3 - 2)
+    assert "spread 2.0 points" in v.details[0]
+    swapped = {(("none" if n == "batch" else "batch"), s): accs for (n, s), accs in flat_bn.items()}
+    assert verdicts.init_sensitivity(rows(swapped, INIT), CHANCE).verdict == CONTRADICTED
+    similar = {("batch", 0.1): [60, 80, 70], ("batch", 10.0): [75, 65, 85],
+               ("none", 0.1): [62, 78, 71], ("none", 10.0): [74, 66, 84]}
+    assert verdicts.init_sensitivity(rows(similar, INIT), CHANCE).verdict == INCONCLUSIVE
+
+
+REG = ("model.norm", "model.dropout")
+
+
+def _gap_rows(gaps):
+    return rows(gaps, REG, metric="gap", extra=lambda values, seed: {"final_test_acc": 70.0})
+
+
+def test_regularization_gap():
+    shrinks = {("none", 0.0): [20, 22, 21], ("none", 0.3): [12, 13, 11],
+               ("batch", 0.0): [10, 11, 12], ("batch", 0.3): [8, 9, 7]}
+    v = verdicts.regularization(_gap_rows(shrinks))
+    assert v.verdict == SUPPORTED and v.effect.effect == pytest.approx(10.0)
+    assert any(d.startswith("dropout 0.3 changes the plain network's gap by -9.0") for d in v.details)
+    grows = {("none", 0.0): [10, 11, 12], ("batch", 0.0): [20, 22, 21]}
+    assert verdicts.regularization(_gap_rows(grows)).verdict == CONTRADICTED
+    same = {("none", 0.0): [10, 15, 12], ("batch", 0.0): [11, 14, 12]}
+    assert verdicts.regularization(_gap_rows(same)).verdict == INCONCLUSIVE
+
+
+BATCH = ("model.norm", "train.batch_size")
+
+
+def test_small_batches_drop():
+    gn_holds = {("batch", 2): [40, 42, 44], ("batch", 64): [80, 81, 82],
+                ("group", 2): [76, 78, 77], ("group", 64): [79, 80, 78], ("none", 2): [70, 71, 72]}
+    v = verdicts.small_batches(rows(gn_holds, BATCH), CHANCE)
+    assert v.verdict == SUPPORTED and v.effect.effect == pytest.approx((81 - 42) - (79 - 77))
+    assert any(d.startswith("model.norm=batch: drop from batch 64 to 2 = +39.0") for d in v.details)
+    reverse = {("batch", 2): [79, 80, 81], ("batch", 64): [80, 81, 82],
+               ("group", 2): [50, 52, 51], ("group", 64): [79, 80, 78]}
+    assert verdicts.small_batches(rows(reverse, BATCH), CHANCE).verdict == CONTRADICTED
+    noisy = {("batch", 2): [60, 80, 70], ("batch", 64): [75, 85, 65],
+             ("group", 2): [62, 78, 70], ("group", 64): [70, 80, 75]}
+    assert verdicts.small_batches(rows(noisy, BATCH), CHANCE).verdict == INCONCLUSIVE
+
+
+def test_notebook_eval_is_paired_by_checkpoint():
+    running, batch4, recal = [80.0, 70.0, 90.0], [70.0, 61.0, 79.0], [80.5, 70.2, 90.1]
+    v = verdicts.notebook_eval(running, batch4, recal)
+    # Differences 10, 9, 11: the seeds' large spread cancels within each checkpoint.
+    assert v.verdict == SUPPORTED and v.effect.effect == pytest.approx(10.0) and v.effect.method == "paired t"
+    assert "recalibration changes eval-mode accuracy by +0.27" in v.details[0]
+    assert verdicts.notebook_eval(batch4, running, recal).verdict == CONTRADICTED
+    assert verdicts.notebook_eval([80.0, 70.0, 90.0], [79.0, 72.0, 89.5], recal).verdict == INCONCLUSIVE
+    v = verdicts.notebook_eval([80.0], [70.0], [80.0])
+    assert v.verdict == INCONCLUSIVE and "not enough finished runs" in v.sentence()
+
+
+@pytest.mark.parametrize("lo,hi,expected", [(0.1, 2, SUPPORTED), (-2, -0.1, CONTRADICTED), (-1, 1, INCONCLUSIVE),
+                                            (0.0, 1, INCONCLUSIVE)])
+def test_decide_needs_the_whole_interval_on_one_side(lo, hi, expected):
+    from bnctl.stats import Difference
+
+    assert verdicts.decide(Difference((lo + hi) / 2, lo, hi, (3, 3), "welch")) == expected
