@@ -33,7 +33,8 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Augment = Literal["none", "crop_flip"]
 
 # The only keys a resumed run may change: anything else would not reproduce the run.
-RESUMABLE_KEYS = frozenset({"train.epochs", "device"})
+# train.tensorboard only adds a view of the same numbers (and older checkpoints predate the key).
+RESUMABLE_KEYS = frozenset({"train.epochs", "device", "train.tensorboard"})
 
 # Norms that normalize with batch statistics: they cannot train on one sample.
 BATCH_STAT_NORMS = frozenset({"batch", "batch_manual", "ghost"})
@@ -135,6 +136,7 @@ class TrainConfig(_Section):
     eval_train: bool = False  # add a clean eval-mode pass over the training set (clean_train_* columns)
     diagnostics: bool = False  # record BN statistics to diagnostics.csv
     diagnostics_every: int = Field(50, ge=1)  # steps between diagnostic samples
+    tensorboard: bool = False  # also write TensorBoard event files into the run directory (extra: tensorboard)
 
 
 class Config(_Section):

@@ -44,3 +44,11 @@ class InterruptedRun(BnctlError):
     """The user stopped training (Ctrl-C); the last complete epoch is kept."""
 
     exit_code = 130
+
+
+class DataNotFoundError(DataError):
+    """The dataset's files are not where data.root points; ``what`` says what was missing, without the fix."""
+
+    def __init__(self, message: str, what: str):
+        super().__init__(message)
+        self.what = what
