@@ -81,6 +81,11 @@ APPLIES = {
 }
 
 
+# The model-specific keys config validation knows (model.depth, model.shortcut...), from the one list there.
+APPLIES.update({f"{section}.{key}": (lambda c, models=models: c.get("model.name", "seed_cnn") in models)
+                for (section, key), models in getattr(config_mod, "MODEL_SPECIFIC_KEYS", {}).items()})
+
+
 def experiment_key(key: str, flat: dict[str, Any]) -> bool:
     """Whether a dotted config key changes what this run (its flattened config) learns or measures."""
     return key not in NON_EXPERIMENT_KEYS and APPLIES.get(key, lambda c: True)(flat)
