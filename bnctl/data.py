@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bnctl.config import DataConfig
-from bnctl.errors import DataError, DataNotFoundError
+from bnctl.errors import DataError
 
 # Loading progress, for a caller that wants to show it: (what, done, total). The library never
 # prints; the CLI installs a callback with `reporting_progress` for the datasets that take a while.
@@ -37,8 +37,8 @@ def reporting_progress(callback: LoadProgress) -> Iterator[None]:
         _progress.reset(token)
 
 
-def _not_found(what: str, fix: str) -> DataNotFoundError:
-    return DataNotFoundError(f"{what}. {fix}", what)
+def _not_found(what: str, fix: str) -> DataError:
+    return DataError(f"{what}. {fix}", what)
 
 
 def _looks_like_image_folders(root: Path) -> bool:

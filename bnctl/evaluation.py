@@ -15,7 +15,7 @@ from torch import nn
 from bnctl import checkpoint, config as config_mod, rundir
 from bnctl.data import Batches
 from bnctl.engine import evaluate
-from bnctl.errors import ConfigError, DataError, DataNotFoundError
+from bnctl.errors import ConfigError, DataError
 from bnctl.experiment import seeded_order, setup
 from bnctl.norms import set_bn_batch_mode, uses_batch_stats
 
@@ -126,10 +126,12 @@ def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str
         cfg.train.eval_batch_size = batch_size
     try:
         exp = setup(cfg, moved=True)
-    except DataNotFoundError as err:
+    except DataError as err:
+        if err.what is None:  # the data is there but wrong: its own message says it all
+            raise
         tried = f" (data.root={stored_root} in the checkpoint, {cfg.data.root} tried)" \
             if stored_root != cfg.data.root else ""
-        raise DataNotFoundError(f"{err.what}{tried}. Point eval at the data with --data-root PATH", err.what) from None
+        raise DataError(f"{err.what}{tried}. Point eval at the data with --data-root PATH", err.what) from None
     checkpoint.load_model_state(exp.model, state["model"], Path(path))  # a different class count fails here
     checkpoint.check_classes(state, exp.data.classes, Path(path))
     model = exp.model

@@ -17,7 +17,7 @@ import torch
 
 from bnctl import data as data_mod, plotting, rundir
 from bnctl.config import DataConfig
-from bnctl.errors import ConfigError, DataError, DataNotFoundError
+from bnctl.errors import ConfigError, DataError
 from conftest import tiny_raw, write_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -221,9 +221,9 @@ def test_cifar_pointed_at_image_folders_suggests_imagefolder(tmp_path):
 
 def test_missing_data_root_names_the_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataNotFoundError, match=r"data.root=./data does not exist.*Set data.root=PATH"):
+    with pytest.raises(DataError, match=r"data.root=./data does not exist.*Set data.root=PATH"):
         data_mod.load_dataset(DataConfig(name="cifar10", root="./data"))
-    with pytest.raises(DataNotFoundError, match="Set data.root=PATH"):
+    with pytest.raises(DataError, match="Set data.root=PATH"):
         data_mod.load_dataset(DataConfig(name="imagefolder", root="./data"))
 
 
