@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 
@@ -126,3 +127,71 @@ def sigkill_test_hook(epoch: int) -> None:
     kill_epoch, _, kill_rank = spec.partition(":")
     if epoch == int(kill_epoch) and os.environ.get("RANK", "0") == (kill_rank or "0"):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wide_console() -> Console:
+    """The console for wide tables: the terminal's width, else $COLUMNS, else 140 (logs and CI are not 80 wide)."""
+    if console.is_terminal:
+        return console
+    columns = os.environ.get("COLUMNS", "")
+    return Console(width=int(columns) if columns.isdigit() and int(columns) > 0 else 140, highlight=False)
+
+
+class BnctlGroup(typer.core.TyperGroup):
+    """The command group: `--debug` counts wherever it appears (`bnctl train --debug ...` too)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        if "--" in args:
+            head, tail = args[: args.index("--")], args[args.index("--"):]
+        else:
+            head, tail = args, []
+        if "--debug" in head[1:]:
+            head = ["--debug"] + [a for a in head if a != "--debug"]
+        return super().parse_args(ctx, head + tail)
+
+
+def plain_help() -> None:
+    """Help in the usual Unix style: no '<bool>' after flags, no '{name}' braces around required arguments.
+
+    Typer 0.2x decorates both; its private hooks are replaced only when they exist, so another
+    version falls back to its own style (tests/test_usability.py checks the result).
+    """
+    option, argument = typer.core.TyperOption, typer.core.TyperArgument
+    if hasattr(option, "display_type_rich") and not getattr(option, "_bnctl_plain", False):
+        shown = option.display_type_rich
+
+        def display_type_rich(self, ctx):
+            return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+        option.display_type_rich = display_type_rich
+        option._bnctl_plain = True
+    if hasattr(argument, "_usage_display_name") and not getattr(argument, "_bnctl_plain", False):
+        def _usage_display_name(self) -> str:
+            name = self.metavar or self.name.upper()
+            name = name if self.required else f"[{name}]"
+            return name + ("..." if self.nargs != 1 else "")
+
+        argument._usage_display_name = _usage_display_name
+        argument._bnctl_plain = True
+
+
+@contextlib.contextmanager
+def loading_progress() -> Iterator[None]:
+    """Show dataset loading progress (decoding image folders): a bar on a terminal, one line per split elsewhere."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from bnctl import data
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=err_console, transient=True, disable=not err_console.is_terminal)
+    tasks: dict[str, Any] = {}
+
+    def report(what: str, done: int, total: int) -> None:
+        if what not in tasks:
+            tasks[what] = progress.add_task(escape(what), total=total)
+            if not err_console.is_terminal:
+                err_console.print(f"[dim]{escape(what)}: {total} images[/]", soft_wrap=True)
+        progress.update(tasks[what], completed=done)
+
+    with progress, data.reporting_progress(report):
+        yield

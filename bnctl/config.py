@@ -34,7 +34,8 @@ Augment = Literal["none", "crop_flip"]
 DistBN = Literal["broadcast", "reduce", "none"]
 
 # The only keys a resumed run may change: anything else would not reproduce the run.
-RESUMABLE_KEYS = frozenset({"train.epochs", "device"})
+# train.tensorboard only adds a view of the same numbers (and older checkpoints predate the key).
+RESUMABLE_KEYS = frozenset({"train.epochs", "device", "train.tensorboard"})
 
 # Norms that normalize with batch statistics: they cannot train on one sample.
 BATCH_STAT_NORMS = frozenset({"batch", "batch_manual", "ghost"})
@@ -141,6 +142,7 @@ class TrainConfig(_Section):
     #                       false: each process normalizes its own slice = ghost BN, virtual batch batch_size/N
     dist_bn: DistBN = "reduce"  # unsynchronized BN's running stats at each epoch end: average over processes
     #                             (reduce), rank 0's (broadcast), or left per process (none)
+    tensorboard: bool = False  # also write TensorBoard event files into the run directory (extra: tensorboard)
 
 
 class Config(_Section):

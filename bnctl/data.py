@@ -8,6 +8,8 @@ the whole batch at once. No worker processes, no per-image Python on the hot pat
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,29 @@ import torch
 
 from bnctl.config import DataConfig
 from bnctl.errors import DataError
+
+# Loading progress, for a caller that wants to show it: (what, done, total). The library never
+# prints; the CLI installs a callback with `reporting_progress` for the datasets that take a while.
+LoadProgress = Callable[[str, int, int], None]
+_progress: contextvars.ContextVar[LoadProgress | None] = contextvars.ContextVar("bnctl_load_progress", default=None)
+
+
+@contextlib.contextmanager
+def reporting_progress(callback: LoadProgress) -> Iterator[None]:
+    """Within this block, slow dataset loading (decoding image folders) reports its progress to callback."""
+    token = _progress.set(callback)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
+
+
+def _not_found(what: str, fix: str) -> DataError:
+    return DataError(f"{what}. {fix}", what)
+
+
+def _looks_like_image_folders(root: Path) -> bool:
+    return (root / "train").is_dir() and (root / "test").is_dir()
 
 
 @dataclass
@@ -185,14 +210,24 @@ def load_cifar10(cfg: DataConfig) -> ImageData:
     root = Path(cfg.root).expanduser()
     folder = root / CIFAR_DIR
     needed = CIFAR_TRAIN_FILES + CIFAR_TEST_FILES
+    if root.name == CIFAR_DIR or (root / CIFAR_TRAIN_FILES[0]).is_file():
+        raise _not_found(f"data.root={cfg.root} is the '{CIFAR_DIR}' folder itself",
+                         f"use the parent folder: data.root={root.parent}")
     if cfg.download and not all((folder / f).is_file() for f in needed):
         _download_cifar(root)
+    if not root.is_dir():
+        raise _not_found(f"CIFAR-10 not found: data.root={cfg.root} does not exist (from {Path.cwd()})",
+                         f"Set data.root=PATH to the folder holding '{CIFAR_DIR}/', "
+                         "or add data.download=true to fetch it (needs network)")
     missing = [f for f in needed if not (folder / f).is_file()]
+    if missing and _looks_like_image_folders(root):
+        raise _not_found(f"data.root={cfg.root} holds image folders (train/, test/), not CIFAR-10's python files",
+                         "For class folders of images use data.name=imagefolder")
     if missing:
-        raise DataError(
-            f"CIFAR-10 not found: looked for {folder}/ ({', '.join(missing)} missing). "
-            f"Get it with data.download=true (needs network), or extract cifar-10-python.tar.gz into {root}"
-        )
+        raise _not_found(
+            f"CIFAR-10 not found: looked for {folder}/ ({', '.join(missing)} missing)",
+            f"Get it with data.download=true (needs network), extract cifar-10-python.tar.gz into {root}, "
+            "or point data.root= at the folder holding it")
     train = [_read_cifar_batch(folder / f) for f in CIFAR_TRAIN_FILES]
     test = [_read_cifar_batch(folder / f) for f in CIFAR_TEST_FILES]
     cat = lambda parts, i: torch.from_numpy(np.concatenate([p[i] for p in parts]))  # noqa: E731
@@ -201,7 +236,9 @@ def load_cifar10(cfg: DataConfig) -> ImageData:
 
 # ------------------------------------------------------------------ image folders
 
-def _read_image_folder(split_dir: Path, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _read_image_folder(split_dir: Path, size: int, limit: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Decode a split's images once into uint8; with limit, only the data.train_limit subset is decoded."""
     from PIL import Image, UnidentifiedImageError
     from torchvision.datasets import ImageFolder
 
@@ -212,8 +249,14 @@ def _read_image_folder(split_dir: Path, size: int) -> tuple[torch.Tensor, torch.
     empty = [c for c in folder.classes if not any(t == folder.class_to_idx[c] for _, t in folder.samples)]
     if empty:
         raise DataError(f"image folder {split_dir}: no images in class folder(s) {', '.join(empty)}")
-    images = np.empty((len(folder.samples), size, size, 3), dtype=np.uint8)
-    for i, (path, _) in enumerate(folder.samples):
+    samples = folder.samples
+    if limit is not None and limit < len(samples):
+        samples = [samples[i] for i in limit_indices(len(samples), limit).tolist()]
+    report = _progress.get()
+    what = f"decoding {split_dir}"
+    every = max(1, len(samples) // 100)
+    images = np.empty((len(samples), size, size, 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(samples):
         try:
             with Image.open(path) as im:
                 im = im.convert("RGB")
@@ -225,21 +268,29 @@ def _read_image_folder(split_dir: Path, size: int) -> tuple[torch.Tensor, torch.
         except Image.DecompressionBombError:  # PIL's guard against images made to exhaust memory
             raise DataError(f"image {path} is too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} "
                             "pixels, PIL's decompression-bomb limit); shrink it or remove it") from None
+        if report is not None and ((i + 1) % every == 0 or i + 1 == len(samples)):
+            report(what, i + 1, len(samples))
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    y = torch.tensor([t for _, t in folder.samples], dtype=torch.int64)
+    y = torch.tensor([t for _, t in samples], dtype=torch.int64)
     return x, y, list(folder.classes)
 
 
 def load_imagefolder(cfg: DataConfig) -> ImageData:
     """Images in data.root/{train,test}/<class>/*, resized to data.image_size."""
     root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise _not_found(f"image folder dataset not found: data.root={cfg.root} does not exist (from {Path.cwd()})",
+                         "Set data.root=PATH to the folder holding train/<class>/* and test/<class>/*")
     missing = [s for s in ("train", "test") if not (root / s).is_dir()]
+    if missing and (root / CIFAR_DIR).is_dir():
+        raise _not_found(f"data.root={cfg.root} holds CIFAR-10's python files ({CIFAR_DIR}/), not image folders",
+                         "For them use data.name=cifar10")
     if missing:
-        raise DataError(
-            f"image folder dataset at {root}: missing split folder(s) {', '.join(missing)}; "
-            f"expected {root}/train/<class>/* and {root}/test/<class>/*"
+        raise _not_found(
+            f"image folder dataset at {root}: missing split folder(s) {', '.join(missing)}",
+            f"expected {root}/train/<class>/* and {root}/test/<class>/* (or point data.root= elsewhere)"
         )
-    tx, ty, classes = _read_image_folder(root / "train", cfg.image_size)
+    tx, ty, classes = _read_image_folder(root / "train", cfg.image_size, cfg.train_limit)
     vx, vy, test_classes = _read_image_folder(root / "test", cfg.image_size)
     if classes != test_classes:
         raise DataError(f"{root}: train and test have different class folders ({classes} vs {test_classes})")
@@ -258,11 +309,16 @@ def load_dataset(cfg: DataConfig) -> ImageData:
     if cfg.name not in DATASETS:
         raise DataError(f"unknown dataset '{cfg.name}'; choose one of {', '.join(DATASETS)}")
     data = DATASETS[cfg.name](cfg)
-    if cfg.train_limit is not None and cfg.train_limit < len(data.train_y):
-        # A fixed random subset, not the first N: image folders list their images class by class.
-        keep = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))[: cfg.train_limit]
+    if cfg.train_limit is not None and cfg.train_limit < len(data.train_y):  # loaders that did not apply it
+        keep = limit_indices(len(data.train_y), cfg.train_limit)
         data.train_x, data.train_y = data.train_x[keep], data.train_y[keep]
     return data
+
+
+def limit_indices(n: int, limit: int) -> torch.Tensor:
+    """The data.train_limit subset of n training images: a fixed random one, not the first N
+    (image folders list their images class by class). Loaders that can skip decoding apply it early."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit]
 
 
 # ------------------------------------------------------------------ batching

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnctl import checkpoint, config as config_mod, distributed, elastic, rundir, stopping
+from bnctl import checkpoint, config as config_mod, distributed, elastic, rundir, stopping, tblog
 from bnctl.config import Config
 from bnctl.data import Batches, ImageData
 from bnctl.distributed import SINGLE, Dist
@@ -53,7 +53,7 @@ class SilentReporter:
 
 def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, scheduler,
                     precision: Precision, epoch: int, reporter: Reporter = SilentReporter(),
-                    probe=None, first_step: int = 0, dist: Dist = SINGLE) -> dict[str, float]:
+                    probe=None, first_step: int = 0, dist: Dist = SINGLE, step_log=None) -> dict[str, float]:
     """One pass over the training batches; returns running train loss and accuracy.
 
     Under data parallelism each rank trains on its share of every batch and the returned
@@ -85,6 +85,8 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
                 probe.after_backward()
             precision.scaler.step(optimizer)
             precision.scaler.update()
+            if step_log is not None:  # e.g. TensorBoard: this step's loss and the lr it used
+                step_log(first_step + i, loss, optimizer.param_groups[0]["lr"])
             scheduler.step()
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
@@ -188,6 +190,8 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
             raise DataError(f"only {len(exp.data.train_y)} training images, fewer than "
                             f"train.batch_size={cfg.train.batch_size}; lower the batch size or add data")
         _check_fits(exp)
+        if cfg.train.tensorboard:
+            tblog.check_available()  # before any run directory exists
         if resume is not None and not (Path(resume) / rundir.CHECKPOINT_DIR / "last.pt").is_file():
             raise ConfigError(f"{resume} has no checkpoint to resume from (no epoch completed); start a new run")
         return exp
@@ -278,11 +282,12 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
             except OSError:  # must not hide the error being handled; resume rewrites metrics.csv anyway
                 pass
 
+    tb = tblog.TensorBoardLog(run_dir, steps, start) if cfg.train.tensorboard and main else None
     epoch = start - 1
     try:
         for epoch in range(start, cfg.train.epochs + 1):
             reporter.epoch_start(epoch, steps)
-            row = _train_and_evaluate(exp, epoch, reporter, probe, clean_train)
+            row = _train_and_evaluate(exp, epoch, reporter, probe, clean_train, tb.step if tb else None)
             if not math.isfinite(row["test_loss"]):
                 # The epoch's last updates broke the weights (or BN's running statistics): keep the
                 # previous checkpoint as the last good one rather than saving a broken model.
@@ -304,6 +309,8 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
                 on_disk["rows"] = -1  # unknown until the append returns
                 metrics.append(row)
                 on_disk["rows"] = len(history)
+            if tb is not None:
+                tb.epoch(epoch, row, exp.model, probe.rows if probe is not None else ())
             if probe is not None:
                 probe.flush()
             reporter.epoch_end(row)
@@ -331,17 +338,20 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
     finally:
         if probe is not None:
             probe.close()
+        if tb is not None:
+            tb.close()
     return RunResult(run_dir, summary.update(best, status="completed"))
 
 
 def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
-                        clean_train: Batches | None) -> dict[str, Any]:
+                        clean_train: Batches | None, step_log=None) -> dict[str, Any]:
     """Train one epoch, evaluate it and time both: one metrics.csv row."""
     lr = exp.optimizer.param_groups[0]["lr"]  # the lr this epoch starts with
     steps = len(exp.train_batches)
     t0 = time.perf_counter()
     train = train_one_epoch(exp.forward, exp.train_batches, exp.optimizer, exp.scheduler, exp.precision,
-                            epoch, reporter, probe, first_step=(epoch - 1) * steps, dist=exp.dist)
+                            epoch, reporter, probe, first_step=(epoch - 1) * steps, dist=exp.dist,
+                            step_log=step_log)
     # Unsynchronized BN leaves each rank its own running statistics: make them one model's (train.dist_bn).
     distributed.reconcile_running_stats(exp.model, exp.dist, exp.cfg.train.dist_bn)
     t1 = time.perf_counter()

@@ -24,6 +24,10 @@ class DataError(BnctlError):
 
     exit_code = 2
 
+    def __init__(self, message: str, what: str | None = None):
+        super().__init__(message)
+        self.what = what  # for data not found: what was missing, without the fix (eval names its own)
+
 
 class CheckpointError(BnctlError):
     """A checkpoint that cannot be loaded safely or is not bnctl's."""

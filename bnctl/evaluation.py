@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnctl import checkpoint, config as config_mod
+from bnctl import checkpoint, config as config_mod, rundir
 from bnctl.data import Batches
 from bnctl.engine import evaluate
 from bnctl.errors import ConfigError, DataError
@@ -74,9 +74,27 @@ def _one_image_batch(n: int, batch_size: int, model: nn.Module, split_virtual: b
     return False
 
 
+def _recorded_data_root(raw: dict, path: Path) -> str | None:
+    """A relative data.root as the run saw it: resolved against the working directory run.json recorded.
+
+    None when data.root is absolute, exists from here, or does not exist from there either.
+    """
+    root = (raw.get("data") or {}).get("root")
+    if not root or (raw.get("data") or {}).get("name", "synthetic") == "synthetic":
+        return None
+    if Path(root).expanduser().is_absolute() or Path(root).exists():
+        return None
+    try:
+        cwd = rundir.read_json(rundir.run_dir_of(path) / rundir.RUN_INFO_FILE).get("cwd")
+    except (OSError, ValueError, AttributeError):
+        return None
+    candidate = Path(cwd) / root if cwd else None
+    return str(candidate) if candidate is not None and candidate.exists() else None
+
+
 def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str | None = None,
                         bn_mode: str = "running", batch_size: int | None = None, recalibrate: int = 0,
-                        order_seed: int | None = None) -> dict:
+                        order_seed: int | None = None, recalibrate_batch_size: int | None = None) -> dict:
     """Rebuild a model from a checkpoint alone and evaluate it on the test split.
 
     ``bn_mode="batch"`` normalizes with each test batch's statistics: BN layers in train
@@ -92,8 +110,13 @@ def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str
     if recalibrate and bn_mode == "batch":
         raise ConfigError("--recalibrate recomputes BN's running statistics, which --bn-mode batch does not use; "
                           "recalibrate with --bn-mode running")
+    if recalibrate_batch_size is not None and recalibrate_batch_size < 2:
+        raise ConfigError("--recalibrate-batch-size must be at least 2: BN cannot take statistics of one image")
     state = checkpoint.load(path)
     raw = copy.deepcopy(state["config"])
+    stored_root = (raw.get("data") or {}).get("root")
+    if data_root is None:
+        data_root = _recorded_data_root(raw, Path(path))  # a relative root from the folder the run started in
     if data_root is not None:
         raw = config_mod.apply_overrides(raw, {"data.root": data_root})
     if device is not None:
@@ -101,7 +124,14 @@ def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str
     cfg = config_mod.validate(raw, f"stored in {path}", moved=True)
     if batch_size is not None:
         cfg.train.eval_batch_size = batch_size
-    exp = setup(cfg, moved=True)
+    try:
+        exp = setup(cfg, moved=True)
+    except DataError as err:
+        if err.what is None:  # the data is there but wrong: its own message says it all
+            raise
+        tried = f" (data.root={stored_root} in the checkpoint, {cfg.data.root} tried)" \
+            if stored_root != cfg.data.root else ""
+        raise DataError(f"{err.what}{tried}. Point eval at the data with --data-root PATH", err.what) from None
     checkpoint.load_model_state(exp.model, state["model"], Path(path))  # a different class count fails here
     checkpoint.check_classes(state, exp.data.classes, Path(path))
     model = exp.model
@@ -122,6 +152,7 @@ def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str
             f"in batches of {test.batch_size} leave a batch of one image (counting ghost BN's virtual batches), "
             "which has none; choose another --batch-size")
     result: dict[str, Any] = {"checkpoint": str(path), "epoch": state["epoch"], "bn_mode": bn_mode,
+                              "data_root": cfg.data.root,
                               "batch_size": test.batch_size, "bn_layers": bn_layers, "classes": exp.data.classes,
                               "device": str(exp.device), "precision": cfg.train.precision, "order_seed": order_seed,
                               "notes": list(exp.notes)}
@@ -132,7 +163,8 @@ def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str
         before = evaluate(model, test, exp.precision)
         model = copy.deepcopy(model)  # recalibrated statistics are reported, never written back
         # Shuffled whole training batches: class-sorted data (image folders) must not bias the statistics.
-        recal = exp.batches(exp.data.train_x, exp.data.train_y, max(2, cfg.train.batch_size), shuffle=True,
+        recal = exp.batches(exp.data.train_x, exp.data.train_y,
+                            recalibrate_batch_size or max(2, cfg.train.batch_size), shuffle=True,
                             drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
         if len(recal) == 0:  # reset statistics (mean 0, variance 1) would be reported as "recalibrated"
             raise DataError(f"--recalibrate needs at least one whole training batch of {recal.batch_size} images, "

@@ -1,4 +1,4 @@
-"""Figures drawn from a run's files alone (metrics.csv, diagnostics.csv, eval.json).
+"""Figures drawn from a run's files alone (metrics.csv, diagnostics.csv, eval/*.json).
 
 Imports neither torch nor the engine, so `bnctl plot` is quick and works anywhere.
 """
@@ -49,15 +49,114 @@ def _run_info(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _run_title(run_dir: Path) -> str:
+# Keys that never change what a run learns or measures: bookkeeping, speed, extra outputs.
+NON_EXPERIMENT_KEYS = {"name", "device", "data.download", "train.channels_last", "train.compile",
+                       "train.diagnostics", "train.diagnostics_every", "train.tensorboard", "train.eval_train"}
+_BATCH_STAT_NORMS = ("batch", "batch_manual", "ghost")
+_synthetic = lambda c: c.get("data.name", "synthetic") == "synthetic"  # noqa: E731
+# Keys that matter only for some settings (the rest of the time any value gives the same run).
+APPLIES = {
+    "data.root": lambda c: not _synthetic(c),
+    "data.train_size": _synthetic, "data.test_size": _synthetic, "data.synthetic_seed": _synthetic,
+    "data.image_size": lambda c: c.get("data.name") == "imagefolder",
+    "model.depth": lambda c: c.get("model.name") in ("vgg", "resnet20"),
+    "model.fc_norm": lambda c: c.get("model.name", "seed_cnn") == "seed_cnn",
+    "model.virtual_batch_size": lambda c: c.get("model.norm") == "ghost",
+    "model.groups": lambda c: c.get("model.norm") == "group",
+    "model.bn_momentum": lambda c: c.get("model.norm", "batch") in _BATCH_STAT_NORMS,
+    "model.bn_track_running_stats": lambda c: c.get("model.norm", "batch") in _BATCH_STAT_NORMS,
+    "model.bn_eps": lambda c: c.get("model.norm") != "none",
+    "model.bn_affine": lambda c: c.get("model.norm") != "none",
+    "model.init_std": lambda c: c.get("model.init") == "normal",
+    "optimizer.momentum": lambda c: c.get("optimizer.name") == "sgd",
+    "optimizer.nesterov": lambda c: c.get("optimizer.name") == "sgd",
+    "optimizer.betas": lambda c: c.get("optimizer.name", "adam") in ("adam", "adamw"),
+    "scheduler.step_size": lambda c: c.get("scheduler.name") == "step",
+    "scheduler.gamma": lambda c: c.get("scheduler.name") == "step",
+    "scheduler.warmup_pct": lambda c: c.get("scheduler.name") == "onecycle",
+    "scheduler.min_lr": lambda c: c.get("scheduler.name") == "cosine",
+    # Evaluation batches matter only where eval mode still normalizes with batch statistics.
+    "train.eval_batch_size": lambda c: (c.get("model.norm", "batch") in _BATCH_STAT_NORMS
+                                        and c.get("model.bn_track_running_stats") is False),
+}
+
+
+# The model-specific keys config validation knows (model.depth, model.shortcut...), from the one list there.
+APPLIES.update({f"{section}.{key}": (lambda c, models=models: c.get("model.name", "seed_cnn") in models)
+                for (section, key), models in getattr(config_mod, "MODEL_SPECIFIC_KEYS", {}).items()})
+
+
+def experiment_key(key: str, flat: dict[str, Any]) -> bool:
+    """Whether a dotted config key changes what this run (its flattened config) learns or measures."""
+    return key not in NON_EXPERIMENT_KEYS and APPLIES.get(key, lambda c: True)(flat)
+
+
+def _defaults() -> dict[str, Any]:
+    return config_mod.flatten(config_mod.Config().model_dump(mode="json"))
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b or (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b))
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_fmt_value(x) for x in v) + "]"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+# Always in the title, whether default or not: what a reader needs to place the run.
+_TITLE_KEYS = ["model.name", "model.norm", "data.name", "optimizer.name", "optimizer.lr", "train.batch_size"]
+
+
+def run_title(raw: dict[str, Any], fallback: str, width: int = 120) -> str:
+    """'name: seed_cnn, norm=batch, synthetic, adam lr=0.001, batch 64' plus every other experiment
+    key that is not at its default (init_scale=5, dropout=0.3, train_limit=2000...), wrapped to width."""
+    import textwrap
+
+    flat, defaults = config_mod.flatten(raw), _defaults()
+    leaves = [k.rsplit(".", 1)[-1] for k in defaults]
+    short = lambda k: k.rsplit(".", 1)[-1] if leaves.count(k.rsplit(".", 1)[-1]) == 1 else k  # noqa: E731
+    head = (f"{raw.get('name', fallback)}: {flat.get('model.name')}, norm={flat.get('model.norm')}, "
+            f"{flat.get('data.name')}, {flat.get('optimizer.name')} lr={_fmt_value(flat.get('optimizer.lr'))}, "
+            f"batch {flat.get('train.batch_size')}")
+    extra = [f"{short(k)}={_fmt_value(v)}" for k, v in flat.items()
+             if k not in _TITLE_KEYS and k in defaults and experiment_key(k, flat) and not _same(v, defaults[k])]
+    return "\n".join(textwrap.wrap(", ".join([head] + extra), width=width, break_long_words=False))
+
+
+def _run_title(run_dir: Path, width: int = 120) -> str:
     cfg_path = run_dir / rundir.CONFIG_FILE
     if not cfg_path.is_file():
         return run_dir.name
-    raw = config_mod.read_yaml(cfg_path) or {}
-    model, data, opt = raw.get("model", {}), raw.get("data", {}), raw.get("optimizer", {})
-    train = raw.get("train", {})
-    return (f"{raw.get('name', run_dir.name)}: {model.get('name')} norm={model.get('norm')} on {data.get('name')}, "
-            f"{opt.get('name')} lr={opt.get('lr')}, batch {train.get('batch_size')}")
+    return run_title(config_mod.read_yaml(cfg_path) or {}, run_dir.name, width)
+
+
+def _num_classes(run_dir: Path) -> int | None:
+    """Classes of a run's data: run.json records them; the built-in datasets have 10."""
+    n = _run_info(run_dir).get("num_classes")
+    if isinstance(n, int) and n > 0:
+        return n
+    cfg_path = run_dir / rundir.CONFIG_FILE
+    raw = config_mod.read_yaml(cfg_path) if cfg_path.is_file() else None
+    name = ((raw or {}).get("data") or {}).get("name", "synthetic") if isinstance(raw, dict) else None
+    return 10 if name in ("synthetic", "cifar10") else None
+
+
+def _accuracy_axis(ax, values: list[float], chance: float | None) -> None:
+    """Chance as a line, and a y-range of at least 20 points around data and chance, so noise at
+    chance level stays flat instead of filling the panel like a learning curve."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if chance is not None:
+        ax.axhline(chance, color="0.45", lw=1.0, ls=":", zorder=0, label=f"chance ({chance:.3g}%)")
+        values = values + [chance]
+    if not values:
+        return
+    lo, hi = max(0.0, min(values) - 3), min(100.0, max(values) + 3)
+    if hi - lo < 20:
+        hi = min(100.0, lo + 20)
+        lo = max(0.0, hi - 20)
+    ax.set_ylim(lo, hi)
 
 
 def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
@@ -79,13 +178,22 @@ def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
                      label="train (eval mode)")
         ax_acc.plot(epochs, [r["clean_train_acc"] for r in rows], marker=marker, ls="--", color=CLEAN_COLOR,
                     label="train (eval mode)")
+    classes = _num_classes(run_dir)
+    chance = 100.0 / classes if classes else None
+    _accuracy_axis(ax_acc, [r[k] for r in rows for k in ("train_acc", "test_acc", "clean_train_acc")
+                            if r.get(k) is not None], chance)
+    if classes and classes > 1:
+        ax_loss.axhline(math.log(classes), color="0.45", lw=1.0, ls=":", zorder=0,
+                        label=f"chance (ln {classes} = {math.log(classes):.2f})")
     best = max(rows, key=lambda r: r["test_acc"])
     ax_acc.scatter([best["epoch"]], [best["test_acc"]], s=140, facecolors="none", edgecolors=TEST_COLOR, zorder=3)
     # Anchor the label's far side at the first or last epoch so it stays inside the axes.
     ha = "center"
     if len(rows) > 1 and best["epoch"] in (epochs[0], epochs[-1]):
         ha = "left" if best["epoch"] == epochs[0] else "right"
-    ax_acc.annotate(f"best test {best['test_acc']:.1f}%", (best["epoch"], best["test_acc"]),
+    near_chance = chance is not None and best["test_acc"] < chance + 5  # say so rather than circle noise as a result
+    ax_acc.annotate(f"best test {best['test_acc']:.1f}%" + (" (about chance)" if near_chance else ""),
+                    (best["epoch"], best["test_acc"]),
                     textcoords="offset points", xytext={"left": (6, 8), "right": (-6, 8)}.get(ha, (0, 10)),
                     ha=ha, color=TEST_COLOR, fontsize=9)
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
@@ -127,7 +235,9 @@ def plot_confusion(eval_json: Path, out: Path | None = None) -> Path:
     ax.set_title(f"Confusion (% of each true class)\n{epoch}accuracy {result['acc']:.2f}%, {mode}", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    return _save(fig, out or eval_json.with_name("confusion.png"))
+    # eval/running.json -> eval/running.png; a legacy eval.json keeps its confusion.png
+    default = eval_json.with_name("confusion.png") if eval_json.name == "eval.json" else eval_json.with_suffix(".png")
+    return _save(fig, out or default)
 
 
 def plot_diagnostics(run_dir: Path, out: Path | None = None) -> Path | None:
@@ -150,6 +260,9 @@ def plot_diagnostics(run_dir: Path, out: Path | None = None) -> Path | None:
     if steps_per_epoch:  # exact boundaries; without run.json, the first sampled step of each epoch
         epoch_starts = {e: (e - 1) * steps_per_epoch for e in epoch_starts}
     panels = [p for p in DIAGNOSTIC_PANELS if p[0] in series]
+    if "output_mean" not in series:  # no norm layers: what enters "the norm" is simply the layer's output
+        panels = [(stat, title.replace("pre-norm activation", "conv/fc output (no norm layers)"), ref)
+                  for stat, title, ref in panels]
     plt = _pyplot()
     from matplotlib import ticker
 
@@ -180,6 +293,8 @@ def plot_diagnostics(run_dir: Path, out: Path | None = None) -> Path | None:
         elif values and max(abs(v) for v in values) >= 1e4:
             # Label each tick itself: matplotlib's shared "1e10" multiplier would sit on the panel title.
             ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
+        if stat == "dead_frac":  # a share: the full 0..1 range, so one unit dying does not fill the panel
+            ax.set_ylim(-0.03, 1.03)
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         for start in sorted(epoch_starts.values())[1:] if len(epoch_starts) <= 30 else []:
             ax.axvline(start, color="0.75", lw=0.7, ls="--", zorder=0)  # epoch boundaries
@@ -214,6 +329,7 @@ DIAGNOSTIC_PANELS = [
     ("beta_mean", "beta (shift): mean", 0.0),
     ("weight_norm", "conv/fc weight: L2 norm", None),
     ("grad_norm", "conv/fc weight gradient: L2 norm", None),
+    ("dead_frac", "dead ReLU units (share of channels)", 0.0),
 ]
 LOG_STATS = {"input_std", "running_var_avg", "weight_norm", "grad_norm"}
 
@@ -234,8 +350,8 @@ def plot_run(run_dir: Path) -> list[Path]:
         drawn = []
     if diag is not None:
         drawn.append(diag)
-    eval_json = run_dir / "eval.json"
-    if eval_json.is_file():
+    legacy = run_dir / "eval.json"  # written by bnctl before results were kept under eval/
+    for eval_json in ([legacy] if legacy.is_file() else []) + sorted((run_dir / rundir.EVAL_DIR).glob("*.json")):
         drawn.append(plot_confusion(eval_json))
     return drawn
 
@@ -253,14 +369,12 @@ def load_run(run_dir: Path) -> dict[str, Any]:
             "config": config_mod.flatten(raw or {}), "summary": summary}
 
 
-# Keys that differ between runs without changing what they learn, so they would only clutter labels.
-IGNORED_DIFFS = {"name", "train.diagnostics", "train.diagnostics_every", "data.download"}
-
-
 def differing_keys(runs: list[dict[str, Any]]) -> list[str]:
-    """Dotted config keys whose values are not the same in every run."""
+    """Dotted config keys whose values are not the same in every run, among those that change an experiment
+    (not device or diagnostics; not data.root for synthetic data, nor a key that applies to none of the runs)."""
     keys = sorted({k for r in runs for k in r["config"]})
-    return [k for k in keys if k not in IGNORED_DIFFS and len({repr(r["config"].get(k)) for r in runs}) > 1]
+    return [k for k in keys if len({repr(r["config"].get(k)) for r in runs}) > 1
+            and any(experiment_key(k, r["config"]) for r in runs)]
 
 
 def short_keys(keys: list[str]) -> dict[str, str]:
@@ -271,9 +385,23 @@ def short_keys(keys: list[str]) -> dict[str, str]:
 
 
 def run_names(runs: list[dict[str, Any]]) -> list[str]:
-    """Each run's config name, or its directory name where several runs share one."""
-    names = [str(r["config"].get("name") or r["dir"].name) for r in runs]
-    return [n if names.count(n) == 1 else Path(r["dir"]).name for n, r in zip(names, runs)]
+    """Short, unique labels: each run's config name; where names repeat, the part of the directory
+    names that tells them apart (e.g. the start time), joined to the name."""
+    names = [str(r["config"].get("name") or Path(r["dir"]).name) for r in runs]
+    out = list(names)
+    for name in set(names):
+        same = [i for i, n in enumerate(names) if n == name]
+        if len(same) == 1:
+            continue
+        parts = [Path(runs[i]["dir"]).name.split("-") for i in same]
+        width = min(len(p) for p in parts)
+        varying = [j for j in range(width) if len({tuple(p[j:j + 1]) for p in parts}) > 1]
+        for i, p in zip(same, parts):
+            tail = "-".join(p[j] for j in varying) + ("-" + "-".join(p[width:]) if len(p) > width else "")
+            out[i] = f"{name}@{tail.strip('-')}" if tail.strip("-") else Path(runs[i]["dir"]).name
+    if len(set(out)) < len(out):  # still ambiguous (same folder name under different roots): the full path
+        out = [n if out.count(n) == 1 else str(r["dir"]) for n, r in zip(out, runs)]
+    return out
 
 
 def run_label(run: dict[str, Any], keys: list[str], name: str | None = None) -> str:
@@ -295,7 +423,8 @@ def compare_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         table.append({
             "run": run_label(run, keys, name), "name": name, "dir": str(run["dir"]),
             "differs": {k: run["config"].get(k) for k in keys},
-            "status": run["summary"].get("status", "?"), "epochs": len(rows),
+            "status": rundir.effective_status(run["dir"], run["summary"]) if run["summary"] else "unknown",
+            "epochs": len(rows), "epochs_planned": run["config"].get("train.epochs"),
             "final_train_acc": last.get("train_acc"), "final_test_acc": last.get("test_acc"),
             "final_train_loss": last.get("train_loss"), "final_test_loss": last.get("test_loss"),
             "best_test_acc": best.get("test_acc"), "best_epoch": best.get("epoch"),
@@ -318,14 +447,35 @@ def plot_compare(runs: list[dict[str, Any]], out: Path) -> Path:
             ax.plot(epochs, [r[f"test_{metric}"] for r in rows], color=color, lw=1.8, marker=marker, ms=3.5,
                     label=label)
             ax.plot(epochs, [r[f"train_{metric}"] for r in rows], color=color, lw=1.2, ls="--", alpha=0.7)
-    ax_loss.set(title="Loss (solid: test, dashed: train)", xlabel="epoch", ylabel="cross-entropy")
-    ax_acc.set(title="Accuracy (solid: test, dashed: train)", xlabel="epoch", ylabel="accuracy (%)")
+    losses = [r[k] for run in runs for r in run["rows"] for k in ("train_loss", "test_loss")
+              if r.get(k) is not None and math.isfinite(r[k])]
+    # One run far above the others (a diverging one) would squash every other curve on a linear axis.
+    log_loss = bool(losses) and min(losses) > 0 and max(losses) / min(losses) >= 3
+    if log_loss:
+        from matplotlib import ticker
+
+        ax_loss.set_yscale("log")
+        # Labelled ticks every few values within a decade, 1-2-5 over several, never bare decades only.
+        subs = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0) if max(losses) / min(losses) < 10 else (1.0, 2.0, 5.0)
+        ax_loss.yaxis.set_major_locator(ticker.LogLocator(subs=subs))
+        ax_loss.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax_loss.yaxis.set_minor_formatter(ticker.NullFormatter())
+    classes = {_num_classes(Path(run["dir"])) for run in runs}
+    chance = 100.0 / classes.pop() if len(classes) == 1 and None not in classes else None
+    _accuracy_axis(ax_acc, [r[k] for run in runs for r in run["rows"] for k in ("train_acc", "test_acc")], chance)
+    ax_loss.set(title="Loss (solid: test, dashed: train" + ("; log scale)" if log_loss else ")"),
+                xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title="Accuracy (solid: test, dashed: train; dotted: chance)" if chance else
+               "Accuracy (solid: test, dashed: train)", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
         ax.xaxis.get_major_locator().set_params(integer=True)
-    handles, labels = ax_acc.get_legend_handles_labels()
+    handles, labels = ax_loss.get_legend_handles_labels()  # the runs only (the chance line is on ax_acc)
     # One run per line reads in order; two columns only once the list gets long.
     fig.legend(handles, labels, loc="outside lower center", ncol=1 if len(labels) <= 5 else 2, fontsize=9)
-    fig.suptitle("Runs differ in: " + (", ".join(keys) if keys else "nothing but their name"), fontsize=10)
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap("Runs differ in: " + (", ".join(keys) if keys else "nothing that changes "
+                                          "the experiment"), width=130)), fontsize=10)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return _save(fig, out)

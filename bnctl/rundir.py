@@ -39,6 +39,8 @@ def atomic_write(path: Path, mode: str = "w") -> Iterator[IO]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600; a shared run directory needs what the umask gives (0644 under 022).
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
@@ -47,6 +49,19 @@ def atomic_write(path: Path, mode: str = "w") -> Iterator[IO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (briefly process-wide, harmless here)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -68,6 +83,52 @@ def epochs_completed(run_dir: Path) -> int:
         return int(read_json(Path(run_dir) / SUMMARY_FILE).get("epochs_completed", 0))
     except (OSError, ValueError, TypeError, AttributeError):
         return 0
+
+
+def run_dir_of(checkpoint_path: Path) -> Path:
+    """The run directory a checkpoint belongs to (RUN/checkpoints/x.pt -> RUN), else the folder holding it."""
+    checkpoint_path = Path(checkpoint_path)
+    parent = checkpoint_path.parent
+    return parent.parent if parent.name == CHECKPOINT_DIR else parent
+
+
+def checkpoint_for(path: Path) -> Path:
+    """What `bnctl eval PATH` evaluates: a checkpoint file as given, or a run directory's best.pt."""
+    path = Path(path)
+    if path.is_dir():
+        best = path / CHECKPOINT_DIR / "best.pt"
+        if best.is_file():
+            return best
+        if (path / CONFIG_FILE).is_file():
+            raise ConfigError(f"{path} has no checkpoints/best.pt yet (no epoch completed); nothing to evaluate")
+        raise ConfigError(f"{path} is a folder but not a bnctl run directory (no {CONFIG_FILE}); "
+                          "give a checkpoint file (.pt) or a run directory")
+    if not path.exists():
+        raise ConfigError(f"checkpoint not found: {path}")
+    return path
+
+
+def eval_output_name(result: dict[str, Any], requested_recalibration: int | None = None,
+                     recalibrate_batch_size: int | None = None) -> str:
+    """The stem of an evaluation's files under RUN/eval/, named by what was measured.
+
+    running, batch-bs4, recal-2000 (recal-2000-bs32 with an explicit recalibration batch size);
+    a checkpoint other than best.pt prefixes its own name (last-running), so results never overwrite
+    one another unless they measure the same thing.
+    """
+    if result.get("bn_mode") == "batch":
+        stem = f"batch-bs{result.get('batch_size')}"
+    elif "recalibration" in result:
+        stem = f"recal-{requested_recalibration or result['recalibration']['images']}"
+        if recalibrate_batch_size:
+            stem += f"-bs{recalibrate_batch_size}"
+    else:
+        stem = "running"
+    ckpt = Path(str(result.get("checkpoint", "best.pt")))
+    return stem if ckpt.name == "best.pt" else f"{ckpt.stem}-{stem}"
+
+
+EVAL_DIR = "eval"
 
 
 def holds_run(path: Path) -> bool:
@@ -154,8 +215,91 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         if self._file is not None:
+            # Unlink while still holding the lock, so no one can take a lock on a file about to vanish;
+            # a missing .lock then simply means no process is training here.
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
             self._file.close()  # closing releases the flock
             self._file = None
+
+
+def lock_held(run_dir: Path) -> bool | None:
+    """Whether some process holds the run's lock now (None where advisory locks do not exist).
+
+    A non-blocking shared-lock probe: it fails only while a trainer holds its exclusive lock,
+    and never blocks or disturbs that trainer.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        f = open(Path(run_dir) / LOCK_FILE, "r", encoding="utf-8")
+    except OSError:  # no lock file: removed at the end of a run, or never made
+        return False
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return False
+
+
+def effective_status(run_dir: Path, summary: dict[str, Any] | None = None) -> str:
+    """A run's status as readers should show it: summary.json's, but "stale" for a "running" run no process holds.
+
+    A SIGKILL (or a lost machine) leaves summary.json saying "running" for good; the lock says
+    whether a trainer is really there. "unknown" when the summary is missing or unreadable.
+    """
+    if summary is None:
+        try:
+            summary = read_json(Path(run_dir) / SUMMARY_FILE)
+        except (OSError, ValueError):
+            return "unknown"
+    status = str(summary.get("status", "unknown")) if isinstance(summary, dict) else "unknown"
+    if status == "running" and lock_held(run_dir) is False:
+        return "stale"
+    return status
+
+
+def _status_without_summary(run_dir: Path) -> str:
+    """A run that never wrote summary.json: still in its first epoch, killed in it, or never started."""
+    if lock_held(run_dir):
+        return "running"
+    return "stale" if (run_dir / METRICS_FILE).is_file() else "empty"
+
+
+def list_runs(root: Path) -> list[dict[str, Any]]:
+    """One record per run directory under root (a run directory itself, or folders nested in it), by name.
+
+    Each record: dir, name, status (effective_status), epochs_completed, epochs_planned,
+    best_test_acc, best_epoch, final_test_acc, wall_time_s. Folders without config.yaml are not runs.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"runs folder not found: {root}")
+    if (root / CONFIG_FILE).is_file():
+        candidates = [root]
+    else:
+        candidates = sorted({p.parent for p in root.rglob(CONFIG_FILE)
+                             if not any(part.startswith(".") for part in p.relative_to(root).parts)})
+    runs = []
+    for d in candidates:
+        try:
+            summary = read_json(d / SUMMARY_FILE)
+            if not isinstance(summary, dict):
+                summary = {}
+        except (OSError, ValueError):
+            summary = {}
+        best, final = summary.get("best") or {}, summary.get("final") or {}
+        runs.append({
+            "dir": str(d), "name": str(d.relative_to(root)) if d != root else d.name,
+            "status": effective_status(d, summary) if summary else _status_without_summary(d),
+            "epochs_completed": summary.get("epochs_completed", 0), "epochs_planned": summary.get("epochs_planned"),
+            "best_test_acc": best.get("test_acc"), "best_epoch": best.get("epoch"),
+            "final_test_acc": final.get("test_acc"), "wall_time_s": summary.get("wall_time_s"),
+        })
+    return runs
 
 
 def remove_temp_files(run_dir: Path) -> list[Path]:

@@ -103,8 +103,8 @@ def test_eval_reproduces_best_accuracy_exactly(trained_run, cli):
     assert sum(map(sum, out["confusion"])) == 256
     assert set(out["per_class_acc"]) == {"disk", "square", "triangle", "ring", "plus", "cross", "diamond",
                                          "hbar", "vbar", "pair"}
-    assert json.loads((run_dir / "eval.json").read_text())["acc"] == out["acc"]
-    assert_png(run_dir / "confusion.png")
+    assert json.loads((run_dir / "eval" / "running.json").read_text())["acc"] == out["acc"]
+    assert_png(run_dir / "eval" / "running.png")
 
 
 def test_eval_prints_a_per_class_table(trained_run, cli):

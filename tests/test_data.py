@@ -85,7 +85,12 @@ def test_cifar10_missing_says_where_it_looked(tmp_path):
     with pytest.raises(DataError) as err:
         load_dataset(DataConfig(name="cifar10", root=str(tmp_path / "nowhere")))
     msg = str(err.value)
-    assert "nowhere/cifar-10-batches-py" in msg and "data.download=true" in msg and "\n" not in msg
+    assert f"data.root={tmp_path / 'nowhere'} does not exist" in msg and "data.download=true" in msg
+    assert "Set data.root=" in msg and "\n" not in msg
+    (tmp_path / "empty").mkdir()  # the folder exists but holds no CIFAR-10: say where it looked
+    with pytest.raises(DataError) as err:
+        load_dataset(DataConfig(name="cifar10", root=str(tmp_path / "empty")))
+    assert "empty/cifar-10-batches-py" in str(err.value) and "data.download=true" in str(err.value)
 
 
 def test_cifar10_trains_end_to_end(tmp_path, cli):

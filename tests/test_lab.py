@@ -217,7 +217,8 @@ def test_diagnostics_without_norms_record_only_inputs_and_weights(runs):
     for r in rows:
         stats.setdefault(r["layer"], set()).add(r["stat"])
     assert list(stats) == ["conv1", "conv2", "conv3", "fc1"]
-    assert all(s == {"input_mean", "input_std", "weight_norm", "grad_norm"} for s in stats.values())
+    # dead_frac too: with no norm, the ReLU follows the conv/fc output directly
+    assert all(s == {"input_mean", "input_std", "weight_norm", "grad_norm", "dead_frac"} for s in stats.values())
     assert (runs["none"] / "diagnostics.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
@@ -233,8 +234,9 @@ def test_eval_batch_mode_differs_and_leaves_the_checkpoint_alone(runs, cli):
     assert _sha256(ckpt) == digest
     again = json.loads(cli("eval", ckpt, "--json").stdout)  # nothing leaked into the model either
     assert (again["loss"], again["acc"]) == (running["loss"], running["acc"])
-    assert json.loads((runs["bn"] / "eval.json").read_text())["bn_mode"] == "running"
-    assert (runs["bn"] / "confusion.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert json.loads((runs["bn"] / "eval" / "running.json").read_text())["bn_mode"] == "running"
+    assert json.loads((runs["bn"] / "eval" / "batch-bs8.json").read_text())["bn_mode"] == "batch"  # both kept
+    assert (runs["bn"] / "eval" / "running.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_eval_rejects_what_cannot_work(runs, cli):
@@ -324,7 +326,7 @@ def test_runs_sharing_a_name_are_told_apart_by_directory():
     runs = [{"dir": Path("/r/20260101-a"), "config": {"name": "x", "model.norm": "batch"}},
             {"dir": Path("/r/20260101-b"), "config": {"name": "x", "model.norm": "batch"}},
             {"dir": Path("/r/c"), "config": {"name": "y", "model.norm": "none"}}]
-    assert plotting.run_names(runs) == ["20260101-a", "20260101-b", "y"]
+    assert plotting.run_names(runs) == ["x@a", "x@b", "y"]  # the part of the folder names that differs
     assert plotting.short_keys(["model.name", "optimizer.name", "optimizer.lr"]) == {
         "model.name": "model", "optimizer.name": "optimizer", "optimizer.lr": "lr"}
     assert plotting.short_keys(["model.depth", "train.depth"]) == {"model.depth": "model.depth",

@@ -236,7 +236,7 @@ CASES = [
     ("resume-not-a-run", lambda t, g: ["train", "--resume", _resume_dir(t, with_config=False)],
      2, "not a bnctl run directory"),
     ("resume-changes-lr", lambda t, g: ["train", "--resume", _resume_dir(t), "optimizer.lr=1"],
-     2, "only device, train.epochs may change"),
+     2, "only device, train.epochs, train.tensorboard may change"),
     ("resume-no-checkpoint", lambda t, g: ["train", "--resume", _resume_dir(t)], 2, "no checkpoint to resume from"),
     # --- data
     ("cifar-missing", _override("data.name=cifar10", "data.root=/nonexistent/bnctl"), 2, "CIFAR-10 not found"),
