@@ -94,8 +94,13 @@ def test_per_class_accuracy_is_recall(untrained_checkpoint):
     mean = torch.tensor(exp.cfg.data.mean).view(1, 3, 1, 1)
     std = torch.tensor(exp.cfg.data.std).view(1, 3, 1, 1)
     with torch.no_grad():
-        pred = model((exp.data.test_x.float() / 255 - mean) / std).argmax(1).numpy()
-    true = exp.data.test_y.numpy()
+        logits = model((exp.data.test_x.float() / 255 - mean) / std)
+    pred, true = logits.argmax(1).numpy(), exp.data.test_y.numpy()
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, exp.data.test_y).item(), rel=1e-5)
+    assert {k: result[k] for k in ("checkpoint", "epoch", "bn_mode", "batch_size", "bn_layers", "classes",
+                                   "device", "images")} == {
+        "checkpoint": str(path), "epoch": 0, "bn_mode": "running", "batch_size": 128,
+        "bn_layers": 4, "classes": exp.data.classes, "device": "cpu", "images": 200}
     k = len(exp.data.classes)
     recall = [100.0 * np.mean(pred[true == c] == c) for c in range(k)]
     precision = [100.0 * np.mean(true[pred == c] == c) if (pred == c).any() else 0.0 for c in range(k)]
@@ -267,3 +272,30 @@ def test_diagnostics_sample_only_every_nth_training_step(tmp_path):
     assert per_step == len([r for r in probe.rows if r[0] == 3]) and per_step >= 2 * 11
     probe.close()
     assert len(rundir.read_csv(tmp_path / "diagnostics.csv")) == 3 * per_step
+
+
+# ---------------------------------------------------------------- recalibration's sample
+
+
+def test_recalibration_uses_whole_shuffled_training_batches_fixed_by_the_seed(tmp_path, monkeypatch):
+    # 100 training images in batches of 32: whole batches give 96, the seed fixes which.
+    cfg = config_mod.validate(tiny_raw(data={"train_size": 100, "test_size": 60}, seed=5))
+    exp = setup(cfg)
+    path = tmp_path / "init.pt"
+    checkpoint.save(path, {"epoch": 0, "model": exp.model.state_dict(), "config": config_mod.to_dict(cfg)})
+    seen = []
+    real = evaluation.recalibrate_bn
+
+    def spy(model, batches, num_images):
+        seen.append([yb.tolist() for _, yb in batches])
+        batches.generator.manual_seed(cfg.seed)  # hand the real pass the same order
+        return real(model, batches, num_images)
+
+    monkeypatch.setattr(evaluation, "recalibrate_bn", spy)
+    result = evaluation.evaluate_checkpoint(path, recalibrate=100)
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(cfg.seed))
+    assert seen == [exp.data.train_y[order][:96].view(3, 32).tolist()]
+    assert (result["recalibration"]["images"], result["recalibration"]["batch_size"]) == (96, 32)
+    plain = evaluation.evaluate_checkpoint(path)
+    assert (result["recalibration"]["before_acc"], result["recalibration"]["before_loss"]) == (plain["acc"], plain["loss"])
+    assert result["loss"] != plain["loss"]  # the recalibrated statistics are the ones evaluated
