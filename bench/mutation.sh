@@ -9,6 +9,7 @@
 # skips mutants that already have a result unless their function changed). `mutmut results`
 # lists the survivors, `mutmut show NAME` shows one.
 set -euo pipefail
+set -f  # the mutant patterns below are mutmut globs, not file names
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1  # tiny tensors: a second thread only waits
 
@@ -21,11 +22,15 @@ declare -A PATTERNS=(
   [diagnostics]='bnctl.diagnostics.*'
   [stats]='bnctl.stats.*'
 )
-# Decorated functions mutmut skips: file, function, then the pytest arguments that cover it.
-declare -A DECORATED=(
-  [norms]='bnctl/norms.py _update_running_stats tests/test_norms.py tests/test_properties.py'
-  [evaluation]='bnctl/evaluation.py recalibrate_bn tests/test_lab.py tests/test_norms.py -k recalib'
-)
+# Decorated functions mutmut skips, with the tests that cover them (fast ones first: -x stops at the first failure).
+decorated_norms() {
+  python bench/mutate_decorated.py bnctl/norms.py _update_running_stats \
+    tests/test_norms.py tests/test_properties.py -k "manual or recalibration"
+}
+decorated_evaluation() {
+  python bench/mutate_decorated.py bnctl/evaluation.py recalibrate_bn \
+    tests/test_norms.py tests/test_semantics.py tests/test_lab.py -k recalib
+}
 ORDER=(optim evaluate evaluation data norms diagnostics)  # smallest first; stats once bnctl/stats.py exists
 
 modules=("$@")
@@ -36,12 +41,10 @@ for module in "${modules[@]}"; do
   # shellcheck disable=SC2086  # the patterns are meant to split into separate arguments
   mutmut run --max-children 1 ${PATTERNS[$module]} | tr '\r' '\n' | grep -v '^⠀*[⠁-⣿]' || true
   echo "== $module (mutmut): $(( $(date +%s) - start )) s"
-  if [ -n "${DECORATED[$module]:-}" ]; then
-    read -r file function tests <<<"${DECORATED[$module]}"
+  if declare -F "decorated_$module" >/dev/null; then
     start=$(date +%s)
-    # shellcheck disable=SC2086
-    python bench/mutate_decorated.py "$file" "$function" $tests
-    echo "== $module ($function, decorated): $(( $(date +%s) - start )) s"
+    "decorated_$module"
+    echo "== $module (decorated functions): $(( $(date +%s) - start )) s"
   fi
 done
 mutmut results
