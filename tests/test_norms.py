@@ -363,3 +363,10 @@ def test_ghost_with_virtual_batches_of_one_normalizes_each_sample_alone():
     assert ghost.num_batches_tracked.item() == 3
     with pytest.raises(ValueError, match="virtual_batch_size must be >= 1"):
         GhostBatchNorm(C, 0)
+
+
+def test_untracked_statistics_are_none_attributes_like_torchs():
+    ours, ref = ManualBatchNorm(C, track_running_stats=False), nn.BatchNorm2d(C, track_running_stats=False)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert getattr(ours, name) is None and getattr(ref, name) is None, name
+    assert ours.state_dict().keys() == ref.state_dict().keys() == {"weight", "bias"}
