@@ -10,13 +10,15 @@ given tests there (stopping at the first failure). Usage, from the repository ro
     python bench/mutate_decorated.py bnctl/evaluation.py recalibrate_bn tests/test_lab.py -k recalib
 
 It prints one line per mutant (killed / SURVIVED) with the diff of each survivor, then the
-score. Not part of the test suite; see docs/mutation.md.
+score. ``MUTATE_ONLY=REGEX`` keeps only the mutants of source lines matching REGEX (to spend a
+short budget on the lines that matter). Not part of the test suite; see docs/mutation.md.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,6 +61,11 @@ def main(argv: list[str]) -> int:
     path, function, pytest_args = argv[0], argv[1], argv[2:]
     source = Path(path).read_text()
     variants = mutants(source, path, function)
+    only = os.environ.get("MUTATE_ONLY")
+    if only:
+        variants = [v for v in variants if any(re.search(only, line) for line in
+                                               difflib.unified_diff(source.splitlines(), v.splitlines(), n=0)
+                                               if line.startswith("-") and not line.startswith("---"))]
     if not variants:
         print(f"no mutants for {function} in {path}")
         return 2
