@@ -258,6 +258,7 @@ def test_every_diagnostic_equals_an_independent_computation(tmp_path, scale):
 def test_diagnostics_sample_only_every_nth_training_step(tmp_path):
     net = _Net()
     probe = BNProbe(net, tmp_path / "diagnostics.csv", every=3)
+    probe.open()
     x, y = torch.randn(4, 3, 5, 5), torch.tensor([0, 1, 2, 0])
     for step in range(7):
         probe.start_step(step, 1)
