@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnctl import config as config_mod, rundir, stats
+from bnctl import rundir, stats
 from bnctl.errors import ConfigError
 
 SWEEP_FILE, RESULTS_FILE = "sweep.yaml", "results.csv"

@@ -336,3 +336,37 @@ def test_recalibration_gives_the_cumulative_average(name):
     torch.testing.assert_close(module.running_mean, means.mean(0), rtol=0, atol=1e-10)
     torch.testing.assert_close(module.running_var, vars_.mean(0), rtol=0, atol=1e-10)
     assert module.num_batches_tracked.item() == 3
+
+
+# ---------------------------------------------------------------- edges found by mutation testing (docs/mutation.md)
+
+
+@pytest.mark.parametrize("cls", [ManualBatchNorm, lambda c, **kw: GhostBatchNorm(c, 4, **kw)])
+def test_layer_defaults_are_torchs(cls):
+    ours, ref = cls(C), nn.BatchNorm2d(C)
+    assert (ours.eps, ours.momentum, ours.affine, ours.track_running_stats) == \
+        (ref.eps, ref.momentum, ref.affine, ref.track_running_stats)
+
+
+@pytest.mark.parametrize("shape", [(8, C + 1), (8, C + 1, 2, 2), (C,)])
+def test_manual_batchnorm_rejects_the_wrong_channel_count(shape):
+    with pytest.raises(ValueError, match=rf"expected input shaped \(N, {C}\)"):
+        ManualBatchNorm(C)(torch.randn(shape))
+
+
+def test_ghost_with_virtual_batches_of_one_normalizes_each_sample_alone():
+    ghost = GhostBatchNorm(C, 1).double()
+    x = _batch(2, seed=4, n=3)
+    y = ghost(x)
+    for i in range(3):  # each sample over its own H x W positions
+        torch.testing.assert_close(y[i], F.batch_norm(x[i:i + 1], None, None, training=True)[0], rtol=0, atol=1e-10)
+    assert ghost.num_batches_tracked.item() == 3
+    with pytest.raises(ValueError, match="virtual_batch_size must be >= 1"):
+        GhostBatchNorm(C, 0)
+
+
+def test_untracked_statistics_are_none_attributes_like_torchs():
+    ours, ref = ManualBatchNorm(C, track_running_stats=False), nn.BatchNorm2d(C, track_running_stats=False)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert getattr(ours, name) is None and getattr(ref, name) is None, name
+    assert ours.state_dict().keys() == ref.state_dict().keys() == {"weight", "bias"}

@@ -273,3 +273,9 @@ def test_plot_does_not_import_torch(tmp_path):
     modules = _modules_after(["plot", str(run)])
     assert (run / "curves.png").is_file()
     assert "matplotlib" in modules and "torch" not in modules
+
+
+def test_crop_flip_pads_by_four_pixels_by_default():
+    # Training batches call crop_flip without a pad: the standard CIFAR augmentation's 4 pixels.
+    x = _images(n=64)
+    assert torch.equal(crop_flip(x, torch.Generator().manual_seed(5)), crop_flip(x, torch.Generator().manual_seed(5), pad=4))

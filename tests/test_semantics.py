@@ -1,0 +1,302 @@
+"""Each number bnctl reports is what its name says: per-class accuracy is recall, and every
+BN diagnostic equals an independent computation on the same batch.
+
+These pin meaning, not just plumbing: a transposed confusion matrix or a variance recorded
+as a standard deviation leaves every shape and range check green, and fails here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnctl import checkpoint, config as config_mod, engine, evaluation, plotting, rundir
+from bnctl.data import Batches
+from bnctl.diagnostics import BNProbe
+from bnctl.experiment import Precision, setup
+from conftest import tiny_raw
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: a second thread only adds waiting, badly so on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+# ---------------------------------------------------------------- confusion matrix and per-class accuracy
+
+# Rows are true classes, columns predicted ones. Row and column sums differ for every class,
+# so recall (row-normalized diagonal) and precision (column-normalized) differ too.
+CONFUSION = [[4, 0, 0],
+             [2, 1, 1],
+             [0, 0, 2]]
+RECALL = [100.0, 25.0, 100.0]
+PRECISION = [100.0 * 4 / 6, 100.0, 100.0 * 2 / 3]
+
+
+def _predictions(confusion: list[list[int]]) -> tuple[list[int], list[int]]:
+    """(true labels, predicted labels) realizing a confusion matrix, in a shuffled order."""
+    pairs = [(t, p) for t, row in enumerate(confusion) for p, count in enumerate(row) for _ in range(count)]
+    order = np.random.default_rng(0).permutation(len(pairs))
+    return [pairs[i][0] for i in order], [pairs[i][1] for i in order]
+
+
+class _Oracle(nn.Module):
+    """Predicts the class written into each image's first pixel (images normalized as x / 255)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pred = torch.round(x[:, 0, 0, 0] * 255).long()
+        return F.one_hot(pred, self.num_classes).float() * 5.0
+
+
+def test_the_example_separates_recall_from_precision():
+    assert RECALL != PRECISION  # otherwise the tests below could not tell the two apart
+
+
+def test_evaluate_confusion_rows_are_true_classes():
+    y, pred = _predictions(CONFUSION)
+    x = torch.zeros(len(y), 3, 2, 2, dtype=torch.uint8)
+    x[:, 0, 0, 0] = torch.tensor(pred, dtype=torch.uint8)
+    # Batches of 4 over 10 images: the matrix must be summed over batches, not taken from the last one.
+    batches = Batches(x, torch.tensor(y), 4, device=torch.device("cpu"), mean=(0.0,) * 3, std=(1.0,) * 3)
+    out = engine.evaluate(_Oracle(3), batches, Precision(torch.device("cpu")), num_classes=3)
+    assert out["confusion"] == CONFUSION
+    assert out["acc"] == pytest.approx(100.0 * 7 / 10)
+    assert out["images"] == 10
+
+
+@pytest.fixture(scope="module")
+def untrained_checkpoint(tmp_path_factory):
+    """A checkpoint of a freshly initialized seed_cnn: its predictions are lopsided, so recall != precision."""
+    cfg = config_mod.validate(tiny_raw(data={"train_size": 64, "test_size": 200}, seed=3))
+    exp = setup(cfg)
+    path = tmp_path_factory.mktemp("untrained") / "init.pt"
+    checkpoint.save(path, {"epoch": 0, "model": exp.model.state_dict(), "config": config_mod.to_dict(cfg)})
+    return path, exp
+
+
+def test_per_class_accuracy_is_recall(untrained_checkpoint):
+    path, exp = untrained_checkpoint
+    result = evaluation.evaluate_checkpoint(path)
+    # Independently: predictions of the same weights on the test images, normalized by hand.
+    model = copy.deepcopy(exp.model).eval()
+    mean = torch.tensor(exp.cfg.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(exp.cfg.data.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = model((exp.data.test_x.float() / 255 - mean) / std)
+    pred, true = logits.argmax(1).numpy(), exp.data.test_y.numpy()
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, exp.data.test_y).item(), rel=1e-5)
+    assert {k: result[k] for k in ("checkpoint", "epoch", "bn_mode", "batch_size", "bn_layers", "classes",
+                                   "device", "images")} == {
+        "checkpoint": str(path), "epoch": 0, "bn_mode": "running", "batch_size": 128,
+        "bn_layers": 4, "classes": exp.data.classes, "device": "cpu", "images": 200}
+    k = len(exp.data.classes)
+    recall = [100.0 * np.mean(pred[true == c] == c) for c in range(k)]
+    precision = [100.0 * np.mean(true[pred == c] == c) if (pred == c).any() else 0.0 for c in range(k)]
+    assert not np.allclose(recall, precision)  # the check below can tell the two apart
+    assert list(result["per_class_acc"]) == exp.data.classes
+    assert list(result["per_class_acc"].values()) == pytest.approx(recall)
+    confusion = np.array(result["confusion"])
+    assert confusion.sum(1).tolist() == np.bincount(true, minlength=k).tolist()  # rows: true classes
+    assert confusion.sum(0).tolist() == np.bincount(pred, minlength=k).tolist()  # columns: predictions
+    assert result["acc"] == pytest.approx(100.0 * np.mean(pred == true))
+
+
+def test_per_class_accuracy_with_batch_statistics_is_recall_too(untrained_checkpoint):
+    path, exp = untrained_checkpoint
+    result = evaluation.evaluate_checkpoint(path, bn_mode="batch", batch_size=50)
+    confusion = np.array(result["confusion"])
+    recall = 100.0 * np.diag(confusion) / np.maximum(1, confusion.sum(1))
+    assert list(result["per_class_acc"].values()) == pytest.approx(recall.tolist())
+    assert confusion.sum(1).tolist() == np.bincount(exp.data.test_y.numpy(), minlength=10).tolist()
+
+
+def test_confusion_figure_puts_true_classes_on_rows_and_shows_recall(tmp_path, monkeypatch):
+    eval_json = tmp_path / "eval.json"
+    rundir.write_json(eval_json, {"classes": ["a", "b", "c"], "confusion": CONFUSION, "acc": 70.0,
+                                  "epoch": 1, "bn_mode": "running"})
+    drawn = {}
+    real_save = plotting._save
+
+    def keep(fig, path):
+        ax = fig.axes[0]
+        drawn["ylabel"], drawn["xlabel"] = ax.get_ylabel(), ax.get_xlabel()
+        drawn["cells"] = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+        drawn["image"] = np.asarray(ax.images[0].get_array())
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plotting, "_save", keep)
+    plotting.plot_confusion(eval_json)
+    assert (drawn["ylabel"], drawn["xlabel"]) == ("true class", "predicted class")
+    # imshow row i is true class i; its diagonal cell shows that class's recall.
+    assert np.diag(drawn["image"]).tolist() == pytest.approx(RECALL)
+    assert [drawn["cells"][i, i] for i in range(3)] == [f"{r:.0f}" for r in RECALL]
+    assert drawn["cells"][1, 0] == "50"  # 2 of the 4 images of class b were called a
+    assert (0, 1) not in drawn["cells"]  # an empty cell is left blank
+    assert (tmp_path / "confusion.png").is_file()
+
+
+# ---------------------------------------------------------------- BN diagnostics
+
+
+class _Net(nn.Module):
+    """conv -> BN -> ReLU -> fc -> BN -> ReLU -> classifier, the shape diagnostics pair up."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4, momentum=0.3)
+        self.fc = nn.Linear(4 * 5 * 5, 6)
+        self.bn1 = nn.BatchNorm1d(6, momentum=0.2)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.relu(self.bn2(self.conv(x)))
+        return self.head(F.relu(self.bn1(self.fc(h.flatten(1)))))
+
+
+def _randomize(net: _Net, gen: torch.Generator) -> None:
+    """Give every parameter and running statistic a value no default shares."""
+    with torch.no_grad():
+        for bn in (net.bn2, net.bn1):
+            c = bn.num_features
+            bn.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+            bn.bias.copy_(torch.randn(c, generator=gen))
+            bn.running_mean.copy_(torch.randn(c, generator=gen))
+            bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+
+
+class _FakeScaler:
+    """fp16's GradScaler as the probe sees it: gradients arrive multiplied by the scale."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def is_enabled(self) -> bool:
+        return True
+
+    def get_scale(self) -> float:
+        return self.scale
+
+
+def _bn_reference(h: torch.Tensor, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 BN by its formula: (output, new running mean, new running var)."""
+    dims = [0] + list(range(2, h.dim()))
+    shape = [1, -1] + [1] * (h.dim() - 2)
+    mean, var = h.mean(dims), h.var(dims, unbiased=False)
+    m = h.numel() // h.shape[1]
+    gamma, beta = bn.weight.detach().double(), bn.bias.detach().double()
+    out = (h - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps) * gamma.view(shape) + beta.view(shape)
+    run_mean = (1 - bn.momentum) * bn.running_mean.double() + bn.momentum * mean
+    run_var = (1 - bn.momentum) * bn.running_var.double() + bn.momentum * var * m / (m - 1)
+    return out, run_mean, run_var
+
+
+def _std(t: torch.Tensor) -> float:
+    return float(np.std(t.detach().numpy(), ddof=1))  # the sample std over every value of the tensor
+
+
+@pytest.mark.parametrize("scale", [None, 1024.0])
+def test_every_diagnostic_equals_an_independent_computation(tmp_path, scale):
+    gen = torch.Generator().manual_seed(7)
+    net = _Net()
+    _randomize(net, gen)
+    x = torch.randn(8, 3, 5, 5, generator=gen) * 2 + 0.5
+    y = torch.randint(0, 3, (8,), generator=gen)
+
+    # The reference, in float64 on a copy, computed before the probed step changes anything.
+    ref = copy.deepcopy(net).double()
+    xd = x.double()
+    h_conv = F.conv2d(xd, ref.conv.weight, ref.conv.bias, padding=1)
+    out_conv, rm_conv, rv_conv = _bn_reference(h_conv, ref.bn2)
+    h_fc = F.linear(F.relu(out_conv).flatten(1), ref.fc.weight, ref.fc.bias)
+    out_fc, rm_fc, rv_fc = _bn_reference(h_fc, ref.bn1)
+    loss = F.cross_entropy(ref.head(F.relu(out_fc)), y)
+    g_conv, g_fc = torch.autograd.grad(loss, [ref.conv.weight, ref.fc.weight])
+    expected = {}
+    for name, layer, h, out, rm, rv, bn, g in (("conv1", ref.conv, h_conv, out_conv, rm_conv, rv_conv, ref.bn2, g_conv),
+                                              ("fc1", ref.fc, h_fc, out_fc, rm_fc, rv_fc, ref.bn1, g_fc)):
+        gamma = bn.weight.detach().numpy()
+        expected[name] = {
+            "input_mean": h.mean().item(), "input_std": _std(h),
+            "output_mean": out.mean().item(), "output_std": _std(out),
+            "running_mean_avg": rm.mean().item(), "running_var_avg": rv.mean().item(),
+            "gamma_mean": float(gamma.mean()), "gamma_std": float(np.std(gamma, ddof=0)),
+            "beta_mean": bn.bias.detach().mean().item(),
+            "weight_norm": float(np.sqrt((layer.weight.detach().numpy() ** 2).sum())),
+            "grad_norm": float(np.sqrt((g.numpy() ** 2).sum())),
+        }
+
+    probe = BNProbe(net, tmp_path / "diagnostics.csv", every=5,
+                    scaler=_FakeScaler(scale) if scale else None)
+    net.train()
+    probe.start_step(10, 3)
+    loss = F.cross_entropy(net(x), y)
+    (loss * (scale or 1.0)).backward()  # what a GradScaler hands to backward
+    probe.after_backward()
+    recorded: dict[str, dict[str, float]] = {}
+    for step, epoch, layer, stat, value in probe.rows:
+        assert (step, epoch) == (10, 3)
+        recorded.setdefault(layer, {})[stat] = value
+    assert list(recorded) == ["conv1", "fc1"]  # the classifier has no norm after it and is not paired
+    for layer, stats in expected.items():
+        for stat, value in stats.items():
+            assert recorded[layer][stat] == pytest.approx(value, rel=2e-5, abs=1e-6), (layer, stat)
+
+
+def test_diagnostics_sample_only_every_nth_training_step(tmp_path):
+    net = _Net()
+    probe = BNProbe(net, tmp_path / "diagnostics.csv", every=3)
+    probe.open()
+    x, y = torch.randn(4, 3, 5, 5), torch.tensor([0, 1, 2, 0])
+    for step in range(7):
+        probe.start_step(step, 1)
+        net.train()
+        F.cross_entropy(net(x), y).backward()
+        with torch.no_grad():
+            net.eval()
+            net(x)  # an eval-mode forward in between records nothing
+        probe.after_backward()
+    assert sorted({row[0] for row in probe.rows}) == [0, 3, 6]
+    per_step = len([r for r in probe.rows if r[0] == 0])
+    assert per_step == len([r for r in probe.rows if r[0] == 3]) and per_step >= 2 * 11
+    probe.close()
+    assert len(rundir.read_csv(tmp_path / "diagnostics.csv")) == 3 * per_step
+
+
+# ---------------------------------------------------------------- recalibration's sample
+
+
+def test_recalibration_uses_whole_shuffled_training_batches_fixed_by_the_seed(tmp_path, monkeypatch):
+    # 100 training images in batches of 32: whole batches give 96, the seed fixes which.
+    cfg = config_mod.validate(tiny_raw(data={"train_size": 100, "test_size": 60}, seed=5))
+    exp = setup(cfg)
+    path = tmp_path / "init.pt"
+    checkpoint.save(path, {"epoch": 0, "model": exp.model.state_dict(), "config": config_mod.to_dict(cfg)})
+    seen = []
+    real = evaluation.recalibrate_bn
+
+    def spy(model, batches, num_images):
+        seen.append([yb.tolist() for _, yb in batches])
+        batches.generator.manual_seed(cfg.seed)  # hand the real pass the same order
+        return real(model, batches, num_images)
+
+    monkeypatch.setattr(evaluation, "recalibrate_bn", spy)
+    result = evaluation.evaluate_checkpoint(path, recalibrate=100)
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(cfg.seed))
+    assert seen == [exp.data.train_y[order][:96].view(3, 32).tolist()]
+    assert (result["recalibration"]["images"], result["recalibration"]["batch_size"]) == (96, 32)
+    plain = evaluation.evaluate_checkpoint(path)
+    assert (result["recalibration"]["before_acc"], result["recalibration"]["before_loss"]) == (plain["acc"], plain["loss"])
+    assert result["loss"] != plain["loss"]  # the recalibrated statistics are the ones evaluated
