@@ -297,8 +297,8 @@ def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
 def _restore(exp: Experiment, run_dir: Path) -> tuple[list[dict], dict[str, Any], int]:
     """Load the last checkpoint into exp; return its history, best metrics and the next epoch."""
     state = _resume_state(run_dir, exp)
-    checkpoint.load_model_state(exp.model, state["model"], run_dir / rundir.CHECKPOINT_DIR / "last.pt")
     checkpoint.check_classes(state, exp.data.classes, run_dir / rundir.CHECKPOINT_DIR / "last.pt")
+    checkpoint.load_model_state(exp.model, state["model"], run_dir / rundir.CHECKPOINT_DIR / "last.pt")
     exp.optimizer.load_state_dict(state["optimizer"])
     exp.precision.scaler.load_state_dict(state["scaler"])
     exp.scheduler.load_state_dict(state["scheduler"])

@@ -102,8 +102,8 @@ def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str
     if batch_size is not None:
         cfg.train.eval_batch_size = batch_size
     exp = setup(cfg, moved=True)
-    checkpoint.load_model_state(exp.model, state["model"], Path(path))  # a different class count fails here
-    checkpoint.check_classes(state, exp.data.classes, Path(path))
+    checkpoint.check_classes(state, exp.data.classes, Path(path))  # first: it names both lists, even of other lengths
+    checkpoint.load_model_state(exp.model, state["model"], Path(path))  # a checkpoint without classes: the count is checked here
     model = exp.model
     batch_stats = bn_mode == "batch" or config_mod.batch_stats_at_eval(cfg)
     if batch_stats:

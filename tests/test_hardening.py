@@ -307,6 +307,10 @@ def test_6_renamed_class_folders_are_refused_by_eval_and_resume(tmp_path):
     result = invoke("eval", ckpt, "--data-root", other)
     assert result.exit_code == 2
     assert "['Mango', 'apple', 'zebra']" in result.output and "['apple', 'mango', 'zebra']" in result.output
+    fewer = image_folder(tmp_path / "fewer", ["mango", "Zebra"])  # the example: another class count too
+    result = invoke("eval", ckpt, "--data-root", fewer)
+    assert result.exit_code == 2, result.output
+    assert "['Mango', 'apple', 'zebra']" in result.output and "['Zebra', 'mango']" in result.output
     (root / "train" / "Mango").rename(root / "train" / "mango")  # renamed on disk under the run's data.root
     (root / "test" / "Mango").rename(root / "test" / "mango")
     before = (run / "config.yaml").read_text(), (run / "run.json").read_text()
