@@ -394,6 +394,8 @@ def load(path: Path | None, overrides: list[str] | None = None, moved: bool = Fa
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+    if moved:
+        upgrade_stored(raw)  # an existing run's config.yaml, perhaps written by an older bnctl
     raw = apply_overrides(raw, parse_overrides(overrides or []))
     return validate(raw, str(path) if path else "", moved=moved)
 
@@ -401,8 +403,16 @@ def load(path: Path | None, overrides: list[str] | None = None, moved: bool = Fa
 def upgrade_stored(raw: Any) -> Any:
     """A config stored by an older bnctl, completed so that it rebuilds the model that bnctl trained."""
     model = raw.get("model") if isinstance(raw, dict) else None
-    if isinstance(model, dict) and model.get("name") == "resnet20" and "shortcut" not in model:
+    if not isinstance(model, dict):
+        return raw
+    if model.get("name") == "resnet20" and "shortcut" not in model:
         model["shortcut"] = "projection"  # resnet20's only shortcut before model.shortcut existed
+    name = model.get("name", ModelConfig.model_fields["name"].default)
+    for (section, key), models in MODEL_SPECIFIC_KEYS.items():
+        part = raw.get(section)
+        if name not in models and isinstance(part, dict) and key in part:
+            # Older versions accepted the key and ignored it for this model: its default builds the same model.
+            part[key] = getattr(Config.model_fields[section].default, key)
     return raw
 
 

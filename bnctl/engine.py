@@ -372,8 +372,8 @@ def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
 def _restore(exp: Experiment, run_dir: Path) -> tuple[list[dict], dict[str, Any], int]:
     """Load the last checkpoint into exp; return its history, best metrics and the next epoch."""
     state = _resume_state(run_dir, exp)
-    checkpoint.load_model_state(exp.model, state["model"], run_dir / rundir.CHECKPOINT_DIR / "last.pt")
     checkpoint.check_classes(state, exp.data.classes, run_dir / rundir.CHECKPOINT_DIR / "last.pt")
+    checkpoint.load_model_state(exp.model, state["model"], run_dir / rundir.CHECKPOINT_DIR / "last.pt")
     exp.optimizer.load_state_dict(state["optimizer"])
     exp.precision.scaler.load_state_dict(state["scaler"])
     exp.scheduler.load_state_dict(state["scheduler"])
@@ -389,7 +389,9 @@ def _resume_state(run_dir: Path, exp: Experiment) -> dict[str, Any]:
     """The checkpoint to continue from, after checking it belongs to this run's config."""
     path = run_dir / rundir.CHECKPOINT_DIR / "last.pt"
     state = checkpoint.load(path)
-    now, then = config_mod.flatten(config_mod.to_dict(exp.cfg)), config_mod.flatten(state["config"])
+    # Both sides validated: a key added since the checkpoint was written compares as its default.
+    stored = config_mod.validate(state["config"], f"stored in {path}", moved=True)
+    now, then = config_mod.flatten(config_mod.to_dict(exp.cfg)), config_mod.flatten(config_mod.to_dict(stored))
     allowed = set(config_mod.RESUMABLE_KEYS)
     if exp.notes and then.get("train.precision") == "fp16":  # adapted to a device without fp16 (setup's note)
         allowed.add("train.precision")

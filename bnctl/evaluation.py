@@ -132,8 +132,8 @@ def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str
         tried = f" (data.root={stored_root} in the checkpoint, {cfg.data.root} tried)" \
             if stored_root != cfg.data.root else ""
         raise DataError(f"{err.what}{tried}. Point eval at the data with --data-root PATH", err.what) from None
-    checkpoint.load_model_state(exp.model, state["model"], Path(path))  # a different class count fails here
-    checkpoint.check_classes(state, exp.data.classes, Path(path))
+    checkpoint.check_classes(state, exp.data.classes, Path(path))  # first: it names both lists, even of other lengths
+    checkpoint.load_model_state(exp.model, state["model"], Path(path))  # a checkpoint without classes: the count is checked here
     model = exp.model
     batch_stats = bn_mode == "batch" or config_mod.batch_stats_at_eval(cfg)
     if batch_stats:

@@ -307,6 +307,10 @@ def test_6_renamed_class_folders_are_refused_by_eval_and_resume(tmp_path):
     result = invoke("eval", ckpt, "--data-root", other)
     assert result.exit_code == 2
     assert "['Mango', 'apple', 'zebra']" in result.output and "['apple', 'mango', 'zebra']" in result.output
+    fewer = image_folder(tmp_path / "fewer", ["mango", "Zebra"])  # the example: another class count too
+    result = invoke("eval", ckpt, "--data-root", fewer)
+    assert result.exit_code == 2, result.output
+    assert "['Mango', 'apple', 'zebra']" in result.output and "['Zebra', 'mango']" in result.output
     (root / "train" / "Mango").rename(root / "train" / "mango")  # renamed on disk under the run's data.root
     (root / "test" / "Mango").rename(root / "test" / "mango")
     before = (run / "config.yaml").read_text(), (run / "run.json").read_text()
@@ -524,3 +528,28 @@ def test_resnet20_checkpoints_from_before_the_shortcut_key_load_as_projection(tm
     ckpt = run / "checkpoints" / "last.pt"
     rewrite_checkpoint(ckpt, lambda s: s["config"]["model"].pop("shortcut"))
     assert evaluation.evaluate_checkpoint(ckpt)["images"] == 32
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    raw["model"].pop("shortcut")
+    (run / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = invoke("train", "--resume", run, "train.epochs=2")  # config.yaml is upgraded like the checkpoint
+    assert result.exit_code == 0, result.output
+    assert checkpoint.load(ckpt)["config"]["model"]["shortcut"] == "projection"
+
+
+def _as_written_before_this_version(raw: dict) -> None:
+    raw["model"].pop("shortcut")  # no such key yet
+    raw["model"]["depth"] = 13  # accepted then, and ignored by seed_cnn
+
+
+def test_runs_written_before_model_specific_keys_evaluate_and_resume(tmp_path):
+    cfg = config_mod.validate(tiny_raw(data={"train_size": 64, "test_size": 32}, train={"epochs": 1}))
+    run = engine.fit(cfg, run_dir=tmp_path / "run").run_dir
+    for name in ("last.pt", "best.pt"):
+        rewrite_checkpoint(run / "checkpoints" / name, lambda s: _as_written_before_this_version(s["config"]))
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    _as_written_before_this_version(raw)
+    (run / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert evaluation.evaluate_checkpoint(run / "checkpoints" / "best.pt")["images"] == 32
+    result = invoke("train", "--resume", run, "train.epochs=2")
+    assert result.exit_code == 0, result.output
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["epoch"] == 2
