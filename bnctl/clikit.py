@@ -36,6 +36,8 @@ def reports_errors(command: Callable) -> Callable:
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
+        except typer.Exit:  # a command's own exit code (a sweep with failed runs), not an error of bnctl's
+            raise
         except Exception as err:  # a bug in bnctl or an environment problem: still no wall of text by default
             if state["debug"]:
                 raise
