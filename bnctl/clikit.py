@@ -50,7 +50,7 @@ def reports_errors(command: Callable) -> Callable:
             by = state["signal"]
             err_console.print(f"[yellow]interrupted{f' ({by})' if by else ''}[/]")
             raise typer.Exit(SIGTERM_EXIT if by == "SIGTERM" else CTRL_C_EXIT) from None
-        except typer.Exit:  # a command's own exit code
+        except typer.Exit:  # a command's own exit code (a sweep with failed runs), not an error of bnctl's
             raise
         except Exception as err:  # a bug in bnctl or an environment problem: still no wall of text by default
             if state["debug"]:
