@@ -276,3 +276,14 @@ def test_one_process_is_untouched():
     assert (cfg.train.sync_bn, cfg.train.dist_bn) == (True, "reduce")
     with pytest.raises(ConfigError, match="dist_bn"):
         config_mod.validate({"train": {"dist_bn": "average"}})
+
+
+def test_a_rank_that_stops_answering_ends_the_wait_with_a_clear_error(tmp_path):
+    """A collective that outlives BNCTL_DIST_TIMEOUT is bnctl's error naming the limit, not an internal error."""
+    done = torchrun(str(REPO / "tests" / "dist_timeout_worker.py"), str(tmp_path), "15", cwd=tmp_path,
+                    group_timeout=3)
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = (tmp_path / "rank0.txt").read_text()
+    assert got.startswith("LostPeer: rank 0: another process stopped answering"), got
+    assert distributed.TIMEOUT_ENV in got and "3s" in got
+    assert (tmp_path / "rank1.txt").read_text() == "finished"
