@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnctl.config import Config, batch_stats_at_eval
+from bnctl.config import BATCH_STAT_NORMS, Config, batch_stats_at_eval
 from bnctl.data import Batches, ImageData, load_dataset
 from bnctl.distributed import SINGLE, Dist, convert_sync_bn
 from bnctl.errors import ConfigError, DataError
@@ -176,6 +176,15 @@ def setup(cfg: Config, data: ImageData | None = None, moved: bool = False, dist:
     if cfg.train.batch_size % dist.world_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly "
                           f"over the {dist.world_size} processes; use a multiple of {dist.world_size}")
+    share = cfg.train.batch_size // dist.world_size  # the samples each process normalizes alone
+    if cfg.model.norm == "ghost" and share % cfg.model.virtual_batch_size == 1:
+        raise ConfigError(f"each of the {dist.world_size} processes gets {share} samples of train.batch_size="
+                          f"{cfg.train.batch_size}, which leaves a ghost batch of one sample with "
+                          f"model.virtual_batch_size={cfg.model.virtual_batch_size}; choose sizes that divide evenly")
+    if dist.enabled and not cfg.train.sync_bn and cfg.model.norm in BATCH_STAT_NORMS and share == 1:
+        raise ConfigError(f"train.sync_bn=false normalizes each process's {share} sample of train.batch_size="
+                          f"{cfg.train.batch_size} alone, and one sample has no variance; use a larger batch "
+                          "or train.sync_bn=true")
     notes = [note] if moved and (note := adapt_precision(cfg, device)) else []
     precision = Precision(device, cfg.train.precision)
     data = data if data is not None else load_dataset(cfg.data)

@@ -265,6 +265,17 @@ def test_setup_refuses_a_batch_that_does_not_split_over_the_ranks():
         setup(cfg, dist=Dist(rank=1, world_size=2, backend="gloo", device=torch.device("cpu")))
 
 
+@pytest.mark.parametrize("model, train, message", [
+    ({"norm": "ghost", "virtual_batch_size": 6}, {"batch_size": 14}, "gets 7 samples .* ghost batch of one sample"),
+    ({"norm": "batch"}, {"batch_size": 2, "sync_bn": False}, "sync_bn=false normalizes each process's 1 sample"),
+])
+def test_setup_refuses_a_share_that_leaves_bn_one_sample(model, train, message):
+    """Valid for one process, but each rank normalizes a single sample: a clear error, not a crash in training."""
+    cfg = config_mod.validate(tiny_raw(model=model, train=train))
+    with pytest.raises(ConfigError, match=message):
+        setup(cfg, dist=Dist(rank=0, world_size=2, backend="gloo", device=torch.device("cpu")))
+
+
 def test_one_process_is_untouched():
     assert distributed.SINGLE.enabled is False and distributed.SINGLE.part(7) == slice(0, 7)
     module = nn.Linear(2, 2)
