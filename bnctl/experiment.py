@@ -134,8 +134,22 @@ class Experiment:
         """
         if self.eval_order_seed is not None:
             x, y = seeded_order(x, y, self.eval_order_seed)
-        shard = self.dist.part(len(y))
+        shard = eval_shard(self.cfg, self.dist, len(y), batch_size)
         return self.batches(x[shard], y[shard], batch_size)
+
+
+def eval_shard(cfg: Config, dist: Dist, n: int, batch_size: int) -> slice:
+    """This rank's share of n evaluation items (all of them for one process).
+
+    When BN normalizes with batch statistics at eval, a rank takes whole batches of one
+    process's evaluation (cut as Batches cuts them), so every test batch, and each number,
+    is the same under any world size; otherwise any split gives the same numbers.
+    """
+    if not batch_stats_at_eval(cfg):
+        return dist.part(n)
+    count = max(1, n // batch_size) if n % batch_size == 1 else -(-n // batch_size)  # len(Batches)
+    first, last = dist.rank * count // dist.world_size, (dist.rank + 1) * count // dist.world_size
+    return slice(first * batch_size, n if last == count else last * batch_size)
 
 
 def seed_everything(seed: int) -> None:
@@ -212,7 +226,7 @@ def setup(cfg: Config, data: ImageData | None = None, moved: bool = False, dist:
         # classes: files listed class by class would give one-class batches and a meaningless accuracy.
         order_seed = cfg.seed
         test_x, test_y = seeded_order(test_x, test_y, order_seed)
-    shard = dist.part(len(test_y))  # evaluation sums counts over ranks: each rank takes a shard
+    shard = eval_shard(cfg, dist, len(test_y), cfg.train.eval_batch_size)  # evaluation sums counts over ranks
     test_batches = Batches(test_x[shard], test_y[shard], cfg.train.eval_batch_size, **common)
     optimizer = make_optimizer(model, cfg.optimizer, device)
     scheduler = make_scheduler(optimizer, cfg, max(1, len(train_batches)))  # eval needs no full training batch

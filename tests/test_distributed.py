@@ -276,6 +276,18 @@ def test_setup_refuses_a_share_that_leaves_bn_one_sample(model, train, message):
         setup(cfg, dist=Dist(rank=0, world_size=2, backend="gloo", device=torch.device("cpu")))
 
 
+@pytest.mark.parametrize("n, world", [(40, 2), (41, 2), (41, 3), (61, 2), (10, 3)])
+def test_batch_statistics_at_eval_see_one_process_test_batches(n, world):
+    """bn_track_running_stats=false: the ranks' evaluation batches are exactly one process's, whatever the split."""
+    cfg = config_mod.validate(tiny_raw(model={"bn_track_running_stats": False},
+                                       data={"train_size": 64, "test_size": n},
+                                       train={"batch_size": 24, "eval_batch_size": 20}))
+    one = [y.tolist() for _, y in setup(cfg).test_batches]
+    ranks = [[y.tolist() for _, y in setup(cfg, dist=Dist(r, world, 0, "gloo", torch.device("cpu"))).test_batches]
+             for r in range(world)]
+    assert [b for batches in ranks for b in batches] == one
+
+
 def test_one_process_is_untouched():
     assert distributed.SINGLE.enabled is False and distributed.SINGLE.part(7) == slice(0, 7)
     module = nn.Linear(2, 2)
