@@ -213,8 +213,8 @@ def process_group(device_name: str) -> Iterator[Dist]:
         if not (isinstance(err, td.DistError) or "gloo" in str(err)):
             raise
         first = (str(err).strip().splitlines() or [""])[0][:300]
-        raise LostPeer(f"rank {rank}: another process stopped answering (it died, or waited longer than "
-                       f"{limit:g}s in a collective; {TIMEOUT_ENV} sets the limit): {first}") from err
+        raise LostPeer(f"rank {rank}: another process stopped answering (it died or hung: this one waited "
+                       f"longer than {limit:g}s in a collective; {TIMEOUT_ENV} sets the limit): {first}") from err
     finally:
         td.destroy_process_group()
 
