@@ -141,6 +141,8 @@ def train(
     try:
         _train(overrides, config, run_dir, runs_root, resume, print_config)
     except BnctlError as err:
+        if isinstance(err, distributed.LostPeer):
+            raise  # this rank's own view of a broken group, which rank 0 may never report
         raise SystemExit(err.exit_code) from None  # not typer.Exit: reports_errors would report that
 
 

@@ -48,6 +48,10 @@ DEFAULT_TIMEOUT_S = 600  # longer than any checkpoint write rank 0 does while th
 T = TypeVar("T")
 
 
+class LostPeer(BnctlError):
+    """Another process of the group stopped answering (hung past the timeout, or died) mid-collective."""
+
+
 class AgreedError(BnctlError):
     """A failure every rank raises together, so that none is left waiting in a collective."""
 
@@ -201,11 +205,19 @@ def process_group(device_name: str) -> Iterator[Dist]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    timeout = timedelta(seconds=timeout_s())
+    limit = timeout_s()
+    timeout = timedelta(seconds=limit)
     # Under torchrun, a store private to this attempt: a restarted group must not meet the dead one's keys.
     td.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, store=attempt_store(timeout))
     try:
         yield Dist(rank, world, local_rank, backend, device)
+    except RuntimeError as err:
+        # gloo reports a peer that hung or died as a bare RuntimeError; say what happened, not "internal error".
+        if not (isinstance(err, td.DistError) or "gloo" in str(err)):
+            raise
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise LostPeer(f"rank {rank}: another process stopped answering (it died or hung: this one waited "
+                       f"longer than {limit:g}s in a collective; {TIMEOUT_ENV} sets the limit): {first}") from err
     finally:
         td.destroy_process_group()
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnctl.config import Config, batch_stats_at_eval
+from bnctl.config import BATCH_STAT_NORMS, Config, batch_stats_at_eval
 from bnctl.data import Batches, ImageData, load_dataset
 from bnctl.distributed import SINGLE, Dist, convert_sync_bn
 from bnctl.errors import ConfigError, DataError
@@ -134,8 +134,22 @@ class Experiment:
         """
         if self.eval_order_seed is not None:
             x, y = seeded_order(x, y, self.eval_order_seed)
-        shard = self.dist.part(len(y))
+        shard = eval_shard(self.cfg, self.dist, len(y), batch_size)
         return self.batches(x[shard], y[shard], batch_size)
+
+
+def eval_shard(cfg: Config, dist: Dist, n: int, batch_size: int) -> slice:
+    """This rank's share of n evaluation items (all of them for one process).
+
+    When BN normalizes with batch statistics at eval, a rank takes whole batches of one
+    process's evaluation (cut as Batches cuts them), so every test batch, and each number,
+    is the same under any world size; otherwise any split gives the same numbers.
+    """
+    if not batch_stats_at_eval(cfg):
+        return dist.part(n)
+    count = max(1, n // batch_size) if n % batch_size == 1 else -(-n // batch_size)  # len(Batches)
+    first, last = dist.rank * count // dist.world_size, (dist.rank + 1) * count // dist.world_size
+    return slice(first * batch_size, n if last == count else last * batch_size)
 
 
 def seed_everything(seed: int) -> None:
@@ -176,6 +190,15 @@ def setup(cfg: Config, data: ImageData | None = None, moved: bool = False, dist:
     if cfg.train.batch_size % dist.world_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly "
                           f"over the {dist.world_size} processes; use a multiple of {dist.world_size}")
+    share = cfg.train.batch_size // dist.world_size  # the samples each process normalizes alone
+    if cfg.model.norm == "ghost" and share % cfg.model.virtual_batch_size == 1:
+        raise ConfigError(f"each of the {dist.world_size} processes gets {share} samples of train.batch_size="
+                          f"{cfg.train.batch_size}, which leaves a ghost batch of one sample with "
+                          f"model.virtual_batch_size={cfg.model.virtual_batch_size}; choose sizes that divide evenly")
+    if dist.enabled and not cfg.train.sync_bn and cfg.model.norm in BATCH_STAT_NORMS and share == 1:
+        raise ConfigError(f"train.sync_bn=false normalizes each process's {share} sample of train.batch_size="
+                          f"{cfg.train.batch_size} alone, and one sample has no variance; use a larger batch "
+                          "or train.sync_bn=true")
     notes = [note] if moved and (note := adapt_precision(cfg, device)) else []
     precision = Precision(device, cfg.train.precision)
     data = data if data is not None else load_dataset(cfg.data)
@@ -203,7 +226,7 @@ def setup(cfg: Config, data: ImageData | None = None, moved: bool = False, dist:
         # classes: files listed class by class would give one-class batches and a meaningless accuracy.
         order_seed = cfg.seed
         test_x, test_y = seeded_order(test_x, test_y, order_seed)
-    shard = dist.part(len(test_y))  # evaluation sums counts over ranks: each rank takes a shard
+    shard = eval_shard(cfg, dist, len(test_y), cfg.train.eval_batch_size)  # evaluation sums counts over ranks
     test_batches = Batches(test_x[shard], test_y[shard], cfg.train.eval_batch_size, **common)
     optimizer = make_optimizer(model, cfg.optimizer, device)
     scheduler = make_scheduler(optimizer, cfg, max(1, len(train_batches)))  # eval needs no full training batch

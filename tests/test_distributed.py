@@ -121,7 +121,7 @@ def test_eval_of_a_ddp_checkpoint_in_one_process(runs, cli):
 def test_ddp_run_resumes_in_one_process(runs, cli, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(runs["ddp"], resumed)
-    (resumed / rundir.LOCK_FILE).unlink()
+    (resumed / rundir.LOCK_FILE).unlink(missing_ok=True)  # a completed run removes its lock; a copy must not carry one
     result = cli("train", "--resume", resumed, "train.epochs=3")
     assert result.exit_code == 0, result.output
     # Epochs 1-2 ran on 2 ranks, epoch 3 in one process: the same as 3 epochs in one process.
@@ -265,6 +265,29 @@ def test_setup_refuses_a_batch_that_does_not_split_over_the_ranks():
         setup(cfg, dist=Dist(rank=1, world_size=2, backend="gloo", device=torch.device("cpu")))
 
 
+@pytest.mark.parametrize("model, train, message", [
+    ({"norm": "ghost", "virtual_batch_size": 6}, {"batch_size": 14}, "gets 7 samples .* ghost batch of one sample"),
+    ({"norm": "batch"}, {"batch_size": 2, "sync_bn": False}, "sync_bn=false normalizes each process's 1 sample"),
+])
+def test_setup_refuses_a_share_that_leaves_bn_one_sample(model, train, message):
+    """Valid for one process, but each rank normalizes a single sample: a clear error, not a crash in training."""
+    cfg = config_mod.validate(tiny_raw(model=model, train=train))
+    with pytest.raises(ConfigError, match=message):
+        setup(cfg, dist=Dist(rank=0, world_size=2, backend="gloo", device=torch.device("cpu")))
+
+
+@pytest.mark.parametrize("n, world", [(40, 2), (41, 2), (41, 3), (61, 2), (10, 3)])
+def test_batch_statistics_at_eval_see_one_process_test_batches(n, world):
+    """bn_track_running_stats=false: the ranks' evaluation batches are exactly one process's, whatever the split."""
+    cfg = config_mod.validate(tiny_raw(model={"bn_track_running_stats": False},
+                                       data={"train_size": 64, "test_size": n},
+                                       train={"batch_size": 24, "eval_batch_size": 20}))
+    one = [y.tolist() for _, y in setup(cfg).test_batches]
+    ranks = [[y.tolist() for _, y in setup(cfg, dist=Dist(r, world, 0, "gloo", torch.device("cpu"))).test_batches]
+             for r in range(world)]
+    assert [b for batches in ranks for b in batches] == one
+
+
 def test_one_process_is_untouched():
     assert distributed.SINGLE.enabled is False and distributed.SINGLE.part(7) == slice(0, 7)
     module = nn.Linear(2, 2)
@@ -276,3 +299,14 @@ def test_one_process_is_untouched():
     assert (cfg.train.sync_bn, cfg.train.dist_bn) == (True, "reduce")
     with pytest.raises(ConfigError, match="dist_bn"):
         config_mod.validate({"train": {"dist_bn": "average"}})
+
+
+def test_a_rank_that_stops_answering_ends_the_wait_with_a_clear_error(tmp_path):
+    """A collective that outlives BNCTL_DIST_TIMEOUT is bnctl's error naming the limit, not an internal error."""
+    done = torchrun(str(REPO / "tests" / "dist_timeout_worker.py"), str(tmp_path), "15", cwd=tmp_path,
+                    group_timeout=3)
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = (tmp_path / "rank0.txt").read_text()
+    assert got.startswith("LostPeer: rank 0: another process stopped answering"), got
+    assert distributed.TIMEOUT_ENV in got and "3s" in got
+    assert (tmp_path / "rank1.txt").read_text() == "finished"
