@@ -167,20 +167,30 @@ def create(runs_root: Path, name: str, exact: Path | None = None) -> Path:
         except FileExistsError:
             raise taken from None
         return exact
-    runs_root = Path(runs_root)
-    _make_folder(runs_root, "--runs-root")
+    path = new_stamped_folder(runs_root, name, "--runs-root", "run directory")
+    (path / CHECKPOINT_DIR).mkdir()
+    return path
+
+
+def new_stamped_folder(root: Path, name: str, root_label: str, what: str) -> Path:
+    """Create root/<YYYYmmdd-HHMMSS>-<name>[-k]/, a folder no other process can also get.
+
+    os.mkdir is atomic: of two processes racing for the same name, one gets it and the
+    other moves on to the next suffix.
+    """
+    root = Path(root)
+    _make_folder(root, root_label)
     stem = f"{datetime.now():%Y%m%d-%H%M%S}-{name}"
     for attempt in range(1, 10_000):
-        path = runs_root / (stem if attempt == 1 else f"{stem}-{attempt}")
+        path = root / (stem if attempt == 1 else f"{stem}-{attempt}")
         try:
             path.mkdir()
         except FileExistsError:
             continue
         except OSError as err:
-            raise ConfigError(f"cannot create a run directory under {runs_root}: {err.strerror or err}") from None
-        (path / CHECKPOINT_DIR).mkdir()
+            raise ConfigError(f"cannot create a {what} under {root}: {err.strerror or err}") from None
         return path
-    raise ConfigError(f"could not create a new run directory under {runs_root}")
+    raise ConfigError(f"could not create a new {what} under {root}")
 
 
 class RunLock:

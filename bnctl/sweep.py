@@ -51,18 +51,9 @@ def create(plan: Plan, root: Path = Path("runs/sweeps"), exact: Path | None = No
     plan.created = plan.created or datetime.now().isoformat(timespec="seconds")
     if exact is not None:
         return _create_exact(plan, Path(exact))
-    root = Path(root)
-    rundir._make_folder(root, "sweep root")
-    stem = f"{datetime.now():%Y%m%d-%H%M%S}-{plan.name}"
-    for attempt in range(1, 10_000):
-        path = root / (stem if attempt == 1 else f"{stem}-{attempt}")
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        _populate(path, plan)
-        return path
-    raise ConfigError(f"could not create a new sweep directory under {root}")
+    path = rundir.new_stamped_folder(root, plan.name, "sweep root", "sweep directory")
+    _populate(path, plan)
+    return path
 
 
 def _populate(path: Path, plan: Plan) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+import torch
 from typer.testing import CliRunner
 
 from bnctl.cli import app
@@ -53,3 +54,15 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: a second thread only adds waiting, badly so on a busy machine.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

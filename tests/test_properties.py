@@ -26,13 +26,7 @@ PROPERTY = settings(max_examples=30, deadline=None, derandomize=True, database=N
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second thread only adds waiting, badly so on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _shape(n: int, c: int, spatial: tuple[int, ...]) -> tuple[int, ...]:
