@@ -120,6 +120,18 @@ def test_small_batches_drop():
     assert verdicts.small_batches(rows(noisy, BATCH), CHANCE).verdict == INCONCLUSIVE
 
 
+def test_small_batches_interval_is_not_narrowed_by_few_seeds():
+    # Effect (80 - 50) - (80 - 75) = 25 with a seed sd of 10 in every cell: a
+    # percentile bootstrap over 3 seeds calls this supported; the t-interval (df 8) rightly does not.
+    table = {("batch", 2): [50, 40, 60], ("batch", 64): [80, 70, 90],
+             ("group", 2): [75, 65, 85], ("group", 64): [80, 70, 90]}
+    v = verdicts.small_batches(rows(table, BATCH), CHANCE)
+    assert v.effect.effect == pytest.approx(25.0) and v.effect.method == "welch contrast"
+    assert v.verdict == INCONCLUSIVE and v.effect.lo < 0 < v.effect.hi
+    one_seed = {("batch", 2): [10], ("batch", 64): [80, 81, 82], ("group", 2): [76, 78, 77], ("group", 64): [79, 80]}
+    assert verdicts.small_batches(rows(one_seed, BATCH), CHANCE).verdict == INCONCLUSIVE
+
+
 def test_notebook_eval_is_paired_by_checkpoint():
     running, batch4, recal = [80.0, 70.0, 90.0], [70.0, 61.0, 79.0], [80.5, 70.2, 90.1]
     v = verdicts.notebook_eval(running, batch4, recal)
