@@ -134,8 +134,9 @@ def init_sensitivity(rows: Sequence[dict], chance: float, norm_key: str = "model
             "its mean accuracy averaged over all scales of the grid (diverged runs count as chance): how many "
             "points a scale picked from the grid costs on average, against the norm's best one. Effect: "
             f"{control}'s shortfall minus {arm}'s, with a 95% percentile-bootstrap interval (scipy.stats.bootstrap, "
-            "seeds resampled within each cell): supported if above 0, contradicted if below, inconclusive "
-            "otherwise. The spread (best minus worst) and the number of scales each norm trains at are reported "
+            "seeds resampled within each cell; with 3 seeds per cell it is narrower than a 95% interval should "
+            "be, so read a bound near 0 as inconclusive): supported if above 0, contradicted if below, "
+            "inconclusive otherwise. The spread (best minus worst) and the number of scales each norm trains at are reported "
             "beside it.")
     details = []
     for n, chunk in ((arm, samples[:len(scales)]), (control, samples[len(scales):])):
