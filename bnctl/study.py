@@ -340,7 +340,7 @@ def write_report(study_dir: Path) -> StudyResult:
 
 def _effect_cell(v: verdicts.Verdict) -> str:
     if v.effect is None:
-        return "not enough runs"
+        return v.no_effect
     return f"{v.effect_name}: {v.effect.effect:+.2f} [{v.effect.lo:+.2f}, {v.effect.hi:+.2f}]"
 
 

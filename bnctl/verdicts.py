@@ -36,10 +36,11 @@ class Verdict:
     effect: stats.Difference | None
     effect_name: str  # what the effect measures, with its unit
     details: list[str] = field(default_factory=list)  # supporting facts, one sentence each
+    no_effect: str = "not enough finished runs"  # why there is no effect, when there is none
 
     def sentence(self) -> str:
         if self.effect is None:
-            return f"{self.verdict}: not enough finished runs to estimate {self.effect_name}."
+            return f"{self.verdict}: {self.no_effect}, so {self.effect_name} cannot be estimated."
         e = self.effect
         return (f"{self.verdict}: {self.effect_name} = {e.effect:+.2f} points, 95% interval "
                 f"[{e.lo:+.2f}, {e.hi:+.2f}] ({e.method}, n={'/'.join(map(str, e.n))}).")
@@ -95,7 +96,8 @@ def higher_lr(rows: Sequence[dict], chance: float, norm_key: str = "model.norm",
     details = [f"model.norm={norm} trains at lr " + (", ".join(f"{lr:g}" for lr in lrs) if lrs else "none of the grid")
                for norm, lrs in trains_at.items()]
     if not either:
-        return Verdict("higher learning rates", rule, INCONCLUSIVE, None, "the accuracy difference", details)
+        return Verdict("higher learning rates", rule, INCONCLUSIVE, None, "the accuracy difference", details,
+                       no_effect="neither norm trains at any learning rate of the grid")
     top = either[-1]
     effect = stats.welch(_values(rows, "final_test_acc", chance, **{norm_key: arm, lr_key: top}),
                          _values(rows, "final_test_acc", chance, **{norm_key: control, lr_key: top}))

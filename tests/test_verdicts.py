@@ -46,6 +46,7 @@ def test_higher_lr_contradicted_and_inconclusive():
     nothing = {("batch", 1e-2): [10, 11, 10], ("none", 1e-2): [10, 10, 12]}
     v = verdicts.higher_lr(rows(nothing, LR), CHANCE)
     assert v.verdict == INCONCLUSIVE and v.effect is None and "none of the grid" in v.details[0]
+    assert "neither norm trains" in v.sentence() and "not enough finished runs" not in v.sentence()
 
 
 INIT = ("model.norm", "model.init_scale")
