@@ -174,13 +174,19 @@ def draw_metric_vs_key(ax, data: SweepData, all_cells: list[Cell], key: str, met
     for c in all_cells:
         lines.setdefault(tuple(c.values[k] for k in others), []).append(c)
     drawn = False
+    diverged: dict[Any, list[str]] = {}  # x -> the lines whose cell there diverged in every finished run
     for group, members in lines.items():
         pts = sorted((c.values[key], c.stats[metric]) for c in members if c.stats[metric].n)
-        if not pts:
-            continue
-        ax.errorbar([x for x, _ in pts], [s.mean for _, s in pts], yerr=[s.half_width or 0.0 for _, s in pts],
-                    marker="o", capsize=3, label=_label(dict(zip(others, group)), others))
-        drawn = True
+        if pts:
+            ax.errorbar([x for x, _ in pts], [s.mean for _, s in pts], yerr=[s.half_width or 0.0 for _, s in pts],
+                        marker="o", capsize=3, label=_label(dict(zip(others, group)), others))
+            drawn = True
+        for c in members:  # a cell whose finished runs all diverged has no mean: name it at its x, not a hole
+            if not c.stats[metric].n and c.count("diverged"):
+                diverged.setdefault(c.values[key], []).append(_label(c.values, others) if others else "all")
+    for x, labels in diverged.items():
+        ax.annotate("diverged: " + "; ".join(labels), (x, 0.03), xycoords=ax.get_xaxis_transform(), ha="center",
+                    va="bottom", fontsize=7, rotation=90, color="0.3")
     values = list(data.grid[key])
     if _log_axis(key, values):
         ax.set_xscale("log", base=2 if key.endswith("batch_size") else 10)

@@ -220,7 +220,8 @@ FIGURE_KEYS = {"lr": ("optimizer.lr", ["final_test_acc"]), "init": ("model.init_
                "small_batches": ("train.batch_size", ["final_test_acc"])}
 
 
-def _section_figure(key: str, data: report.SweepData, cells: list[report.Cell], out: Path) -> Path | None:
+def _section_figure(key: str, data: report.SweepData, cells: list[report.Cell], out: Path,
+                    chance: float) -> Path | None:
     from bnctl.plotting import _pyplot, _save
 
     x, metrics = FIGURE_KEYS[key]
@@ -230,6 +231,8 @@ def _section_figure(key: str, data: report.SweepData, cells: list[report.Cell], 
     for ax, metric in zip(axes[0], metrics):
         label = dict((m, lab) for m, lab, _ in report.METRICS)[metric]
         ns = sorted({c.stats[metric].n for c in cells if c.stats[metric].n})
+        if metric == "final_test_acc":  # the level a network that learned nothing reaches
+            ax.axhline(chance, color="0.5", ls=":", lw=1, label=f"chance ({chance:g}%)")
         drawn |= report.draw_metric_vs_key(ax, data, cells, x, metric,
                                            title=f"{label}, mean of n={'/'.join(map(str, ns)) or 0} seeds, "
                                                  "bars: 95% t-interval")
@@ -285,9 +288,10 @@ def write_report(study_dir: Path) -> StudyResult:
         data_names.add(str((data.plan.get("config") or {}).get("data", {}).get("name")))
         missing_total += len(rep.missing)
         planned_total += len(data.rows)
-        v = RULES[section.key](data, _chance(data))
+        chance = _chance(data)
+        v = RULES[section.key](data, chance)
         results[section.key] = v
-        fig = _section_figure(section.key, data, cells, study_dir / FIGURES_DIR / f"{section.key}.png")
+        fig = _section_figure(section.key, data, cells, study_dir / FIGURES_DIR / f"{section.key}.png", chance)
         only = ["final_test_acc", "gap"] if section.key == "regularization" else ["final_test_acc"]
         header, body = report.table_rows(data, cells, only)
         sections_md += [f"## {section.title}", "", section.question, ""]
@@ -336,7 +340,7 @@ def write_report(study_dir: Path) -> StudyResult:
 
 def _effect_cell(v: verdicts.Verdict) -> str:
     if v.effect is None:
-        return "not enough runs"
+        return v.no_effect
     return f"{v.effect_name}: {v.effect.effect:+.2f} [{v.effect.lo:+.2f}, {v.effect.hi:+.2f}]"
 
 

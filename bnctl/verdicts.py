@@ -36,10 +36,11 @@ class Verdict:
     effect: stats.Difference | None
     effect_name: str  # what the effect measures, with its unit
     details: list[str] = field(default_factory=list)  # supporting facts, one sentence each
+    no_effect: str = "not enough finished runs"  # why there is no effect, when there is none
 
     def sentence(self) -> str:
         if self.effect is None:
-            return f"{self.verdict}: not enough finished runs to estimate {self.effect_name}."
+            return f"{self.verdict}: {self.no_effect}, so {self.effect_name} cannot be estimated."
         e = self.effect
         return (f"{self.verdict}: {self.effect_name} = {e.effect:+.2f} points, 95% interval "
                 f"[{e.lo:+.2f}, {e.hi:+.2f}] ({e.method}, n={'/'.join(map(str, e.n))}).")
@@ -95,7 +96,8 @@ def higher_lr(rows: Sequence[dict], chance: float, norm_key: str = "model.norm",
     details = [f"model.norm={norm} trains at lr " + (", ".join(f"{lr:g}" for lr in lrs) if lrs else "none of the grid")
                for norm, lrs in trains_at.items()]
     if not either:
-        return Verdict("higher learning rates", rule, INCONCLUSIVE, None, "the accuracy difference", details)
+        return Verdict("higher learning rates", rule, INCONCLUSIVE, None, "the accuracy difference", details,
+                       no_effect="neither norm trains at any learning rate of the grid")
     top = either[-1]
     effect = stats.welch(_values(rows, "final_test_acc", chance, **{norm_key: arm, lr_key: top}),
                          _values(rows, "final_test_acc", chance, **{norm_key: control, lr_key: top}))
@@ -105,40 +107,52 @@ def higher_lr(rows: Sequence[dict], chance: float, norm_key: str = "model.norm",
 
 # ------------------------------------------------------------------ claim 2
 
-def _spread_contrast(k: int) -> Callable:
-    """statistic(*2k samples): spread of per-level means of the last k minus that of the first k."""
+def _shortfall_contrast(k: int) -> Callable:
+    """statistic(*2k samples): mean shortfall from the best level (of per-level means) of the last k minus the first k."""
     import numpy as np
+
+    def shortfall(means):
+        return np.max(means, axis=0) - np.mean(means, axis=0)
 
     def statistic(*samples, axis=-1):
         means = [np.mean(s, axis=axis) for s in samples]
-        arm = np.max(means[:k], axis=0) - np.min(means[:k], axis=0)
-        control = np.max(means[k:], axis=0) - np.min(means[k:], axis=0)
-        return control - arm
+        return shortfall(means[k:]) - shortfall(means[:k])
 
     return statistic
 
 
 def init_sensitivity(rows: Sequence[dict], chance: float, norm_key: str = "model.norm",
                      scale_key: str = "model.init_scale", arm: str = "batch", control: str = "none") -> Verdict:
-    """BN reduces sensitivity to initialization: the spread (max - min over scales of mean accuracy) per norm."""
+    """BN reduces sensitivity to initialization: per norm, how far its accuracy falls short of its best scale on average.
+
+    The shortfall (best per-scale mean minus the mean over scales of the per-scale means) is not
+    fooled by an arm that fails almost everywhere: a spread (best minus worst) is small for an arm
+    at chance at most scales, the shortfall is large.
+    """
     scales = _levels(rows, scale_key)
     samples = [_values(rows, "final_test_acc", chance, **{norm_key: n, scale_key: s})
                for n in (arm, control) for s in scales]
-    rule = (f"Per norm, the spread is the largest minus the smallest mean final test accuracy over the "
-            f"{scale_key} grid (diverged runs count as chance). Effect: {control}'s spread minus {arm}'s, with a "
-            "95% percentile-bootstrap interval (scipy.stats.bootstrap, seeds resampled within each cell): "
-            "supported if above 0, contradicted if below, inconclusive otherwise.")
+    rule = (f"Per norm, the shortfall is its best mean final test accuracy over the {scale_key} grid minus "
+            "its mean accuracy averaged over all scales of the grid (diverged runs count as chance): how many "
+            "points a scale picked from the grid costs on average, against the norm's best one. Effect: "
+            f"{control}'s shortfall minus {arm}'s, with a 95% percentile-bootstrap interval (scipy.stats.bootstrap, "
+            "seeds resampled within each cell; with 3 seeds per cell it is narrower than a 95% interval should "
+            "be, so read a bound near 0 as inconclusive): supported if above 0, contradicted if below, "
+            "inconclusive otherwise. The spread (best minus worst) and the number of scales each norm trains at are reported "
+            "beside it.")
     details = []
     for n, chunk in ((arm, samples[:len(scales)]), (control, samples[len(scales):])):
         means = [_mean(s) for s in chunk]
         if all(m is not None for m in means) and means:
             trains = [f"{s:g}" for s, m in zip(scales, means) if m >= chance + TRAINS_MARGIN]
             details.append(f"model.norm={n}: mean accuracy by scale " + ", ".join(
-                f"{s:g}: {m:.1f}%" for s, m in zip(scales, means)) + f"; spread {max(means) - min(means):.1f} points"
+                f"{s:g}: {m:.1f}%" for s, m in zip(scales, means))
+                + f"; shortfall {max(means) - sum(means) / len(means):.1f} points"
+                + f"; spread {max(means) - min(means):.1f} points"
                 + f"; trains (>= {chance + TRAINS_MARGIN:g}%) at {len(trains)} of {len(scales)} scales")
-    effect = stats.bootstrap(samples, _spread_contrast(len(scales))) if len(scales) >= 2 else None
+    effect = stats.bootstrap(samples, _shortfall_contrast(len(scales))) if len(scales) >= 2 else None
     return Verdict("initialization", rule, decide(effect), effect,
-                   f"spread across init scales, {control} minus {arm}", details)
+                   f"shortfall from the best init scale, {control} minus {arm}", details)
 
 
 # ------------------------------------------------------------------ claim 3
@@ -155,7 +169,9 @@ def regularization(rows: Sequence[dict], norm_key: str = "model.norm", dropout_k
     rule = ("The gap is eval-mode train accuracy minus test accuracy at the last epoch (train.eval_train). "
             f"Effect: the gap without normalization minus the gap with {arm} norm, both without dropout (Welch): "
             "supported if the 95% interval is above 0 (BN shrinks the gap), contradicted if below, inconclusive "
-            f"otherwise. Dropout {dropout:g} on the plain network is the reference regularizer.")
+            f"otherwise. Dropout {dropout:g} on the plain network is the reference regularizer. The gap is taken "
+            "after a fixed number of epochs: an arm that has not yet fit its training set has a small gap for "
+            "that reason alone, so read it beside each arm's train accuracy (test accuracy plus gap).")
     details = []
     for n in (control, arm):
         for d in (0.0, dropout):
@@ -172,22 +188,17 @@ def regularization(rows: Sequence[dict], norm_key: str = "model.norm", dropout_k
 
 # ------------------------------------------------------------------ claim 4
 
-def _drop_contrast(samples_arm_big, samples_arm_small, samples_ctl_big, samples_ctl_small, axis=-1):
-    import numpy as np
-
-    drop_arm = np.mean(samples_arm_big, axis=axis) - np.mean(samples_arm_small, axis=axis)
-    drop_ctl = np.mean(samples_ctl_big, axis=axis) - np.mean(samples_ctl_small, axis=axis)
-    return drop_arm - drop_ctl
-
-
 def small_batches(rows: Sequence[dict], chance: float, norm_key: str = "model.norm",
                   batch_key: str = "train.batch_size", arm: str = "batch", control: str = "group") -> Verdict:
     """BN suffers at small batches more than GN: each norm's accuracy drop from the largest to the smallest batch."""
     sizes = _levels(rows, batch_key)
     rule = (f"Per norm, the drop is mean final test accuracy at the largest {batch_key} minus at the smallest "
             f"(diverged runs count as chance; Welch interval per norm). Effect: {arm}'s drop minus {control}'s, "
-            "with a 95% percentile-bootstrap interval: supported if above 0, contradicted if below, "
-            "inconclusive otherwise.")
+            "a difference in differences with a Welch-Satterthwaite 95% t-interval: supported if above 0, "
+            "contradicted if below, inconclusive otherwise. All batch sizes train for the same number of epochs, "
+            f"so smaller batches take more steps; {control}, which does not use batch statistics, is the control "
+            "for that (and for anything else that changes with the batch size), which holds as far as both norms "
+            "gain alike from the extra steps. Each norm's own drop mixes both.")
     if len(sizes) < 2:
         return Verdict("small batches", rule, INCONCLUSIVE, None, "the difference in drops")
     big, small = sizes[-1], sizes[0]
@@ -200,7 +211,7 @@ def small_batches(rows: Sequence[dict], chance: float, norm_key: str = "model.no
                            f"95% interval [{d.lo:+.1f}, {d.hi:+.1f}]")
     samples = [_values(rows, "final_test_acc", chance, **{norm_key: n, batch_key: b})
                for n in (arm, control) for b in (big, small)]
-    effect = stats.bootstrap(samples, _drop_contrast)
+    effect = stats.contrast(samples, (1, -1, -1, 1))
     return Verdict("small batches", rule, decide(effect), effect,
                    f"accuracy drop from batch {big} to {small}, {arm} minus {control}", details)
 

@@ -79,3 +79,17 @@ def test_report_cli_prints_the_table_without_importing_torch(sweep):
 def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path, cli):
     result = cli("report", tmp_path)
     assert result.exit_code == 2 and "not a bnctl sweep directory" in result.output
+
+
+def test_a_cell_whose_runs_all_diverged_is_marked_in_the_figure(tmp_path):
+    from bnctl.plotting import _pyplot
+
+    def result(o, seed):
+        if o["optimizer.lr"] == 0.01:
+            return {"status": "diverged", "epochs": 1, "final_test_acc": 10.0}
+        return {"status": "completed", "epochs": 1, "final_test_acc": 50.0 + seed, "final_test_loss": 1.0}
+
+    data = report.load(make_sweep(tmp_path, GRID, [0, 1], result))
+    fig, ax = _pyplot().subplots()
+    assert report.draw_metric_vs_key(ax, data, report.cells(data), "optimizer.lr")
+    assert [t.get_text() for t in ax.texts] == ["diverged: norm=batch; norm=none"]

@@ -44,6 +44,19 @@ def test_paired_interval_uses_the_differences():
     assert stats.welch([10.0, 12.0, 14.0], [9.0, 10.0, 11.0]).lo < d.lo
 
 
+def test_contrast_of_two_samples_is_welch_and_of_four_the_satterthwaite_interval():
+    a, b = [61.2, 55.0, 70.3, 64.4], [40.1, 52.2, 47.7, 39.0, 58.8, 44.4]
+    d, ref = stats.contrast([a, b], (1, -1)), sps.ttest_ind(a, b, equal_var=False)
+    assert (d.lo, d.hi) == pytest.approx(tuple(ref.confidence_interval(0.95)))
+    assert d.p == pytest.approx(ref.pvalue) and d.n == (4, 6)
+    # A difference in differences: (mean 2 - mean 5) - (mean 3 - mean 4) = -3 - (-1) = -2; each sample's
+    # mean has variance 1/3 (sd 1, n=3), so se = 2/sqrt(3) and df = (4/3)^2 / (4 * (1/3)^2 / 2) = 8.
+    dd = stats.contrast([[1, 2, 3], [4, 5, 6], [2, 3, 4], [3, 4, 5]], (1, -1, -1, 1))
+    half = sps.t.ppf(0.975, 8) * 2 / math.sqrt(3)
+    assert dd.effect == pytest.approx(-2.0) and (dd.lo, dd.hi) == pytest.approx((-2 - half, -2 + half))
+    assert stats.contrast([[1.0], [2.0, 3.0]], (1, -1)) is None
+
+
 def test_bootstrap_is_reproducible_and_brackets_the_effect():
     import numpy as np
 

@@ -103,6 +103,19 @@ def test_report_gives_five_sections_with_figure_table_and_verdict(tmp_path):
     assert (d / "sweeps" / "lr" / "report.md").is_file()  # each sweep gets its own report too
 
 
+def test_section_figures_draw_the_chance_level(tmp_path, monkeypatch):
+    from bnctl import plotting
+
+    d = _constructed_study(tmp_path)
+    figs = {}
+    real_save = plotting._save
+    monkeypatch.setattr(plotting, "_save", lambda fig, out: figs.setdefault(Path(out).name, [
+        [line.get_label() for line in ax.get_lines()] for ax in fig.axes]) and real_save(fig, out))
+    study.write_report(d)
+    assert "chance (10%)" in figs["lr.png"][0] and "chance (10%)" in figs["small_batches.png"][0]
+    assert [("chance (10%)" in labels) for labels in figs["regularization.png"]] == [False, True]  # gap, accuracy
+
+
 def test_study_runs_evaluates_and_resumes_without_rerunning(tmp_path, cli):
     studies = tiny_studies(tmp_path)
     first = cli("study", "claims", "--jobs", "1", "--root", tmp_path / "out", "--studies", studies)

@@ -46,23 +46,43 @@ def test_higher_lr_contradicted_and_inconclusive():
     nothing = {("batch", 1e-2): [10, 11, 10], ("none", 1e-2): [10, 10, 12]}
     v = verdicts.higher_lr(rows(nothing, LR), CHANCE)
     assert v.verdict == INCONCLUSIVE and v.effect is None and "none of the grid" in v.details[0]
+    assert "neither norm trains" in v.sentence() and "not enough finished runs" not in v.sentence()
 
 
 INIT = ("model.norm", "model.init_scale")
 
 
-def test_init_sensitivity_spread():
+def test_init_sensitivity_shortfall():
     flat_bn = {("batch", 0.1): [80, 81, 79], ("batch", 1.0): [82, 81, 83], ("batch", 10.0): [79, 80, 81],
                ("none", 0.1): [40, 42, 41], ("none", 1.0): [80, 79, 81], ("none", 10.0): [None, 10, 11]}
     v = verdicts.init_sensitivity(rows(flat_bn, INIT), CHANCE)
-    # spread: none 80 - 31/3 = 69.67 points; batch 82 - 80 = 2 points
-    assert v.verdict == SUPPORTED and v.effect.effect == pytest.approx(80 - 31 / 3 - 2)
-    assert "spread 2.0 points" in v.details[0]
+    # shortfall = best mean - mean of the means: none 80 - (41 + 80 + 31/3) / 3; batch 82 - 242/3
+    assert v.verdict == SUPPORTED
+    assert v.effect.effect == pytest.approx((80 - (41 + 80 + 31 / 3) / 3) - (82 - 242 / 3))
+    assert "shortfall 1.3 points; spread 2.0 points" in v.details[0]
     swapped = {(("none" if n == "batch" else "batch"), s): accs for (n, s), accs in flat_bn.items()}
     assert verdicts.init_sensitivity(rows(swapped, INIT), CHANCE).verdict == CONTRADICTED
     similar = {("batch", 0.1): [60, 80, 70], ("batch", 10.0): [75, 65, 85],
                ("none", 0.1): [62, 78, 71], ("none", 10.0): [74, 66, 84]}
     assert verdicts.init_sensitivity(rows(similar, INIT), CHANCE).verdict == INCONCLUSIVE
+
+
+def test_init_sensitivity_not_fooled_by_an_arm_at_chance_almost_everywhere():
+    # The plain network trains at one scale only; BN at every scale, though less well at the edges.
+    # Best minus worst would call BN the more sensitive one (spread 55 vs 50 points); it is not.
+    means = {"batch": [70, 80, 85, 60, 30], "none": [10, 10, 60, 10, 10]}
+    table = {(n, s): [m - 1, m, m + 1] for n, ms in means.items() for s, m in zip([0.1, 0.3, 1.0, 3.0, 10.0], ms)}
+    v = verdicts.init_sensitivity(rows(table, INIT), CHANCE)
+    assert "spread 55.0 points" in v.details[0] and "spread 50.0 points" in v.details[1]
+    assert v.verdict == SUPPORTED and v.effect.effect == pytest.approx((60 - 20) - (85 - 65))
+    assert v.details[0].endswith("at 5 of 5 scales") and v.details[1].endswith("at 1 of 5 scales")
+
+
+def test_init_sensitivity_inconclusive_with_one_seed_in_a_cell():
+    table = {("batch", 0.1): [80, 81, 79], ("batch", 10.0): [79, 80, 81],
+             ("none", 0.1): [40, 42, 41], ("none", 10.0): [80]}
+    v = verdicts.init_sensitivity(rows(table, INIT), CHANCE)
+    assert v.verdict == INCONCLUSIVE and v.effect is None
 
 
 REG = ("model.norm", "model.dropout")
@@ -99,6 +119,18 @@ def test_small_batches_drop():
     noisy = {("batch", 2): [60, 80, 70], ("batch", 64): [75, 85, 65],
              ("group", 2): [62, 78, 70], ("group", 64): [70, 80, 75]}
     assert verdicts.small_batches(rows(noisy, BATCH), CHANCE).verdict == INCONCLUSIVE
+
+
+def test_small_batches_interval_is_not_narrowed_by_few_seeds():
+    # Effect (80 - 50) - (80 - 75) = 25 with a seed sd of 10 in every cell: a
+    # percentile bootstrap over 3 seeds calls this supported; the t-interval (df 8) rightly does not.
+    table = {("batch", 2): [50, 40, 60], ("batch", 64): [80, 70, 90],
+             ("group", 2): [75, 65, 85], ("group", 64): [80, 70, 90]}
+    v = verdicts.small_batches(rows(table, BATCH), CHANCE)
+    assert v.effect.effect == pytest.approx(25.0) and v.effect.method == "welch contrast"
+    assert v.verdict == INCONCLUSIVE and v.effect.lo < 0 < v.effect.hi
+    one_seed = {("batch", 2): [10], ("batch", 64): [80, 81, 82], ("group", 2): [76, 78, 77], ("group", 64): [79, 80]}
+    assert verdicts.small_batches(rows(one_seed, BATCH), CHANCE).verdict == INCONCLUSIVE
 
 
 def test_notebook_eval_is_paired_by_checkpoint():
