@@ -1,7 +1,5 @@
 """The claims' verdict rules on constructed results: each rule can say supported, contradicted or inconclusive."""
 
-import itertools
-
 import pytest
 
 from bnctl import verdicts
@@ -76,6 +74,26 @@ def test_init_sensitivity_not_fooled_by_an_arm_at_chance_almost_everywhere():
     assert "spread 55.0 points" in v.details[0] and "spread 50.0 points" in v.details[1]
     assert v.verdict == SUPPORTED and v.effect.effect == pytest.approx((60 - 20) - (85 - 65))
     assert v.details[0].endswith("at 5 of 5 scales") and v.details[1].endswith("at 1 of 5 scales")
+
+
+def test_init_sensitivity_interval_is_a_welch_satterthwaite_contrast():
+    # Shortfall of k cells = sum(w_i * mean_i) with w = 1 - 1/k at the best cell and -1/k elsewhere; the
+    # effect (none's minus batch's) is that contrast, with a t-interval at the Satterthwaite df.
+    from scipy import stats as sps
+
+    table = {("batch", 0.1): [70, 74, 66], ("batch", 1.0): [80, 85, 75], ("batch", 10.0): [60, 50, 55],
+             ("none", 0.1): [20, 30, 25], ("none", 1.0): [70, 60, 80], ("none", 10.0): [12, 10, 11]}
+    v = verdicts.init_sensitivity(rows(table, INIT), CHANCE)
+    w = {("none", 1.0): 2 / 3, ("none", 0.1): -1 / 3, ("none", 10.0): -1 / 3,
+         ("batch", 1.0): -2 / 3, ("batch", 0.1): 1 / 3, ("batch", 10.0): 1 / 3}
+    mean = {c: sum(x) / 3 for c, x in table.items()}
+    var = {c: sum((xi - mean[c]) ** 2 for xi in x) / 2 for c, x in table.items()}
+    effect = sum(w[c] * mean[c] for c in table)
+    terms = {c: w[c] ** 2 * var[c] / 3 for c in table}
+    se, df = sum(terms.values()) ** 0.5, sum(terms.values()) ** 2 / sum(t ** 2 / 2 for t in terms.values())
+    half = sps.t.ppf(0.975, df) * se
+    assert v.effect.effect == pytest.approx(effect)
+    assert (v.effect.lo, v.effect.hi) == pytest.approx((effect - half, effect + half))
 
 
 def test_init_sensitivity_inconclusive_with_one_seed_in_a_cell():
