@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bnctl import checkpoint, elastic, engine, rundir
+from bnctl import checkpoint, elastic, engine, rundir, sweep, workers
 from bnctl.cli import app
 from bnctl.clikit import TEST_KILL_ENV, sigkill_test_hook
 from bnctl.config import load
@@ -153,6 +153,31 @@ def test_sigterm_handler_is_only_installed_while_training(reference, tmp_path):
     cfg, _ = reference
     assert invoke("train", "-c", cfg, "--run-dir", tmp_path / "r", "train.epochs=1").exit_code == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("to", ["sweep", "group"])
+def test_sigterm_stops_a_jobs_2_sweep_and_its_workers_leaving_runs_resumable(reference, tmp_path, to):
+    # "sweep": `kill PID` of the sweep process alone; "group": Slurm's scancel or time limit, every process of the job.
+    cfg, _ = reference
+    d = tmp_path / "sw"
+    proc = start([sys.executable, "-m", "bnctl", "sweep", "-c", str(cfg), "model.norm=batch,none", "train.epochs=12",
+                  "--seeds", "1", "--jobs", "2", "--sweep-dir", str(d)])  # 2 long runs: both are training
+    deadline = time.monotonic() + 120
+    while not any(m.is_file() and m.read_text().count("\n") >= 2 for m in d.glob("runs/*/metrics.csv")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM) if to == "group" else proc.send_signal(signal.SIGTERM)
+    out, err = finish(proc)
+    assert proc.returncode == 143 and "stopped (SIGTERM): sweep interrupted" in err, out + err
+    rows = {r["run"]: r["status"] for r in sweep.load(d)[1]}
+    # (a run that a stop catches while it finishes may still read "running": a resume completes it)
+    assert "failed" not in rows.values() and "interrupted" in rows.values(), rows
+    for name in rows:  # no worker is left training: every claim is free
+        with workers.claim(d, name) as held:
+            assert held
+    resumed = invoke("sweep", "--resume", d)
+    assert resumed.exit_code == 0, resumed.output
+    assert {r["status"] for r in sweep.load(d)[1]} == {"completed"}
 
 
 # ------------------------------------------------------------------ torchrun restarts
