@@ -248,6 +248,28 @@ def test_restart_target_continues_only_this_jobs_run(tmp_path):
     assert elastic.restart_target(restart, tmp_path / "nowhere", "tiny", None) is None
 
 
+def test_restart_target_skips_an_earlier_run_of_the_same_job_with_another_config(tmp_path):
+    # One Slurm job (--rdzv-id=$SLURM_JOB_ID) trains seed 0, then seed 1; seed 1's first attempt dies
+    # before it records its run: its restart must start seed 1, not continue seed 0's run.
+    root = tmp_path / "runs"
+    earlier = _run_with_id(root / "20261130-080000-tiny", "job-1")
+    (earlier / "config.yaml").write_text("seed: 0\n")
+    restart = elastic.Attempt("job-1", 1)
+    assert elastic.restart_target(restart, root, "tiny", None, "seed: 1\n") is None
+    assert elastic.restart_target(restart, root, "tiny", None, "seed: 0\n") == earlier
+
+
+def test_a_restart_of_the_next_run_of_a_job_does_not_continue_the_previous_run(reference, tmp_path, monkeypatch):
+    cfg, _ = reference
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert invoke("train", "-c", cfg, "--runs-root", tmp_path, "train.epochs=1", "seed=0").exit_code == 0
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # the next run's first attempt died before run.json
+    result = invoke("train", "-c", cfg, "--runs-root", tmp_path, "train.epochs=1", "seed=1")
+    assert result.exit_code == 0, result.output
+    assert sorted(load(d / "config.yaml").seed for d in tmp_path.iterdir()) == [0, 1]
+
+
 def test_restart_target_with_run_dir_refuses_someone_elses_run(tmp_path):
     restart = elastic.Attempt("job-1", 1)
     mine = _run_with_id(tmp_path / "mine", "job-1")
