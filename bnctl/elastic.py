@@ -65,6 +65,13 @@ def recorded_run_id(run_dir: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _config_text(run_dir: Path) -> str | None:
+    try:
+        return (Path(run_dir) / rundir.CONFIG_FILE).read_text()
+    except OSError:
+        return None
+
+
 def _barely_started(run_dir: Path) -> bool:
     """True for a folder that rundir.create made but whose run died before writing anything else."""
     names = {p.name for p in run_dir.iterdir()} - {rundir.LOCK_FILE}
@@ -72,10 +79,14 @@ def _barely_started(run_dir: Path) -> bool:
     return names <= {rundir.CHECKPOINT_DIR} and (not checkpoints.is_dir() or not any(checkpoints.iterdir()))
 
 
-def restart_target(current: Attempt | None, runs_root: Path, name: str, run_dir: Path | None) -> Path | None:
+def restart_target(current: Attempt | None, runs_root: Path, name: str, run_dir: Path | None,
+                   config_yaml: str | None = None) -> Path | None:
     """On a torchrun restart, the run directory to continue; None on a first attempt or when there is none yet.
 
-    A folder recorded under another run id is never taken over: that is someone else's run.
+    A folder recorded under another run id is never taken over: that is someone else's run. Under
+    --runs-root neither is one with another resolved config (config_yaml): one job (one --rdzv-id) may run
+    several torchruns in turn, and a restart whose first attempt died before recording its own run would
+    otherwise continue the previous run.
     """
     if current is None or current.restart == 0:
         return None
@@ -92,16 +103,17 @@ def restart_target(current: Attempt | None, runs_root: Path, name: str, run_dir:
     if not runs_root.is_dir():
         return None
     # Run directories are <YYYYmmdd-HHMMSS>-<name>[-k]: the newest name sorts last.
-    ours = sorted(d for d in runs_root.glob(f"*-{name}*") if d.is_dir() and recorded_run_id(d) == current.run_id)
+    ours = sorted(d for d in runs_root.glob(f"*-{name}*") if d.is_dir() and recorded_run_id(d) == current.run_id
+                  and (config_yaml is None or _config_text(d) == config_yaml))
     return ours[-1] if ours else None
 
 
 def claim_run_dir(runs_root: Path, name: str, run_dir: Path | None, resume: Path | None,
-                  current: Attempt | None = None) -> tuple[Path, bool]:
+                  current: Attempt | None = None, config_yaml: str | None = None) -> tuple[Path, bool]:
     """The run directory to train in and whether to resume it: --resume's, a torchrun restart's, or a new one."""
     if resume is not None:
         return Path(resume), True
-    restarted = restart_target(current or attempt(), runs_root, name, run_dir)
+    restarted = restart_target(current or attempt(), runs_root, name, run_dir, config_yaml)
     if restarted is None:
         return rundir.create(runs_root, name, exact=run_dir), False
     rundir.remove_temp_files(restarted)  # left by the worker that died mid-write

@@ -202,7 +202,8 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
             if not dist.is_main:
                 return None
             # A new folder, --resume's, or (a worker group torchrun restarted) the one its first attempt made.
-            path, resuming = elastic.claim_run_dir(runs_root, cfg.name, run_dir, resume)
+            path, resuming = elastic.claim_run_dir(runs_root, cfg.name, run_dir, resume,
+                                                   config_yaml=config_mod.to_yaml(exp.cfg))
             # One process per run directory: resuming a run that is still training would interleave two writers.
             stack.enter_context(rundir.RunLock(path))
             return str(path), resuming

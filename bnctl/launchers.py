@@ -25,7 +25,10 @@ LOGS_DIR = "slurm"  # in the sweep directory: submitit's scripts, pickles and ea
 
 def slurm_settings(sweep_file: Path | None, options: dict[str, Any]) -> SlurmConfig:
     """The job array's settings: the sweep file's ``slurm:`` section, then the command-line options given."""
-    _submitit()  # missing: say so before anything is created
+    submitit = _submitit()  # missing: say so before anything is created
+    if CLUSTER == "slurm" and submitit.SlurmExecutor.affinity() < 0:  # submitit's own test: no srun here
+        raise ConfigError("--launcher slurm: no Slurm here (srun is not on PATH); submit from a Slurm login node, "
+                          "or split the sweep by hand with --shard I/N")
     raw: dict[str, Any] = {}
     if sweep_file is not None:
         spec = config_mod.read_yaml(Path(sweep_file)) or {}

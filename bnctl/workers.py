@@ -189,10 +189,18 @@ def run_tasks(tasks: list[Task], jobs: int, reporter) -> Iterator[Result]:
 
 def _worker_main(conn, threads: int) -> None:
     """A worker process: set its share of CPU threads, then run tasks until told to stop."""
+    # Slurm and Kubernetes send SIGTERM to every process of a job, the workers too: stop the run as Ctrl-C
+    # does (interrupted, resumable), once; by default SIGTERM would kill the worker and leave it "running".
+    signal.signal(signal.SIGTERM, _stop_once)
     try:
         _serve(conn, threads)
     except KeyboardInterrupt:  # Ctrl-C while starting up: nothing was claimed yet
         pass
+
+
+def _stop_once(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not break the stop in progress
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def _serve(conn, threads: int) -> None:

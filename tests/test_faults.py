@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bnctl import checkpoint, elastic, engine, rundir
+from bnctl import checkpoint, elastic, engine, rundir, sweep, workers
 from bnctl.cli import app
 from bnctl.clikit import TEST_KILL_ENV, sigkill_test_hook
 from bnctl.config import load
@@ -150,6 +150,31 @@ def test_sigterm_handler_is_only_installed_while_training(reference, tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.parametrize("to", ["sweep", "group"])
+def test_sigterm_stops_a_jobs_2_sweep_and_its_workers_leaving_runs_resumable(reference, tmp_path, to):
+    # "sweep": `kill PID` of the sweep process alone; "group": Slurm's scancel or time limit, every process of the job.
+    cfg, _ = reference
+    d = tmp_path / "sw"
+    proc = start([sys.executable, "-m", "bnctl", "sweep", "-c", str(cfg), "model.norm=batch,none", "train.epochs=12",
+                  "--seeds", "1", "--jobs", "2", "--sweep-dir", str(d)])  # 2 long runs: both are training
+    deadline = time.monotonic() + 120
+    while not any(m.is_file() and m.read_text().count("\n") >= 2 for m in d.glob("runs/*/metrics.csv")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM) if to == "group" else proc.send_signal(signal.SIGTERM)
+    out, err = finish(proc)
+    assert proc.returncode == 143 and "stopped (SIGTERM): sweep interrupted" in err, out + err
+    rows = {r["run"]: r["status"] for r in sweep.load(d)[1]}
+    # (a run that a stop catches while it finishes may still read "running": a resume completes it)
+    assert "failed" not in rows.values() and "interrupted" in rows.values(), rows
+    for name in rows:  # no worker is left training: every claim is free
+        with workers.claim(d, name) as held:
+            assert held
+    resumed = invoke("sweep", "--resume", d)
+    assert resumed.exit_code == 0, resumed.output
+    assert {r["status"] for r in sweep.load(d)[1]} == {"completed"}
+
+
 # ------------------------------------------------------------------ torchrun restarts
 
 def test_torchrun_restart_after_a_sigkill_continues_the_run_to_the_uninterrupted_result(reference, tmp_path):
@@ -216,6 +241,28 @@ def test_restart_target_continues_only_this_jobs_run(tmp_path):
     assert elastic.restart_target(None, root, "tiny", None) is None  # not under torchrun
     assert elastic.restart_target(elastic.Attempt("job-3", 1), root, "tiny", None) is None  # died before creating one
     assert elastic.restart_target(restart, tmp_path / "nowhere", "tiny", None) is None
+
+
+def test_restart_target_skips_an_earlier_run_of_the_same_job_with_another_config(tmp_path):
+    # One Slurm job (--rdzv-id=$SLURM_JOB_ID) trains seed 0, then seed 1; seed 1's first attempt dies
+    # before it records its run: its restart must start seed 1, not continue seed 0's run.
+    root = tmp_path / "runs"
+    earlier = _run_with_id(root / "20261130-080000-tiny", "job-1")
+    (earlier / "config.yaml").write_text("seed: 0\n")
+    restart = elastic.Attempt("job-1", 1)
+    assert elastic.restart_target(restart, root, "tiny", None, "seed: 1\n") is None
+    assert elastic.restart_target(restart, root, "tiny", None, "seed: 0\n") == earlier
+
+
+def test_a_restart_of_the_next_run_of_a_job_does_not_continue_the_previous_run(reference, tmp_path, monkeypatch):
+    cfg, _ = reference
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert invoke("train", "-c", cfg, "--runs-root", tmp_path, "train.epochs=1", "seed=0").exit_code == 0
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # the next run's first attempt died before run.json
+    result = invoke("train", "-c", cfg, "--runs-root", tmp_path, "train.epochs=1", "seed=1")
+    assert result.exit_code == 0, result.output
+    assert sorted(load(d / "config.yaml").seed for d in tmp_path.iterdir()) == [0, 1]
 
 
 def test_restart_target_with_run_dir_refuses_someone_elses_run(tmp_path):

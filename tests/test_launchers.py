@@ -116,6 +116,14 @@ def test_missing_submitit_is_a_clear_message(sweep_file, tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
+def test_no_slurm_here_is_a_clear_message_before_anything_is_created(sweep_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no srun, no sbatch
+    result = CliRunner().invoke(app, ["sweep", "--sweep", str(sweep_file), "--sweep-dir", str(tmp_path / "x"),
+                                      "--launcher", "slurm"])
+    assert result.exit_code == 2 and "no Slurm here (srun is not on PATH)" in result.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_shard_is_submitted_as_one_task_per_run_of_that_shard():
     runs = list(range(11))
     tasks = launchers.task_shards(len(runs), (1, 3), None)

@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 import typer
 from rich.markup import escape
 
-from bnctl.clikit import console, reports_errors
+from bnctl.clikit import console, reports_errors, sigterm_stops_like_ctrl_c
 from bnctl.errors import ConfigError
 
 # (rich markup: a backslash keeps [brackets] from being read as a style tag)
@@ -110,6 +110,7 @@ def _print_plan(plan, selected, statuses: dict[str, str] | None) -> None:
 
 
 @reports_errors
+@sigterm_stops_like_ctrl_c()  # a scheduler's SIGTERM: runs left interrupted, resumable
 def sweep(
     overrides: Optional[List[str]] = typer.Argument(None, metavar="KEY=a,b,c | KEY=v",
                                                     help="Swept (KEY=a,b,c) and fixed (KEY=v) config keys."),
