@@ -169,7 +169,7 @@ def plain_help() -> None:
         def _usage_display_name(self) -> str:
             name = self.metavar or self.name.upper()
             name = name if self.required else f"[{name}]"
-            return name + ("..." if self.nargs != 1 else "")
+            return name + ("..." if self.nargs != 1 and not name.endswith("...") else "")  # metavar "X..." once
 
         argument._usage_display_name = _usage_display_name
         argument._bnctl_plain = True

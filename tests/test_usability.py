@@ -409,6 +409,8 @@ def test_help_is_plain_and_offers_completion(cli, monkeypatch):
         text = cli(command, "--help").stdout
         assert "<bool>" not in text and "{" not in text, text
     assert "Usage: bnctl eval [OPTIONS] RUN_DIR_OR_CHECKPOINT..." in cli("eval", "--help").stdout
+    for command in ("eval", "compare", "train"):
+        assert "...." not in cli(command, "--help").stdout  # a metavar's own "..." is not doubled
     assert "one or more" in cli("compare", "--help").stdout
 
 
