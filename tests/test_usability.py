@@ -439,3 +439,16 @@ def test_epoch_table_shows_clean_train_accuracy_when_eval_train_is_on(tmp_path, 
     run_dir = Path(out.stdout.strip().splitlines()[-1])
     clean = rundir.read_csv(run_dir / rundir.METRICS_FILE)[0]["clean_train_acc"]
     assert "clean train acc" in out.stdout and f"{clean:.2f}%" in out.stdout
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_not_an_internal_error(run_copy):
+    import subprocess
+    import sys
+
+    # `bnctl runs --json | head -c 10`: the reader is gone before bnctl writes.
+    proc = subprocess.Popen([sys.executable, "-m", "bnctl", "runs", str(run_copy.parent), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "internal error" not in err and "Traceback" not in err, err
