@@ -77,7 +77,8 @@ class _RichReporter:
 
     def epoch_start(self, epoch: int, steps: int) -> None:
         if not self.header_shown:
-            console.print("[bold]" + "  ".join(f"{name:>{w}}" for name, w in self.columns))
+            # soft_wrap: a row wider than the console stays one line in logs (the terminal wraps it, if anything)
+            console.print("[bold]" + "  ".join(f"{name:>{w}}" for name, w in self.columns), soft_wrap=True)
             self.header_shown = True
         self.progress.start()
         self.task = self.progress.add_task("train", total=steps, epoch=epoch, loss="-")
@@ -93,7 +94,7 @@ class _RichReporter:
                  f"{row['images_per_s']:.0f}"]
         if len(self.columns) > len(self.COLUMNS):
             cells.append(f"{row['clean_train_acc']:.2f}%" if row.get("clean_train_acc") is not None else "-")
-        console.print("  ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, self.columns)))
+        console.print("  ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, self.columns)), soft_wrap=True)
         sigkill_test_hook(row["epoch"])
 
     def close(self) -> None:

@@ -439,6 +439,8 @@ def test_epoch_table_shows_clean_train_accuracy_when_eval_train_is_on(tmp_path, 
     run_dir = Path(out.stdout.strip().splitlines()[-1])
     clean = rundir.read_csv(run_dir / rundir.METRICS_FILE)[0]["clean_train_acc"]
     assert "clean train acc" in out.stdout and f"{clean:.2f}%" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.split()[:1] == ["1"])
+    assert row.split()[-1] == f"{clean:.2f}%"  # one line per epoch, even wider than an 80-column log
 
 
 def test_output_piped_into_a_reader_that_stops_early_is_not_an_internal_error(run_copy):
