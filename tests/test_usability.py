@@ -454,3 +454,24 @@ def test_output_piped_into_a_reader_that_stops_early_is_not_an_internal_error(ru
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "internal error" not in err and "Traceback" not in err, err
+
+
+def test_tables_read_whole_in_80_columns(tmp_path, run_copy, cli, monkeypatch):
+    runs = []
+    for i in range(8):
+        d = run_copy.parent / f"20261130-0959{i:02d}-lr-sweep"
+        shutil.copytree(run_copy, d)
+        write_config(d / "config.yaml", tiny_raw(optimizer={"lr": 0.001 * (i + 1) + 0.0005},
+                                                 model={"name": "seed_cnn", "norm": "batch", "dropout": 0.1 * i},
+                                                 data={"train_size": 256, "test_size": 128}, seed=i))
+        runs.append(d)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "80")
+    listed = cli("runs", run_copy.parent).stdout
+    assert max(map(len, listed.splitlines())) <= 80
+    assert "…" not in listed and all(d.name in listed for d in runs)  # headers and names whole
+    compared = cli("compare", *runs).stdout
+    assert max(len(line) for line in compared.splitlines() if not line.endswith(".png")) <= 80
+    assert "…" not in compared
+    for i in range(8):  # each value on one line, never folded into a different-looking number
+        assert f"{0.001 * (i + 1) + 0.0005:g}" in compared.split()
