@@ -364,7 +364,10 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     if not (run_dir / rundir.METRICS_FILE).is_file():
         raise BnctlError(f"{run_dir} is not a bnctl run directory (no {rundir.METRICS_FILE})")
     raw = config_mod.read_yaml(run_dir / rundir.CONFIG_FILE) if (run_dir / rundir.CONFIG_FILE).is_file() else {}
-    summary = rundir.read_json(run_dir / rundir.SUMMARY_FILE) if (run_dir / rundir.SUMMARY_FILE).is_file() else {}
+    try:  # unreadable (cut short, edited by hand): compared without it, as `bnctl runs` lists it
+        summary = rundir.read_json(run_dir / rundir.SUMMARY_FILE) if (run_dir / rundir.SUMMARY_FILE).is_file() else {}
+    except (OSError, ValueError):
+        summary = {}
     return {"dir": run_dir, "rows": rundir.read_csv(run_dir / rundir.METRICS_FILE),
             "config": config_mod.flatten(raw or {}), "summary": summary}
 

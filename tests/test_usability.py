@@ -125,6 +125,13 @@ def test_compare_shows_a_stale_run_and_dashes_for_missing_numbers(run_copy, cli,
     assert "stale" in line and "None" not in line and line.split()[-6:-1] == ["-"] * 5  # all but wall time
 
 
+def test_compare_takes_a_run_whose_summary_is_not_json(run_copy, cli, tmp_path):
+    (run_copy / "summary.json").write_text("{cut sho")
+    out = cli("compare", run_copy, "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)[0]["final_test_acc"] == rundir.read_csv(run_copy / "metrics.csv")[-1]["test_acc"]
+
+
 # ---------------------------------------------------------------- eval results that keep
 
 def test_eval_of_a_run_dir_keeps_each_measurement_under_its_own_name(run_copy, cli):
