@@ -209,8 +209,11 @@ def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
 def plot_confusion(eval_json: Path, out: Path | None = None) -> Path:
     """Row-normalized confusion matrix (percent of each true class) from an eval.json."""
     eval_json = Path(eval_json)
-    result = rundir.read_json(eval_json)
-    classes, matrix = result["classes"], result["confusion"]
+    try:
+        result = rundir.read_json(eval_json)
+        classes, matrix = result["classes"], result["confusion"]
+    except (ValueError, KeyError, TypeError):  # a file of another kind, or cut short
+        raise BnctlError(f"{eval_json} is not a bnctl eval result (JSON with classes and confusion)") from None
     plt = _pyplot()
     k = len(classes)
     pct = [[100.0 * v / max(1, sum(row)) for v in row] for row in matrix]

@@ -132,6 +132,14 @@ def test_compare_takes_a_run_whose_summary_is_not_json(run_copy, cli, tmp_path):
     assert json.loads(out.stdout)[0]["final_test_acc"] == rundir.read_csv(run_copy / "metrics.csv")[-1]["test_acc"]
 
 
+def test_plot_names_an_eval_file_it_cannot_read(run_copy, cli):
+    (run_copy / "eval").mkdir(exist_ok=True)
+    (run_copy / "eval" / "notes.json").write_text('{"a":')
+    out = cli("plot", run_copy)
+    assert out.exit_code == 1 and "internal error" not in out.output and "notes.json" in out.output, out.output
+    assert (run_copy / "curves.png").read_bytes()[:8] == PNG
+
+
 # ---------------------------------------------------------------- eval results that keep
 
 def test_eval_of_a_run_dir_keeps_each_measurement_under_its_own_name(run_copy, cli):
