@@ -122,7 +122,7 @@ def test_eval_of_a_ddp_checkpoint_in_one_process(runs, cli):
 def test_ddp_run_resumes_in_one_process(runs, cli, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(runs["ddp"], resumed)
-    (resumed / rundir.LOCK_FILE).unlink()
+    assert not (resumed / rundir.LOCK_FILE).exists()  # the finished run released its lock
     result = cli("train", "--resume", resumed, "train.epochs=3")
     assert result.exit_code == 0, result.output
     # Epochs 1-2 ran on 2 ranks, epoch 3 in one process: the same as 3 epochs in one process.
