@@ -77,7 +77,8 @@ class _RichReporter:
 
     def epoch_start(self, epoch: int, steps: int) -> None:
         if not self.header_shown:
-            console.print("[bold]" + "  ".join(f"{name:>{w}}" for name, w in self.columns))
+            # soft_wrap: a row wider than the console stays one line in logs (the terminal wraps it, if anything)
+            console.print("[bold]" + "  ".join(f"{name:>{w}}" for name, w in self.columns), soft_wrap=True)
             self.header_shown = True
         self.progress.start()
         self.task = self.progress.add_task("train", total=steps, epoch=epoch, loss="-")
@@ -93,7 +94,7 @@ class _RichReporter:
                  f"{row['images_per_s']:.0f}"]
         if len(self.columns) > len(self.COLUMNS):
             cells.append(f"{row['clean_train_acc']:.2f}%" if row.get("clean_train_acc") is not None else "-")
-        console.print("  ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, self.columns)))
+        console.print("  ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, self.columns)), soft_wrap=True)
         sigkill_test_hook(row["epoch"])
 
     def close(self) -> None:
@@ -347,9 +348,10 @@ def plot(run_dir: Path = typer.Argument(..., help="A run directory holding metri
         console.print(str(path))
 
 
-_COMPARE_METRICS = [("final_train_acc", "train acc", ".2f"), ("final_test_acc", "test acc", ".2f"),
-                    ("final_test_loss", "test loss", ".4f"), ("best_test_acc", "best acc", ".2f"),
-                    ("best_epoch", "best epoch", "d"), ("wall_time_s", "time s", ".1f")]
+# Two-line headers, so that the metrics fit in 80 columns beside the run, status and epochs.
+_COMPARE_METRICS = [("final_train_acc", "train\nacc", ".2f"), ("final_test_acc", "test\nacc", ".2f"),
+                    ("final_test_loss", "test\nloss", ".4f"), ("best_test_acc", "best\nacc", ".2f"),
+                    ("best_epoch", "best\nepoch", "d"), ("wall_time_s", "time\ns", ".1f")]
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -373,7 +375,7 @@ def _compare_tables(rows: list[dict[str, Any]], keys: list[str], short: dict[str
 
     def metrics_table(with_keys: bool) -> Table:
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, caption=caption)
-        table.add_column("run", no_wrap=True)
+        table.add_column("run", overflow="fold")  # folded whole rather than cut to "…"
         for k in keys if with_keys else []:
             table.add_column(short[k], no_wrap=True)
         if show_status:
@@ -393,13 +395,26 @@ def _compare_tables(rows: list[dict[str, Any]], keys: list[str], short: dict[str
     if not keys or Measurement.get(measure_console, measure_console.options.update(width=10**6),
                                    combined).maximum <= width:
         return [combined]
-    keys_table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="how the runs differ", title_justify="left")
-    keys_table.add_column("key", no_wrap=True)
+    def keys_table(group: list[dict[str, Any]], title: str | None) -> Table:
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=title, title_justify="left")
+        table.add_column("key", no_wrap=True)
+        for r in group:
+            table.add_column(escape(r["name"]), no_wrap=True)
+        for k in keys:
+            table.add_row(k, *(escape(_fmt_key_value(r["differs"][k])) for r in group))
+        return table
+
+    def fits(table: Table) -> bool:
+        return Measurement.get(measure_console, measure_console.options.update(width=10**6), table).maximum <= width
+
+    # As many runs per keys table as fit: a value folded across lines reads as another value ("0.00" over "5").
+    groups: list[list[dict[str, Any]]] = [[]]
     for r in rows:
-        keys_table.add_column(escape(r["name"]), overflow="fold")
-    for k in keys:
-        keys_table.add_row(k, *(escape(_fmt_key_value(r["differs"][k])) for r in rows))
-    return [metrics_table(with_keys=False), keys_table]
+        if groups[-1] and not fits(keys_table(groups[-1] + [r], None)):
+            groups.append([])
+        groups[-1].append(r)
+    return [metrics_table(with_keys=False)] + [keys_table(g, "how the runs differ" if i == 0 else None)
+                                               for i, g in enumerate(groups)]
 
 
 def _fmt_key_value(value: Any) -> str:

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,6 +28,7 @@ state: dict[str, Any] = {"debug": False, "signal": None}
 # Exit codes of a run stopped by a signal: 128 + the signal's number, the shell's convention.
 CTRL_C_EXIT = 130
 SIGTERM_EXIT = 143
+SIGPIPE_EXIT = 141
 
 
 def reports_errors(command: Callable) -> Callable:
@@ -52,6 +54,10 @@ def reports_errors(command: Callable) -> Callable:
             raise typer.Exit(SIGTERM_EXIT if by == "SIGTERM" else CTRL_C_EXIT) from None
         except typer.Exit:  # a command's own exit code (a sweep with failed runs), not an error of bnctl's
             raise
+        except BrokenPipeError:  # `bnctl ... | head`: the reader has all it wanted; exit as `cat` would
+            with contextlib.suppress(OSError, ValueError):  # and keep Python's flush at exit from failing again
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(SIGPIPE_EXIT) from None
         except Exception as err:  # a bug in bnctl or an environment problem: still no wall of text by default
             if state["debug"]:
                 raise
@@ -169,7 +175,7 @@ def plain_help() -> None:
         def _usage_display_name(self) -> str:
             name = self.metavar or self.name.upper()
             name = name if self.required else f"[{name}]"
-            return name + ("..." if self.nargs != 1 else "")
+            return name + ("..." if self.nargs != 1 and not name.endswith("...") else "")  # metavar "X..." once
 
         argument._usage_display_name = _usage_display_name
         argument._bnctl_plain = True

@@ -209,8 +209,11 @@ def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
 def plot_confusion(eval_json: Path, out: Path | None = None) -> Path:
     """Row-normalized confusion matrix (percent of each true class) from an eval.json."""
     eval_json = Path(eval_json)
-    result = rundir.read_json(eval_json)
-    classes, matrix = result["classes"], result["confusion"]
+    try:
+        result = rundir.read_json(eval_json)
+        classes, matrix = result["classes"], result["confusion"]
+    except (ValueError, KeyError, TypeError):  # a file of another kind, or cut short
+        raise BnctlError(f"{eval_json} is not a bnctl eval result (JSON with classes and confusion)") from None
     plt = _pyplot()
     k = len(classes)
     pct = [[100.0 * v / max(1, sum(row)) for v in row] for row in matrix]
@@ -364,7 +367,10 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     if not (run_dir / rundir.METRICS_FILE).is_file():
         raise BnctlError(f"{run_dir} is not a bnctl run directory (no {rundir.METRICS_FILE})")
     raw = config_mod.read_yaml(run_dir / rundir.CONFIG_FILE) if (run_dir / rundir.CONFIG_FILE).is_file() else {}
-    summary = rundir.read_json(run_dir / rundir.SUMMARY_FILE) if (run_dir / rundir.SUMMARY_FILE).is_file() else {}
+    try:  # unreadable (cut short, edited by hand): compared without it, as `bnctl runs` lists it
+        summary = rundir.read_json(run_dir / rundir.SUMMARY_FILE) if (run_dir / rundir.SUMMARY_FILE).is_file() else {}
+    except (OSError, ValueError):
+        summary = {}
     return {"dir": run_dir, "rows": rundir.read_csv(run_dir / rundir.METRICS_FILE),
             "config": config_mod.flatten(raw or {}), "summary": summary}
 

@@ -125,6 +125,21 @@ def test_compare_shows_a_stale_run_and_dashes_for_missing_numbers(run_copy, cli,
     assert "stale" in line and "None" not in line and line.split()[-6:-1] == ["-"] * 5  # all but wall time
 
 
+def test_compare_takes_a_run_whose_summary_is_not_json(run_copy, cli, tmp_path):
+    (run_copy / "summary.json").write_text("{cut sho")
+    out = cli("compare", run_copy, "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)[0]["final_test_acc"] == rundir.read_csv(run_copy / "metrics.csv")[-1]["test_acc"]
+
+
+def test_plot_names_an_eval_file_it_cannot_read(run_copy, cli):
+    (run_copy / "eval").mkdir(exist_ok=True)
+    (run_copy / "eval" / "notes.json").write_text('{"a":')
+    out = cli("plot", run_copy)
+    assert out.exit_code == 1 and "internal error" not in out.output and "notes.json" in out.output, out.output
+    assert (run_copy / "curves.png").read_bytes()[:8] == PNG
+
+
 # ---------------------------------------------------------------- eval results that keep
 
 def test_eval_of_a_run_dir_keeps_each_measurement_under_its_own_name(run_copy, cli):
@@ -409,6 +424,8 @@ def test_help_is_plain_and_offers_completion(cli, monkeypatch):
         text = cli(command, "--help").stdout
         assert "<bool>" not in text and "{" not in text, text
     assert "Usage: bnctl eval [OPTIONS] RUN_DIR_OR_CHECKPOINT..." in cli("eval", "--help").stdout
+    for command in ("eval", "compare", "train"):
+        assert "...." not in cli(command, "--help").stdout  # a metavar's own "..." is not doubled
     assert "one or more" in cli("compare", "--help").stdout
 
 
@@ -437,3 +454,39 @@ def test_epoch_table_shows_clean_train_accuracy_when_eval_train_is_on(tmp_path, 
     run_dir = Path(out.stdout.strip().splitlines()[-1])
     clean = rundir.read_csv(run_dir / rundir.METRICS_FILE)[0]["clean_train_acc"]
     assert "clean train acc" in out.stdout and f"{clean:.2f}%" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.split()[:1] == ["1"])
+    assert row.split()[-1] == f"{clean:.2f}%"  # one line per epoch, even wider than an 80-column log
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_not_an_internal_error(run_copy):
+    import subprocess
+    import sys
+
+    # `bnctl runs --json | head -c 10`: the reader is gone before bnctl writes.
+    proc = subprocess.Popen([sys.executable, "-m", "bnctl", "runs", str(run_copy.parent), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "internal error" not in err and "Traceback" not in err, err
+
+
+def test_tables_read_whole_in_80_columns(tmp_path, run_copy, cli, monkeypatch):
+    runs = []
+    for i in range(8):
+        d = run_copy.parent / f"20261130-0959{i:02d}-lr-sweep"
+        shutil.copytree(run_copy, d)
+        write_config(d / "config.yaml", tiny_raw(optimizer={"lr": 0.001 * (i + 1) + 0.0005},
+                                                 model={"name": "seed_cnn", "norm": "batch", "dropout": 0.1 * i},
+                                                 data={"train_size": 256, "test_size": 128}, seed=i))
+        runs.append(d)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "80")
+    listed = cli("runs", run_copy.parent).stdout
+    assert max(map(len, listed.splitlines())) <= 80
+    assert "…" not in listed and all(d.name in listed for d in runs)  # headers and names whole
+    compared = cli("compare", *runs).stdout
+    assert max(len(line) for line in compared.splitlines() if not line.endswith(".png")) <= 80
+    assert "…" not in compared
+    for i in range(8):  # each value on one line, never folded into a different-looking number
+        assert f"{0.001 * (i + 1) + 0.0005:g}" in compared.split()

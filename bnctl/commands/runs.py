@@ -36,9 +36,9 @@ def runs(
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False,
                   caption="best: the epoch with the highest test accuracy; final: the last completed epoch")
-    table.add_column("run", no_wrap=True)
+    table.add_column("run", overflow="fold")  # a long name folds whole onto a second line, never cut to "…"
     table.add_column("status", no_wrap=True)
-    for col in ("epochs", "best acc %", "best epoch", "final acc %", "wall time s"):
+    for col in ("epochs", "best\nacc %", "best\nepoch", "final\nacc %", "wall\ntime s"):  # 80 columns fit
         table.add_column(col, justify="right", no_wrap=True)
     for r in found:
         planned = r["epochs_planned"]
