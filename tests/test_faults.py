@@ -155,8 +155,9 @@ def test_sigterm_stops_a_jobs_2_sweep_and_its_workers_leaving_runs_resumable(ref
     # "sweep": `kill PID` of the sweep process alone; "group": Slurm's scancel or time limit, every process of the job.
     cfg, _ = reference
     d = tmp_path / "sw"
-    proc = start([sys.executable, "-m", "bnctl", "sweep", "-c", str(cfg), "model.norm=batch,none", "train.epochs=12",
-                  "--seeds", "1", "--jobs", "2", "--sweep-dir", str(d)])  # 2 long runs: both are training
+    proc = start([sys.executable, "-m", "bnctl", "sweep", "-c", str(cfg), "model.norm=batch,none", "train.epochs=40",
+                  "data.train_size=512", "--seeds", "1", "--jobs", "2", "--sweep-dir", str(d)])
+    # 2 runs long enough to outlast the sweep's 3 s grace before it interrupts workers that stay silent
     deadline = time.monotonic() + 120
     while not any(m.is_file() and m.read_text().count("\n") >= 2 for m in d.glob("runs/*/metrics.csv")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
