@@ -35,7 +35,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def _overrides(args: argparse.Namespace, device: str, precision: str, channels_last: bool, compile_: bool) -> list[str]:
-    data = ([f"data.name=cifar10", f"data.root={args.cifar_root}"] if args.cifar_root
+    data = (["data.name=cifar10", f"data.root={args.cifar_root}"] if args.cifar_root
             else ["data.name=synthetic", f"data.train_size={args.train_size}", f"data.test_size={args.test_size}"])
     return [f"device={device}", "seed=0", "name=cuda_check", f"model.name={args.model}", *data,
             f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "train.eval_batch_size=1000",

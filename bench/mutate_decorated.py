@@ -46,8 +46,8 @@ def mutants(source: str, filename: str, function: str) -> list[str]:
         module, mutations, _, _ = fm.create_mutations(filename, source)
     finally:
         fm.MutationVisitor._skip_node_and_children = skip
-    inside = [m for m in mutations if m.contained_by_top_level_function is not None
-              and m.contained_by_top_level_function.name.value == function]
+    inside = [m for m in mutations
+              if getattr(getattr(m.contained_by_top_level_function, "name", None), "value", None) == function]
     inside = [m for m in inside if not isinstance(m.original_node, cst.Decorator)]
     out = []
     for m in inside:

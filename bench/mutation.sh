@@ -1,28 +1,46 @@
 #!/usr/bin/env bash
-# Mutation testing of bnctl's science-critical code, one module at a time, one worker.
-# Not part of CI. Needs the dev extra: pip install -e '.[dev]'. See docs/mutation.md.
+# Mutation testing of bnctl's science-critical code. Not part of CI. Needs the dev extra:
+# pip install -e '.[dev]'. See docs/mutation.md for what it mutates, the last run's score and
+# why each survivor is equivalent.
 #
-#   bench/mutation.sh                 # every module below, smallest first
-#   bench/mutation.sh norms data      # just these
+#   bench/mutation.sh                 # every module below, in one mutmut run (one start-up)
+#   bench/mutation.sh norms stats     # just these
+#   JOBS=1 bench/mutation.sh          # one worker (default: 2, one per core)
 #
-# Each module's time goes to stdout; mutmut keeps its results under mutants/ (re-running
-# skips mutants that already have a result unless their function changed). `mutmut results`
-# lists the survivors, `mutmut show NAME` shows one.
+# Three steps per run, each timed on stdout:
+#   1. mutmut over the modules' functions, against the focused tests selected in pyproject.toml;
+#   2. the decorated functions mutmut skips (bench/mutate_decorated.py), against their tests;
+#   3. every survivor of step 1 re-run against the end-to-end test files of its module
+#      (bench/recheck_survivors.py), which are too slow to run for every mutant.
+# mutmut keeps its results under mutants/; `mutmut results` lists the survivors and
+# `mutmut show NAME` shows one.
 set -euo pipefail
 set -f  # the mutant patterns below are mutmut globs, not file names
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1  # tiny tensors: a second thread only waits
 
 declare -A PATTERNS=(
-  [optim]='bnctl.optim.x__cosine* bnctl.optim.x__onecycle* bnctl.optim.x_make_scheduler*'
+  [stats]='bnctl.stats.*'
+  [verdicts]='bnctl.verdicts.*'
+  [optim]='bnctl.optim.x__cosine* bnctl.optim.x__onecycle* bnctl.optim.x_make_scheduler* bnctl.optim.x__param_groups* bnctl.optim.x_make_optimizer*'
   [evaluate]='bnctl.engine.x_evaluate__*'
   [evaluation]='bnctl.evaluation.*'
-  [data]='bnctl.data.x_crop_flip* bnctl.data.xǁBatchesǁ* bnctl.data.x_load_dataset*'
+  [data]='bnctl.data.x_crop_flip* bnctl.data.xǁBatchesǁ* bnctl.data.x_load_dataset* bnctl.data.x_limit_indices*'
   [norms]='bnctl.norms.*'
   [diagnostics]='bnctl.diagnostics.*'
-  [stats]='bnctl.stats.*'
 )
-# Decorated functions mutmut skips, with the tests that cover them (fast ones first: -x stops at the first failure).
+# Step 3: the end-to-end files that exercise each module (beyond the focused selection).
+declare -A END_TO_END=(
+  [stats]='tests/test_report.py tests/test_study.py'
+  [verdicts]='tests/test_study.py tests/test_report.py'
+  [optim]='tests/test_config.py tests/test_core.py'
+  [evaluate]='tests/test_hardening.py tests/test_core.py'
+  [evaluation]='tests/test_hardening.py tests/test_usability.py tests/test_core.py'
+  [data]='tests/test_data.py tests/test_hardening.py tests/test_core.py'
+  [norms]='tests/test_config.py tests/test_core.py'
+  [diagnostics]='tests/test_usability.py tests/test_core.py'
+)
+# Step 2: decorated functions, with the tests that cover them.
 decorated_norms() {
   python bench/mutate_decorated.py bnctl/norms.py _update_running_stats \
     tests/test_norms.py tests/test_properties.py -k "manual or recalibration"
@@ -31,20 +49,34 @@ decorated_evaluation() {
   python bench/mutate_decorated.py bnctl/evaluation.py recalibrate_bn \
     tests/test_norms.py tests/test_semantics.py tests/test_lab.py -k recalib
 }
-ORDER=(optim evaluate evaluation data norms diagnostics)  # smallest first; stats once bnctl/stats.py exists
+decorated_stats() {
+  python bench/mutate_decorated.py bnctl/stats.py half_width tests/test_stats.py  # a @property
+}
+ORDER=(stats verdicts optim evaluate evaluation data norms diagnostics)
 
 modules=("$@")
 [ ${#modules[@]} -eq 0 ] && modules=("${ORDER[@]}")
+patterns=()
 for module in "${modules[@]}"; do
   [ -n "${PATTERNS[$module]:-}" ] || { echo "unknown module '$module'; choose from: ${!PATTERNS[*]}"; exit 2; }
-  start=$(date +%s)
-  # shellcheck disable=SC2086  # the patterns are meant to split into separate arguments
-  mutmut run --max-children 1 ${PATTERNS[$module]}
-  echo "== $module (mutmut): $(( $(date +%s) - start )) s"
+  # shellcheck disable=SC2206  # the patterns are meant to split into separate arguments
+  patterns+=(${PATTERNS[$module]})
+done
+
+start=$(date +%s)
+mutmut run --max-children "${JOBS:-2}" "${patterns[@]}"
+echo "== step 1, mutmut (${modules[*]}): $(( $(date +%s) - start )) s"
+for module in "${modules[@]}"; do
   if declare -F "decorated_$module" >/dev/null; then
     start=$(date +%s)
     "decorated_$module"
-    echo "== $module (decorated functions): $(( $(date +%s) - start )) s"
+    echo "== step 2, $module (decorated functions): $(( $(date +%s) - start )) s"
   fi
+done
+for module in "${modules[@]}"; do
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  python bench/recheck_survivors.py ${PATTERNS[$module]} -- ${END_TO_END[$module]}
+  echo "== step 3, $module (survivors against ${END_TO_END[$module]}): $(( $(date +%s) - start )) s"
 done
 mutmut results

@@ -1,4 +1,4 @@
-"""Statistics over seeds: summaries with t-intervals, Welch and paired comparisons, bootstrap contrasts.
+"""Statistics over seeds: summaries with t-intervals, Welch and paired comparisons, linear contrasts.
 
 Every number a user draws a conclusion from comes with its n and a 95% interval. The
 quantiles and tests are scipy.stats'; nothing here re-derives them. Pure Python + scipy:
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 CONFIDENCE = 0.95  # every interval bnctl reports is a 95% interval
 
@@ -38,11 +38,8 @@ class Difference:
     lo: float
     hi: float
     n: tuple[int, ...]  # sample sizes behind the estimate
-    method: str  # "welch", "paired t" or "bootstrap"
-    p: float | None = None  # two-sided p-value where the method has one
-
-    def excludes_zero(self) -> bool:
-        return self.lo > 0 or self.hi < 0
+    method: str  # "welch", "paired t" or "welch contrast"
+    p: float | None = None  # two-sided p-value
 
 
 def _finite(values: Sequence[float | None]) -> list[float]:
@@ -129,29 +126,3 @@ def contrast(samples: Sequence[Sequence[float]], weights: Sequence[float]) -> Di
     lo, hi = stats.t.interval(CONFIDENCE, df=df, loc=effect, scale=se)
     return Difference(effect, float(lo), float(hi), n, "welch contrast", float(2 * stats.t.sf(abs(effect) / se, df)))
 
-
-def bootstrap(samples: Sequence[Sequence[float]], statistic: Callable[..., float], *,
-              n_resamples: int = 4000, seed: int = 0) -> Difference | None:
-    """A statistic of several independent samples (e.g. one per cell) with a 95% percentile-bootstrap interval.
-
-    ``statistic(*samples, axis=-1)`` must reduce along ``axis`` (use np.mean(x, axis=axis)).
-
-    Each sample is resampled with replacement on its own (seeds within a cell), so the
-    interval reflects seed noise only. The seed makes it reproducible. With 3-5 values per
-    sample the percentile interval is somewhat too narrow; verdicts say so.
-    """
-    import numpy as np
-    from scipy import stats
-
-    data = [np.asarray(_finite(s)) for s in samples]
-    if any(len(s) < 2 for s in data):
-        return None
-    effect = float(statistic(*data, axis=-1))
-
-    if all(s.std() == 0 for s in data):
-        return Difference(effect, effect, effect, tuple(len(s) for s in data), "bootstrap")
-    res = stats.bootstrap(data, statistic, n_resamples=n_resamples, confidence_level=CONFIDENCE,
-                          method="percentile", paired=False, vectorized=True,
-                          random_state=np.random.default_rng(seed))
-    ci = res.confidence_interval
-    return Difference(effect, float(ci.low), float(ci.high), tuple(len(s) for s in data), "bootstrap")

@@ -93,8 +93,8 @@ def higher_lr(rows: Sequence[dict], chance: float, norm_key: str = "model.norm",
             f"points above chance ({chance:g}%), diverged runs counting as chance. At the highest learning rate "
             f"where either norm trains, compare final test accuracy, {arm} minus {control} (Welch's t-test): "
             "supported if the 95% interval is above 0, contradicted if below, inconclusive otherwise.")
-    details = [f"model.norm={norm} trains at lr " + (", ".join(f"{lr:g}" for lr in lrs) if lrs else "none of the grid")
-               for norm, lrs in trains_at.items()]
+    details = [f"model.norm={norm} trains at lr " + ", ".join(f"{lr:g}" for lr in lrs) if lrs
+               else f"model.norm={norm} trains at no learning rate of the grid" for norm, lrs in trains_at.items()]
     if not either:
         return Verdict("higher learning rates", rule, INCONCLUSIVE, None, "the accuracy difference", details,
                        no_effect="neither norm trains at any learning rate of the grid")

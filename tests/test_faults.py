@@ -112,7 +112,7 @@ def test_sigterm_stops_like_ctrl_c_and_the_resume_equals_an_uninterrupted_run(re
     out, err = finish(proc)
     assert proc.returncode == 143, err
     assert "Traceback" not in out + err
-    assert f"stopped (SIGTERM): interrupted in epoch" in err and f"bnctl train --resume {run}" in err
+    assert "stopped (SIGTERM): interrupted in epoch" in err and f"bnctl train --resume {run}" in err
     summary = status(run)
     kept = summary["epochs_completed"]
     assert summary["status"] == "interrupted" and kept in (seen, seen + 1) and kept < EPOCHS

@@ -287,6 +287,22 @@ def test_group_and_instance_norm_follow_the_config():
     assert (inst.eps, inst.affine, inst.track_running_stats) == (1e-3, False, False)
 
 
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("name", sorted(set(NORMS) - {"none"}))
+def test_every_norm_takes_eps_and_affine_from_the_config(name, affine):
+    """bn_eps and bn_affine reach every norm, whichever value the layer's own default has."""
+    cfg = ModelConfig(norm=name, bn_eps=0.25, bn_affine=affine, groups=2)
+    module = make_norm(cfg, 4, 2)
+    assert module.eps == 0.25
+    assert (module.weight is not None, module.bias is not None) == (affine, affine)
+    # eps is used, not just stored: a channel of constant 1s and 3s per sample has variance 1 everywhere it is
+    # normalized (per channel, group, sample or instance), so the output is (x - mean) / sqrt(1 + eps).
+    x = torch.tensor([1.0, 3.0]).repeat(2, 4, 2, 1)  # (N=2, C=4, H=2, W=2): columns alternate 1, 3
+    with torch.no_grad():
+        y = module.train()(x)
+    torch.testing.assert_close(y, (x - 2.0) / (1.0 + 0.25) ** 0.5)
+
+
 @pytest.mark.parametrize("groups, channels, suggestion", [(5, 16, 4), (32, 16, 16), (3, 10, 2)])
 def test_group_norm_indivisible_channels_is_a_config_error(groups, channels, suggestion):
     with pytest.raises(ConfigError) as err:
@@ -294,6 +310,14 @@ def test_group_norm_indivisible_channels_is_a_config_error(groups, channels, sug
     msg = str(err.value)
     assert f"{channels} channels" in msg and f"model.groups={groups}" in msg
     assert f"model.groups={suggestion}" in msg
+    divisors = ", ".join(str(d) for d in range(1, channels + 1) if channels % d == 0)
+    assert f"(divisors of {channels}: {divisors})" in msg and "fully connected" not in msg  # a conv layer
+
+
+def test_group_norm_error_at_a_fully_connected_layer_points_at_fc_norm():
+    with pytest.raises(ConfigError) as err:
+        make_norm(ModelConfig(norm="group", groups=4), 10, 1)
+    assert "(this is a fully connected layer; model.fc_norm=false leaves it unnormalized)" in str(err.value)
 
 
 def test_instance_norm_at_fully_connected_layer_is_a_config_error():
@@ -370,3 +394,15 @@ def test_untracked_statistics_are_none_attributes_like_torchs():
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert getattr(ours, name) is None and getattr(ref, name) is None, name
     assert ours.state_dict().keys() == ref.state_dict().keys() == {"weight", "bias"}
+
+
+def test_only_batch_norms_that_track_statistics_can_be_recalibrated():
+    from bnctl.evaluation import _has_running_stats
+
+    tracked = [nn.BatchNorm2d(3), ManualBatchNorm(3), GhostBatchNorm(3, 4)]
+    untracked = [nn.BatchNorm2d(3, track_running_stats=False), ManualBatchNorm(3, track_running_stats=False),
+                 GhostBatchNorm(3, 4, track_running_stats=False),
+                 nn.InstanceNorm2d(3, track_running_stats=True),  # per-sample statistics: recalibration is BN's
+                 nn.GroupNorm(1, 3), nn.Identity()]
+    assert [_has_running_stats(m) for m in tracked] == [True] * 3
+    assert [_has_running_stats(m) for m in untracked] == [False] * 6

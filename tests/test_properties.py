@@ -169,32 +169,78 @@ def test_crop_flip_shows_a_window_of_the_padded_image_maybe_mirrored(n, h, w, pa
         assert any(torch.equal(out[i], win) or torch.equal(out[i], win.flip(-1)) for win in windows)
 
 
-# ---------------------------------------------------------------- one-image batches under --bn-mode batch
+@PROPERTY
+@given(n=st.integers(2, 30), size=st.integers(2, 9), world=st.integers(1, 3), shuffle=st.booleans(),
+       augment=st.sampled_from(["none", "crop_flip"]), seed=st.integers(0, 2**16))
+def test_ranks_together_serve_exactly_the_batches_of_one_process(n, size, world, shuffle, augment, seed):
+    """Data parallel: rank r of W serves its contiguous share of every global batch, augmented as one process
+    would augment the whole batch, so the ranks' shares side by side are the single process's batches."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 5, 5), generator=g, dtype=torch.uint8)
+    y = torch.arange(n)
+
+    def served(part):
+        return list(Batches(x, y, size, device=CPU, mean=(0.5,) * 3, std=(0.25,) * 3, shuffle=shuffle,
+                            augment=augment, generator=torch.Generator().manual_seed(seed), part=part))
+
+    whole = served((0, 1))
+    shares = [served((rank, world)) for rank in range(world)]
+    assert all(len(share) == len(whole) for share in shares)
+    for i, (xb, yb) in enumerate(whole):
+        assert [len(share[i][1]) for share in shares] == [
+            (r + 1) * len(yb) // world - r * len(yb) // world for r in range(world)]
+        torch.testing.assert_close(torch.cat([share[i][0] for share in shares]), xb, rtol=0, atol=0)
+        assert torch.equal(torch.cat([share[i][1] for share in shares]), yb)
+
 
 @PROPERTY
-@given(n=st.integers(1, 40), size=st.integers(1, 12), virtual=st.one_of(st.none(), st.integers(2, 8)))
-def test_one_image_batch_rule_predicts_what_bn_sees(n, size, virtual):
-    # virtual >= 2, as the config requires (a virtual batch of 1 would be all one-image batches).
+@given(n=st.integers(1, 8), pieces=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_crop_flip_of_a_slice_is_that_slice_of_the_whole_batch(n, pieces, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 2, 4, 6), generator=g, dtype=torch.uint8)
+    whole = crop_flip(x, torch.Generator().manual_seed(seed))
+    cuts = sorted({0, n, *torch.randint(0, n + 1, (pieces,), generator=g).tolist()})
+    for start, end in zip(cuts, cuts[1:]):
+        part = crop_flip(x[start:end], torch.Generator().manual_seed(seed), within=(start, n))
+        assert torch.equal(part, whole[start:end])
+
+
+# ---------------------------------------------------------------- one-image batches under --bn-mode batch
+
+@pytest.mark.parametrize("virtual", [None, 2, 3, 5])
+def test_one_image_batch_rule_predicts_what_bn_sees(virtual):
+    """Every split of up to 30 images into batches of up to 10: the rule says "one image" exactly when
+    some BN call gets one. Exhaustive, because the cases that differ are few (a lone last image,
+    a virtual batch that leaves one over). virtual >= 2, as the config requires."""
     bn = nn.BatchNorm1d(2) if virtual is None else GhostBatchNorm(2, virtual)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2), bn)
-    batches = Batches(torch.zeros(n, 3, 2, 2, dtype=torch.uint8), torch.zeros(n, dtype=torch.long), size,
-                      device=CPU, mean=(0.5,) * 3, std=(0.5,) * 3)
-    seen: list[int] = []
+    evaluation.set_bn_batch_mode(model)
     real = F.batch_norm
+    seen: list[int] = []
 
     def spy(x, *args, **kwargs):
         seen.append(x.shape[0])
         return real(x, *args, **kwargs)
 
-    evaluation.set_bn_batch_mode(model)
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
         mp.setattr(F, "batch_norm", spy)
-        for xb, _ in batches:
-            try:
-                model(xb)
-            except ValueError:  # torch refuses one value per channel; the sizes seen are what matters
-                pass
-    assert evaluation._one_image_batch(n, size, model) == (1 in seen)
+        for n in range(1, 31):
+            for size in range(1, 11):
+                seen.clear()
+                for xb, _ in Batches(torch.zeros(n, 3, 2, 2, dtype=torch.uint8), torch.zeros(n, dtype=torch.long),
+                                     size, device=CPU, mean=(0.5,) * 3, std=(0.5,) * 3):
+                    try:
+                        model(xb)
+                    except ValueError:  # torch refuses one value per channel; the sizes seen are what matters
+                        pass
+                assert evaluation._one_image_batch(n, size, model) == (1 in seen), (n, size, seen)
+                # Without splitting into virtual batches (eval mode's rule), only whole batches count.
+                assert evaluation._one_image_batch(n, size, model, split_virtual=False) == (1 in _served_sizes(n, size))
+
+
+def _served_sizes(n: int, size: int) -> list[int]:
+    return [len(yb) for _, yb in Batches(torch.zeros(n, 3, 1, 1, dtype=torch.uint8), torch.zeros(n, dtype=torch.long),
+                                         size, device=CPU, mean=(0.5,) * 3, std=(0.5,) * 3)]
 
 
 # ---------------------------------------------------------------- learning-rate schedules

@@ -8,6 +8,7 @@ as a standard deviation leaves every shape and range check green, and fails here
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,9 +265,124 @@ def test_diagnostics_sample_only_every_nth_training_step(tmp_path):
         probe.after_backward()
     assert sorted({row[0] for row in probe.rows}) == [0, 3, 6]
     per_step = len([r for r in probe.rows if r[0] == 0])
-    assert per_step == len([r for r in probe.rows if r[0] == 3]) and per_step >= 2 * 11
+    assert per_step == len([r for r in probe.rows if r[0] == 3]) == 2 * 11  # 11 statistics of 2 pairs, once
     probe.close()
     assert len(rundir.read_csv(tmp_path / "diagnostics.csv")) == 3 * per_step
+
+
+def test_dead_fraction_counts_channels_silent_for_every_sample():
+    from bnctl.diagnostics import dead_fraction
+
+    x = torch.randn(8, 4, 5, 5)
+    x[:, 1] = -x[:, 1].abs()  # channel 1 never fires
+    x[:, 3] = -1.0
+    x[3, 3, 2, 2] = 0.5  # channel 3 fires once, for one sample at one position: alive
+    assert dead_fraction(x).item() == pytest.approx(0.25)
+    assert dead_fraction(torch.tensor([[-1.0, 2.0], [-3.0, -1.0]])).item() == pytest.approx(0.5)
+    x[:, 0] = 0.0  # exactly 0 before the ReLU is 0 after it: dead too
+    assert dead_fraction(x).item() == pytest.approx(0.5)
+
+
+class _ReluNet(nn.Module):
+    """conv -> GroupNorm -> nn.ReLU -> fc -> (no norm) -> nn.ReLU -> classifier: dead_frac at both pairs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.relu2 = nn.ReLU()
+        self.fc = nn.Linear(4 * 5 * 5, 6)
+        self.placeholder = nn.Identity()  # where model.norm=none leaves the norm out
+        self.relu1 = nn.ReLU()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.relu2(self.gn(self.conv(x)))
+        return self.head(self.relu1(self.placeholder(self.fc(h.flatten(1)))))
+
+
+def test_dead_fraction_is_recorded_from_what_each_relu_receives(tmp_path):
+    torch.manual_seed(0)
+    net = _ReluNet()
+    with torch.no_grad():
+        net.gn.bias[1] = -100.0  # after the norm, channel 1 is negative everywhere: dead
+        net.fc.bias[[0, 4]] = -1e3  # two hidden units never fire
+    seen = {}
+    for name, relu in (("conv1", net.relu2), ("fc1", net.relu1)):
+        relu.register_forward_hook(lambda m, inp, out, name=name: seen.__setitem__(name, inp[0].detach()))
+    probe = BNProbe(net, tmp_path / "diagnostics.csv", every=1)
+    net.train()
+    probe.start_step(0, 1)
+    F.cross_entropy(net(torch.randn(8, 3, 5, 5)), torch.randint(0, 3, (8,))).backward()
+    probe.after_backward()
+    recorded: dict[str, dict[str, float]] = {}
+    for _, _, layer, stat, value in probe.rows:
+        assert stat not in recorded.get(layer, {}), (layer, stat)  # each statistic once per layer and step
+        recorded.setdefault(layer, {})[stat] = value
+    for name, relu_input in seen.items():  # independently: units whose ReLU input is <= 0 for every sample
+        fires = (relu_input > 0).flatten(2).any(-1) if relu_input.dim() == 4 else relu_input > 0
+        assert recorded[name]["dead_frac"] == pytest.approx(1.0 - fires.any(0).float().mean().item())
+    assert recorded["conv1"]["dead_frac"] == 0.25 and recorded["fc1"]["dead_frac"] == pytest.approx(2 / 6)
+    # GroupNorm keeps no running statistics; without a norm there is no output, gamma or beta to record.
+    assert set(recorded["conv1"]) == {"input_mean", "input_std", "output_mean", "output_std", "dead_frac",
+                                      "gamma_mean", "gamma_std", "beta_mean", "weight_norm", "grad_norm"}
+    assert set(recorded["fc1"]) == {"input_mean", "input_std", "dead_frac", "weight_norm", "grad_norm"}
+
+
+def test_a_resumed_runs_probe_keeps_finished_epochs_and_sees_the_runs_scaler(tmp_path):
+    from types import SimpleNamespace
+
+    path = tmp_path / rundir.DIAGNOSTICS_FILE
+    rundir.CsvAppender(path, ["step", "epoch", "layer", "stat", "value"]).extend(
+        [(0, 1, "conv1", "input_mean", 0.5), (4, 2, "conv1", "input_mean", 0.25), (8, 3, "conv1", "input_mean", 2.0)])
+    scaler = _FakeScaler(8.0)
+    exp = SimpleNamespace(model=_Net(), cfg=SimpleNamespace(train=SimpleNamespace(diagnostics_every=4)),
+                          precision=SimpleNamespace(scaler=scaler))
+    with open(path, "a") as f:
+        f.write("9,,conv1,input_mean,1.0\n")  # a row without an epoch is nobody's: dropped
+    probe = BNProbe.for_experiment(exp, tmp_path, 3)  # resuming at epoch 3: epoch 3's samples are redone
+    assert probe.scaler is scaler and probe.every == 4 and probe.path == path
+    probe.open()
+    assert [(r["step"], r["epoch"]) for r in rundir.read_csv(path)] == [(0, 1), (4, 2)]
+    BNProbe(exp.model, path, 4, keep_before_epoch=2).open()  # resuming at epoch 2 keeps epoch 1
+    assert [(r["step"], r["epoch"]) for r in rundir.read_csv(path)] == [(0, 1)]
+    BNProbe(exp.model, path, 4).open()  # a run from the start keeps nothing
+    assert rundir.read_csv(path) == []
+    missing = tmp_path / "elsewhere" / rundir.DIAGNOSTICS_FILE
+    missing.parent.mkdir()
+    BNProbe(exp.model, missing, 4, keep_before_epoch=3).open()  # resuming a run that had no diagnostics yet
+    assert rundir.read_csv(missing) == []
+
+
+def test_hooks_are_attached_only_for_sampled_steps():
+    net = _Net()
+    probe = BNProbe(net, Path("unused.csv"), every=2)
+
+    def hooked():
+        return sum(len(m._forward_hooks) for m in net.modules())
+
+    probe.start_step(1, 1)
+    assert hooked() == 0  # an unsampled step keeps torch's fast path
+    probe.start_step(2, 1)
+    assert hooked() == 4  # conv1 and fc1, each with its norm
+    probe.start_step(3, 1)  # even when the sampled step never reached after_backward
+    assert hooked() == 0 and not probe.active
+
+
+def test_layer_pairs_pair_each_layer_with_the_norm_right_after_it():
+    from bnctl.diagnostics import _followed_by_relu, layer_pairs
+
+    conv1, conv2, conv3, bn, fc = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), \
+        nn.Linear(4, 2)
+    relu = nn.ReLU()
+    # conv1 feeds a ReLU directly (no norm, no placeholder): not a pair, and later layers still pair up.
+    net = nn.Sequential(conv1, relu, conv2, nn.Identity(), conv3, bn)
+    assert [(n, layer, norm) for n, layer, norm in layer_pairs(net)] == [("conv2", conv2, None), ("conv3", conv3, bn)]
+    assert layer_pairs(nn.Sequential(conv1, relu, fc)) == []  # the classifier, last of all, has nothing after it
+    # dead_frac needs an nn.ReLU right after the norm (or the no-norm placeholder), wherever it sits in the model.
+    for net, expected in ((nn.Sequential(conv2, bn, relu), {"conv1"}), (nn.Sequential(conv2, bn), set()),
+                          (nn.Sequential(conv2, nn.Identity(), relu), {"conv1"}), (nn.Sequential(conv2, nn.Identity()), set())):
+        assert _followed_by_relu(net, layer_pairs(net)) == expected
 
 
 # ---------------------------------------------------------------- recalibration's sample
@@ -294,3 +410,24 @@ def test_recalibration_uses_whole_shuffled_training_batches_fixed_by_the_seed(tm
     plain = evaluation.evaluate_checkpoint(path)
     assert (result["recalibration"]["before_acc"], result["recalibration"]["before_loss"]) == (plain["acc"], plain["loss"])
     assert result["loss"] != plain["loss"]  # the recalibrated statistics are the ones evaluated
+
+
+def test_train_limit_subset_does_not_change_between_versions():
+    """data.train_limit's subset is part of what a run trained on: resuming it, or recalibrating its
+    checkpoint, must read the same images whatever bnctl version or run seed does it."""
+    from bnctl.data import limit_indices
+
+    from bnctl.config import DataConfig
+    from bnctl.data import load_dataset
+
+    torch.manual_seed(123)  # the run's own seed plays no part
+    assert limit_indices(20, 6).tolist() == [4, 5, 13, 19, 7, 14]
+    assert limit_indices(20, 20).sort().values.tolist() == list(range(20))
+    full = load_dataset(DataConfig(train_size=40, test_size=10))
+    limited = load_dataset(DataConfig(train_size=40, test_size=10, train_limit=12))
+    keep = limit_indices(40, 12)
+    assert torch.equal(limited.train_x, full.train_x[keep]) and torch.equal(limited.train_y, full.train_y[keep])
+    assert torch.equal(limited.test_x, full.test_x)  # the test split is never limited
+    same = load_dataset(DataConfig(train_size=40, test_size=10, train_limit=40))  # a limit of the whole split
+    assert torch.equal(same.train_x, full.train_x) and torch.equal(same.train_y, full.train_y)
+

@@ -14,11 +14,13 @@ def test_summary_mean_sample_std_and_t_interval():
     assert s.std == pytest.approx(math.sqrt(5 / 3))  # sample std (ddof=1), not population std
     half = 3.182446305284263 * math.sqrt(5 / 3) / 2  # t(0.975, df=3) * s / sqrt(n)
     assert (s.lo, s.hi) == pytest.approx((2.5 - half, 2.5 + half))
+    assert s.half_width == pytest.approx(half)  # the error bar report draws
 
 
 def test_summary_small_samples():
     assert stats.summarize([]) == stats.Summary(0, None, None, None, None)
     assert stats.summarize([7.0]) == stats.Summary(1, 7.0, None, None, None)
+    assert stats.summarize([7.0]).half_width is None and stats.summarize([5.0, 5.0]).half_width == 0.0
     assert stats.summarize([5.0, 5.0, 5.0]) == stats.Summary(3, 5.0, 0.0, 5.0, 5.0)
 
 
@@ -31,7 +33,7 @@ def test_welch_matches_the_welch_satterthwaite_interval():
     assert d.effect == pytest.approx(-3.5)
     assert (d.lo, d.hi) == pytest.approx((-3.5 - half, -3.5 + half))
     assert d.p == pytest.approx(2 * sps.t.sf(3.5 / math.sqrt(va + vb), df))
-    assert d.method == "welch" and d.n == (4, 5) and not d.excludes_zero()
+    assert d.method == "welch" and d.n == (4, 5) and d.lo < 0 < d.hi
     assert stats.welch([1.0], [2.0, 3.0]) is None  # one value has no variance
 
 
@@ -57,17 +59,45 @@ def test_contrast_of_two_samples_is_welch_and_of_four_the_satterthwaite_interval
     assert stats.contrast([[1.0], [2.0, 3.0]], (1, -1)) is None
 
 
-def test_bootstrap_is_reproducible_and_brackets_the_effect():
-    import numpy as np
+def test_contrast_takes_two_values_per_sample_and_is_exact_without_spread():
+    two = stats.contrast([[1.0, 3.0], [0.0, 0.0]], (1, -1))  # the fewest values that have a variance
+    half = sps.t.ppf(0.975, 1) * 1.0  # sd sqrt(2), n 2: se 1; df (1)^2 / (1 / 1) = 1
+    assert two.n == (2, 2) and two.effect == 2.0 and (two.lo, two.hi) == pytest.approx((2 - half, 2 + half))
+    exact = stats.contrast([[5.0, 5.0], [2.0, 2.0, 2.0]], (1, -1))  # every seed agrees in every sample
+    assert exact == stats.Difference(3.0, 3.0, 3.0, (2, 3), "welch contrast", 0.0)
+    same = stats.contrast([[4.0, 4.0], [4.0, 4.0]], (1, -1))
+    assert same == stats.Difference(0.0, 0.0, 0.0, (2, 2), "welch contrast", 1.0)
+    # Weights that are not +-1: 0.5*mean(a) - 0.25*mean(b), with its variance scaled by the squared weights.
+    a, b = [1.0, 2.0, 3.0], [2.0, 6.0]
+    w = stats.contrast([a, b], (0.5, -0.25))
+    va, vb = 0.25 * 1.0 / 3, 0.0625 * 8.0 / 2
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 1)
+    half = sps.t.ppf(0.975, df) * math.sqrt(va + vb)
+    assert w.effect == pytest.approx(0.0) and (w.lo, w.hi) == pytest.approx((-half, half))
 
-    def diff(a, b, axis=-1):
-        return np.mean(a, axis=axis) - np.mean(b, axis=axis)
 
-    apart = stats.bootstrap([[10.0, 11.0, 12.0], [1.0, 2.0, 3.0]], diff)
-    assert apart.effect == pytest.approx(9.0) and apart.lo > 0 and apart.lo <= 9.0 <= apart.hi
-    # Resampling 3 values: the extreme means are 10 and 12, minus 1 and 3, so the interval lies within [7, 11].
-    assert 7.0 <= apart.lo and apart.hi <= 11.0
-    assert stats.bootstrap([[10.0, 11.0, 12.0], [1.0, 2.0, 3.0]], diff) == apart
-    overlap = stats.bootstrap([[1.0, 5.0, 9.0], [2.0, 6.0, 7.0]], diff)
-    assert overlap.lo < 0 < overlap.hi
-    assert stats.bootstrap([[1.0], [2.0, 3.0]], diff) is None
+
+def test_paired_drops_incomplete_pairs_and_is_exact_without_spread():
+    nan, inf = float("nan"), float("inf")
+    # Only whole, finite pairs count: (10, 9) and (14, 11); a missing or non-finite value on either side drops its pair.
+    d = stats.paired([10.0, None, 12.0, 14.0, nan, 1.0], [9.0, 5.0, None, 11.0, 3.0, inf])
+    ref = sps.ttest_rel([10.0, 14.0], [9.0, 11.0])
+    assert d.n == (2,) and d.effect == pytest.approx(2.0)
+    assert (d.lo, d.hi) == pytest.approx(tuple(ref.confidence_interval(0.95))) and d.p == pytest.approx(ref.pvalue)
+    assert stats.paired([10.0, None], [9.0, 8.0]) is None  # one pair has no spread to estimate
+    assert stats.paired([3.0, 5.0], [1.0, 3.0]) == stats.Difference(2.0, 2.0, 2.0, (2,), "paired t", 0.0)
+    assert stats.paired([3.0, 5.0], [3.0, 5.0]) == stats.Difference(0.0, 0.0, 0.0, (2,), "paired t", 1.0)
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy's reference, on an arm without spread
+def test_welch_edges_two_values_and_no_spread():
+    two = stats.welch([1.0, 3.0], [0.0, 2.0])
+    ref = sps.ttest_ind([1.0, 3.0], [0.0, 2.0], equal_var=False)
+    assert two.n == (2, 2) and (two.lo, two.hi) == pytest.approx(tuple(ref.confidence_interval(0.95)))
+    assert stats.welch([1.0, 3.0], [2.0]) is None
+    assert stats.welch([5.0, 5.0], [2.0, 2.0, 2.0]) == stats.Difference(3.0, 3.0, 3.0, (2, 3), "welch", 0.0)
+    assert stats.welch([4.0, 4.0], [4.0, 4.0]) == stats.Difference(0.0, 0.0, 0.0, (2, 2), "welch", 1.0)
+    # One arm without spread (every run at chance) is still an estimate with an interval, not an exact value.
+    for a, b in (([10.0, 10.0, 10.0], [50.0, 60.0, 70.0]), ([50.0, 60.0, 70.0], [10.0, 10.0, 10.0])):
+        d, ref = stats.welch(a, b), sps.ttest_ind(a, b, equal_var=False)
+        assert d.lo < d.effect < d.hi and (d.lo, d.hi) == pytest.approx(tuple(ref.confidence_interval(0.95)))

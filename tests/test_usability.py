@@ -321,17 +321,6 @@ def test_diagnostics_panels_without_norm_layers_do_not_say_pre_norm(tmp_path, mo
     assert "conv/fc output (no norm layers): mean" in titles and "dead ReLU units (share of channels)" in titles
 
 
-def test_dead_fraction_counts_channels_silent_for_every_sample():
-    from bnctl.diagnostics import dead_fraction
-
-    x = torch.randn(8, 4, 5, 5)
-    x[:, 1] = -x[:, 1].abs()  # channel 1 never fires
-    x[:, 3] = -1.0
-    x[3, 3, 2, 2] = 0.5  # channel 3 fires once, for one sample at one position: alive
-    assert dead_fraction(x).item() == pytest.approx(0.25)
-    assert dead_fraction(torch.tensor([[-1.0, 2.0], [-3.0, -1.0]])).item() == pytest.approx(0.5)
-
-
 def test_diagnostics_record_dead_units_after_each_relu(trained):
     rows = rundir.read_csv(trained / rundir.DIAGNOSTICS_FILE)
     dead = [r for r in rows if r["stat"] == "dead_frac"]

@@ -1,8 +1,12 @@
 """The claims' verdict rules on constructed results: each rule can say supported, contradicted or inconclusive."""
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 
-from bnctl import verdicts
+from bnctl import stats, verdicts
 from bnctl.verdicts import CONTRADICTED, INCONCLUSIVE, SUPPORTED
 
 CHANCE = 10.0
@@ -43,7 +47,7 @@ def test_higher_lr_contradicted_and_inconclusive():
     assert v.verdict == INCONCLUSIVE and v.effect.lo < 0 < v.effect.hi
     nothing = {("batch", 1e-2): [10, 11, 10], ("none", 1e-2): [10, 10, 12]}
     v = verdicts.higher_lr(rows(nothing, LR), CHANCE)
-    assert v.verdict == INCONCLUSIVE and v.effect is None and "none of the grid" in v.details[0]
+    assert v.verdict == INCONCLUSIVE and v.effect is None and v.details[0] == "model.norm=batch trains at no learning rate of the grid"
     assert "neither norm trains" in v.sentence() and "not enough finished runs" not in v.sentence()
 
 
@@ -164,8 +168,102 @@ def test_notebook_eval_is_paired_by_checkpoint():
 
 
 @pytest.mark.parametrize("lo,hi,expected", [(0.1, 2, SUPPORTED), (-2, -0.1, CONTRADICTED), (-1, 1, INCONCLUSIVE),
-                                            (0.0, 1, INCONCLUSIVE)])
+                                            (0.0, 1, INCONCLUSIVE), (-1, 0.0, INCONCLUSIVE),
+                                            (-0.5, 0.5, INCONCLUSIVE), (0.5, 0.9, SUPPORTED)])
 def test_decide_needs_the_whole_interval_on_one_side(lo, hi, expected):
     from bnctl.stats import Difference
 
     assert verdicts.decide(Difference((lo + hi) / 2, lo, hi, (3, 3), "welch")) == expected
+
+
+def test_higher_lr_counts_diverged_runs_as_chance_when_deciding_and_comparing():
+    table = {("batch", 1e-3): [80, 81, 82], ("none", 1e-3): [70, 71, 72],
+             ("batch", 1e-2): [60, None, 62], ("none", 1e-2): [50, 52, None],
+             # At 0.1 the plain net's only finished run reaches 25%, but two of its three runs diverged:
+             # as chance, its mean is 15%, under the 20% that counts as training.
+             ("batch", 1e-1): [10, 10, 11], ("none", 1e-1): [None, None, 25]}
+    v = verdicts.higher_lr(rows(table, LR), CHANCE)
+    assert v.effect_name == "final test accuracy at lr 0.01, batch minus none"
+    assert v.effect.effect == pytest.approx((60 + 10 + 62) / 3 - (50 + 52 + 10) / 3) and v.effect.n == (3, 3)
+    assert v.details == ["model.norm=batch trains at lr 0.001, 0.01", "model.norm=none trains at lr 0.001, 0.01"]
+
+
+def test_a_cell_exactly_the_margin_above_chance_trains():
+    edge = {("batch", 0.5): [19, 20, 21], ("none", 0.5): [10, 10, 10]}  # batch's mean is exactly chance + 10
+    v = verdicts.higher_lr(rows(edge, LR), CHANCE)
+    assert v.details[0] == "model.norm=batch trains at lr 0.5" and v.effect is not None
+    init = {("batch", 1.0): [19, 20, 21], ("batch", 2.0): [50, 50, 50],
+            ("none", 1.0): [10, 10, 10], ("none", 2.0): [50, 51, 49]}
+    v = verdicts.init_sensitivity(rows(init, INIT), CHANCE)
+    assert v.details[0].endswith("; trains (>= 20%) at 2 of 2 scales")
+    assert v.details[1].endswith("; trains (>= 20%) at 1 of 2 scales")
+
+
+def test_init_sensitivity_needs_two_scales_and_every_cell():
+    two = {("batch", 1.0): [80, 81, 79], ("batch", 2.0): [70, 71, 69],
+           ("none", 1.0): [80, 82, 81], ("none", 2.0): [40, 41, 42]}
+    v = verdicts.init_sensitivity(rows(two, INIT), CHANCE)
+    assert v.effect is not None and v.effect.n == (3, 3, 3, 3)
+    assert v.effect.effect == pytest.approx((81 - (81 + 41) / 2) - (80 - (80 + 70) / 2))
+    one = {("batch", 1.0): [80, 81, 79], ("none", 1.0): [80, 82, 81]}
+    v = verdicts.init_sensitivity(rows(one, INIT), CHANCE)
+    assert v.verdict == INCONCLUSIVE and v.effect is None
+    missing = {("batch", 1.0): [80, 81, 79], ("batch", 2.0): [70, 71, 69], ("none", 1.0): [80, 82, 81]}
+    v = verdicts.init_sensitivity(rows(missing, INIT), CHANCE)  # model.norm=none never ran at scale 2
+    assert v.verdict == INCONCLUSIVE and v.effect is None
+    assert len(v.details) == 1 and v.details[0].startswith("model.norm=batch: mean accuracy by scale 1: 80.0%, 2: 70.0%")
+
+
+# ---------------------------------------------------------------- what a user reads
+
+GOLDEN = Path(__file__).parent / "golden" / "verdict_texts.json"
+
+
+def _texts() -> dict:
+    """Every claim's texts (name, rule, effect name, details, sentence) on one constructed set of results."""
+    lr = rows({("batch", 1e-3): [80, 82, 81], ("none", 1e-3): [78, 80, 79], ("batch", 1e-2): [75, 77, 76],
+               ("none", 1e-2): [None, 10, 11]}, LR)
+    init = rows({("batch", 0.1): [80, 81, 79], ("batch", 10.0): [79, 80, 81],
+                 ("none", 0.1): [40, 42, 41], ("none", 10.0): [80, 79, 81]}, INIT)
+    accuracy = {("none", 0.0): 60.0, ("none", 0.3): 65.0, ("batch", 0.0): 75.0}
+    gap = rows({("none", 0.0): [20, 22, 21], ("none", 0.3): [12, 13, 11], ("batch", 0.0): [10, 11, 12]}, REG,
+               metric="gap", extra=lambda values, seed: {"final_test_acc": accuracy[values] + seed})
+    # Three batch sizes (the drop is from the largest to the smallest) and diverged runs (counted as chance).
+    small = rows({("batch", 2): [40, None, 44], ("batch", 16): [70, 71, 72], ("batch", 64): [80, 81, 82],
+                  ("group", 2): [76, 78, 77], ("group", 16): [60, 61, 62], ("group", 64): [79, None, 78]}, BATCH)
+    found = [verdicts.higher_lr(lr, CHANCE), verdicts.higher_lr(rows({("batch", 1e-2): [10, 11, 10]}, LR), CHANCE),
+             verdicts.init_sensitivity(init, CHANCE), verdicts.regularization(gap),
+             verdicts.small_batches(small, CHANCE), verdicts.small_batches(rows({("batch", 2): [40]}, BATCH), CHANCE),
+             verdicts.notebook_eval([80.0, 70.0, 90.0], [70.0, 61.0, 79.0], [80.5, 70.2, 90.1]),
+             verdicts.notebook_eval([80.0], [70.0], [80.0])]
+    return {f"{i}: {v.claim}": {"rule": v.rule, "verdict": v.verdict, "effect_name": v.effect_name,
+                                "details": v.details, "sentence": v.sentence()} for i, v in enumerate(found)}
+
+
+def test_verdict_texts_are_the_reviewed_ones():
+    """The rule, effect and detail sentences are what users quote: a change to them must be deliberate.
+
+    After a deliberate change, rewrite the file with BNCTL_UPDATE_GOLDEN=1 and review its diff.
+    """
+    texts = _texts()
+    if os.environ.get("BNCTL_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(texts, indent=2, ensure_ascii=False) + "\n")
+    assert texts == json.loads(GOLDEN.read_text())
+    for v in texts.values():  # every rule states the common decision; every sentence names its verdict
+        assert v["sentence"].startswith(v["verdict"] + ": ")
+    d = stats.welch([75, 77, 76], [10, 10, 11])  # the diverged run counts as chance (10)
+    assert texts["0: higher learning rates"]["sentence"] == (
+        f"supported: final test accuracy at lr 0.01, batch minus none = +65.67 points, 95% interval "
+        f"[{d.lo:+.2f}, {d.hi:+.2f}] (welch, n=3/3).")
+
+
+def test_only_finished_and_diverged_runs_count():
+    base = rows({("batch", 1e-2): [70, 72, 71], ("none", 1e-2): [60, 61, 62]}, LR)
+    extra = [{"model.norm": "none", "optimizer.lr": 1e-2, "status": "diverged", "final_test_acc": 55.0},
+             {"model.norm": "none", "optimizer.lr": 1e-2, "status": "failed", "final_test_acc": None},
+             {"model.norm": "none", "optimizer.lr": 1e-2, "status": "interrupted"}]
+    v = verdicts.higher_lr(base + extra, CHANCE)
+    # The diverged run counts as chance whatever accuracy it logged before diverging; failed and
+    # interrupted runs measured nothing and are left out.
+    assert v.effect.n == (3, 4) and v.effect.effect == pytest.approx(71 - (60 + 61 + 62 + 10) / 4)
