@@ -93,7 +93,7 @@ def higher_lr(rows: Sequence[dict], chance: float, norm_key: str = "model.norm",
             f"points above chance ({chance:g}%), diverged runs counting as chance. At the highest learning rate "
             f"where either norm trains, compare final test accuracy, {arm} minus {control} (Welch's t-test): "
             "supported if the 95% interval is above 0, contradicted if below, inconclusive otherwise.")
-    details = [f"model.norm={norm} trains at lr " + ", ".join(f"{lr:g}" for lr in lrs) if lrs
+    details = [(f"model.norm={norm} trains at lr " + ", ".join(f"{lr:g}" for lr in lrs)) if lrs
                else f"model.norm={norm} trains at no learning rate of the grid" for norm, lrs in trains_at.items()]
     if not either:
         return Verdict("higher learning rates", rule, INCONCLUSIVE, None, "the accuracy difference", details,
@@ -175,7 +175,8 @@ def regularization(rows: Sequence[dict], norm_key: str = "model.norm", dropout_k
             s = stats.summarize(gaps(**{norm_key: n, dropout_key: d}))
             acc = stats.summarize(_values(rows, "final_test_acc", **{norm_key: n, dropout_key: d}))
             if s.n:
-                details.append(f"norm={n}, dropout={d:g}: gap {s.mean:.1f} points, test acc {acc.mean:.1f}% (n={s.n})")
+                accuracy = f", test acc {acc.mean:.1f}%" if acc.n else ""  # results without it: the gap alone
+                details.append(f"norm={n}, dropout={d:g}: gap {s.mean:.1f} points{accuracy} (n={s.n})")
     if reference is not None:
         details.append(f"dropout {dropout:g} changes the plain network's gap by {-reference.effect:+.1f} points, "
                        f"95% interval [{-reference.hi:+.1f}, {-reference.lo:+.1f}] (Welch)")

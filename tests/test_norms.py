@@ -406,3 +406,21 @@ def test_only_batch_norms_that_track_statistics_can_be_recalibrated():
                  nn.GroupNorm(1, 3), nn.Identity()]
     assert [_has_running_stats(m) for m in tracked] == [True] * 3
     assert [_has_running_stats(m) for m in untracked] == [False] * 6
+
+
+def test_recalibration_measures_the_deployed_network_with_dropout_off():
+    """Dropout before a BN layer: recalibrated statistics are those of eval-mode activations, not thinned ones."""
+    from bnctl.data import Batches
+    from bnctl.evaluation import recalibrate_bn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(12, 3), nn.BatchNorm1d(3, momentum=0.3))
+    x = torch.randint(0, 256, (16, 3, 2, 2), dtype=torch.uint8)
+    batches = Batches(x, torch.zeros(16, dtype=torch.long), 8, device=torch.device("cpu"), mean=(0.5,) * 3,
+                      std=(0.25,) * 3)
+    assert recalibrate_bn(model, batches, 16) == 16
+    with torch.no_grad():
+        h = [model[2](xb.flatten(1)) for xb, _ in batches]  # the linear layer's output, nothing dropped
+    torch.testing.assert_close(model[3].running_mean, torch.stack([b.mean(0) for b in h]).mean(0))
+    torch.testing.assert_close(model[3].running_var, torch.stack([b.var(0) for b in h]).mean(0))
+    assert not model.training and model[3].momentum == 0.3  # left in eval mode, its momentum restored

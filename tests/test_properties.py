@@ -194,6 +194,24 @@ def test_ranks_together_serve_exactly_the_batches_of_one_process(n, size, world,
 
 
 @PROPERTY
+@given(n=st.integers(2, 20), size=st.integers(2, 6), shuffle=st.booleans(), seed=st.integers(0, 2**16))
+def test_training_batches_are_crop_flipped_with_the_runs_generator(n, size, shuffle, seed):
+    """augment="crop_flip": each batch is crop_flip of its raw images, drawn from the same generator
+    right after the epoch's order, so a seed fixes every augmented batch."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 6, 6), generator=g, dtype=torch.uint8)
+    y = torch.arange(n)
+    served = list(Batches(x, y, size, device=CPU, mean=(0.0,) * 3, std=(1 / 255,) * 3, shuffle=shuffle,
+                          drop_last=True, augment="crop_flip", generator=torch.Generator().manual_seed(seed)))
+    mirror = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=mirror) if shuffle else torch.arange(n)
+    for i, (xb, yb) in enumerate(served):
+        idx = order[i * size:(i + 1) * size]
+        assert torch.equal(yb, y[idx])
+        assert torch.equal(xb, crop_flip(x[idx], mirror).float())  # (x/255 - 0) / (1/255) = x
+
+
+@PROPERTY
 @given(n=st.integers(1, 8), pieces=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_crop_flip_of_a_slice_is_that_slice_of_the_whole_batch(n, pieces, seed):
     g = torch.Generator().manual_seed(seed)

@@ -67,6 +67,7 @@ def test_evaluate_confusion_rows_are_true_classes():
     batches = Batches(x, torch.tensor(y), 4, device=torch.device("cpu"), mean=(0.0,) * 3, std=(1.0,) * 3)
     out = engine.evaluate(_Oracle(3), batches, Precision(torch.device("cpu")), num_classes=3)
     assert out["confusion"] == CONFUSION
+    assert all(type(count) is int for row in out["confusion"] for count in row)  # counts, written as 3 not 3.0
     assert out["acc"] == pytest.approx(100.0 * 7 / 10)
     assert out["images"] == 10
 
@@ -79,6 +80,23 @@ def untrained_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("untrained") / "init.pt"
     checkpoint.save(path, {"epoch": 0, "model": exp.model.state_dict(), "config": config_mod.to_dict(cfg)})
     return path, exp
+
+
+def test_evaluate_accumulates_the_loss_exactly_over_many_batches():
+    """The mean test loss is the sum of every batch's loss over the image count, accumulated in
+    float64 on the CPU: a float32 running sum drifts by about 1e-7 per addition over thousands of batches."""
+    import math
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (3000, 3, 2, 2), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 4, (3000,), generator=g)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    batches = Batches(x, y, 3, device=torch.device("cpu"), mean=(0.5,) * 3, std=(0.25,) * 3)
+    with torch.no_grad():
+        per_batch = [F.cross_entropy(model(xb), yb, reduction="sum").item() for xb, yb in batches]
+    out = engine.evaluate(model, batches, Precision(torch.device("cpu")))
+    assert out["images"] == 3000 and len(per_batch) == 1000
+    assert out["loss"] == pytest.approx(math.fsum(per_batch) / 3000, rel=1e-12)
 
 
 def test_per_class_accuracy_is_recall(untrained_checkpoint):
@@ -106,6 +124,25 @@ def test_per_class_accuracy_is_recall(untrained_checkpoint):
     assert confusion.sum(1).tolist() == np.bincount(true, minlength=k).tolist()  # rows: true classes
     assert confusion.sum(0).tolist() == np.bincount(pred, minlength=k).tolist()  # columns: predictions
     assert result["acc"] == pytest.approx(100.0 * np.mean(pred == true))
+
+
+def test_evaluate_checkpoint_options_reach_the_result(untrained_checkpoint, tmp_path):
+    path, exp = untrained_checkpoint  # 64 training images, seed 3
+    assert evaluation.evaluate_checkpoint(path, bn_mode="batch")["order_seed"] == 3  # the run's seed by default
+    assert evaluation.evaluate_checkpoint(path, bn_mode="batch", order_seed=11)["order_seed"] == 11
+    assert evaluation.evaluate_checkpoint(path)["order_seed"] is None  # running statistics: order cannot matter
+    two = evaluation.evaluate_checkpoint(path, recalibrate=8, recalibrate_batch_size=2)  # the smallest BN batch
+    assert two["recalibration"]["batch_size"] == 2 and two["recalibration"]["images"] == 8
+    whole = evaluation.evaluate_checkpoint(path, recalibrate=64, recalibrate_batch_size=64)  # one whole batch
+    assert whole["recalibration"] == {**whole["recalibration"], "batch_size": 64, "images": 64}
+    # Per-class accuracy is each confusion row's diagonal share, also for a class with a single test image.
+    cfg = config_mod.validate(tiny_raw(data={"train_size": 16, "test_size": 11}, seed=3))
+    small = tmp_path / "small.pt"
+    checkpoint.save(small, {"epoch": 0, "model": setup(cfg).model.state_dict(), "config": config_mod.to_dict(cfg)})
+    result = evaluation.evaluate_checkpoint(small)
+    rows = result["confusion"]
+    assert 1 in [sum(row) for row in rows]
+    assert result["per_class_acc"] == {c: 100.0 * rows[i][i] / sum(rows[i]) for i, c in enumerate(result["classes"])}
 
 
 def test_per_class_accuracy_with_batch_statistics_is_recall_too(untrained_checkpoint):
@@ -414,11 +451,10 @@ def test_recalibration_uses_whole_shuffled_training_batches_fixed_by_the_seed(tm
 
 def test_train_limit_subset_does_not_change_between_versions():
     """data.train_limit's subset is part of what a run trained on: resuming it, or recalibrating its
-    checkpoint, must read the same images whatever bnctl version or run seed does it."""
-    from bnctl.data import limit_indices
-
+    checkpoint, must read the same images whatever the run's seed. The pinned indices make a change
+    visible, in bnctl or in torch's seeded randperm, that would make an old run read other images."""
     from bnctl.config import DataConfig
-    from bnctl.data import load_dataset
+    from bnctl.data import limit_indices, load_dataset
 
     torch.manual_seed(123)  # the run's own seed plays no part
     assert limit_indices(20, 6).tolist() == [4, 5, 13, 19, 7, 14]
@@ -430,4 +466,3 @@ def test_train_limit_subset_does_not_change_between_versions():
     assert torch.equal(limited.test_x, full.test_x)  # the test split is never limited
     same = load_dataset(DataConfig(train_size=40, test_size=10, train_limit=40))  # a limit of the whole split
     assert torch.equal(same.train_x, full.train_x) and torch.equal(same.train_y, full.train_y)
-

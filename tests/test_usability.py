@@ -219,6 +219,30 @@ def test_eval_resolves_a_relative_data_root_from_the_runs_folder(tmp_path, cli, 
     assert cli("eval", run_dir, "--data-root", tmp_path / "moved", "--json").exit_code == 0
 
 
+def test_a_relative_data_root_is_looked_up_where_the_run_started_only_when_needed(tmp_path, monkeypatch):
+    from bnctl import rundir
+    from bnctl.evaluation import _recorded_data_root
+
+    started, here = tmp_path / "started", tmp_path / "here"
+    (started / "data").mkdir(parents=True)
+    here.mkdir()
+    run = tmp_path / "run"
+    (run / rundir.CHECKPOINT_DIR).mkdir(parents=True)
+    ckpt = run / rundir.CHECKPOINT_DIR / "best.pt"
+    (run / rundir.RUN_INFO_FILE).write_text(json.dumps({"cwd": str(started)}))
+    images = {"data": {"name": "imagefolder", "root": "./data"}}
+    monkeypatch.chdir(here)
+    assert _recorded_data_root(images, ckpt) == str(started / "data")  # missing here, found there
+    (here / "data").mkdir()
+    assert _recorded_data_root(images, ckpt) is None  # found from here: the root as written
+    assert _recorded_data_root({"data": {"name": "imagefolder", "root": str(tmp_path / "gone")}}, ckpt) is None
+    assert _recorded_data_root({"data": {"name": "imagefolder", "root": "./nowhere"}}, ckpt) is None  # nor there
+    (here / "data").rmdir()
+    assert _recorded_data_root({"data": {"root": "./data"}}, ckpt) is None  # synthetic data reads no folder
+    (run / rundir.RUN_INFO_FILE).write_text(json.dumps({"name": "an older run.json without cwd"}))
+    assert _recorded_data_root(images, ckpt) is None
+
+
 # ---------------------------------------------------------------- data paths that explain themselves
 
 def test_cifar_root_given_as_the_batches_folder_says_use_the_parent(tmp_path):

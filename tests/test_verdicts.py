@@ -235,7 +235,13 @@ def _texts() -> dict:
              verdicts.init_sensitivity(init, CHANCE), verdicts.regularization(gap),
              verdicts.small_batches(small, CHANCE), verdicts.small_batches(rows({("batch", 2): [40]}, BATCH), CHANCE),
              verdicts.notebook_eval([80.0, 70.0, 90.0], [70.0, 61.0, 79.0], [80.5, 70.2, 90.1]),
-             verdicts.notebook_eval([80.0], [70.0], [80.0])]
+             verdicts.notebook_eval([80.0], [70.0], [80.0]),
+             # Other arms, controls and settings than the study's defaults: the texts must follow them.
+             verdicts.higher_lr(rows({("ghost", 1e-2): [70, 71, 72], ("batch", 1e-2): [60, 62, 61]}, LR), CHANCE,
+                                arm="ghost", control="batch"),
+             verdicts.regularization(rows({("none", 0.0): [20, 22, 21], ("none", 0.5): [12, 13, 11],
+                                           ("layer", 0.0): [10, 11, 12]}, REG, metric="gap"), arm="layer", dropout=0.5),
+             verdicts.notebook_eval([80.0, 70.0, 90.0], [70.0, 61.0, 79.0], [80.5, 70.2, 90.1], batch_size=8)]
     return {f"{i}: {v.claim}": {"rule": v.rule, "verdict": v.verdict, "effect_name": v.effect_name,
                                 "details": v.details, "sentence": v.sentence()} for i, v in enumerate(found)}
 
@@ -249,7 +255,8 @@ def test_verdict_texts_are_the_reviewed_ones():
     if os.environ.get("BNCTL_UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(texts, indent=2, ensure_ascii=False) + "\n")
-    assert texts == json.loads(GOLDEN.read_text())
+        pytest.fail(f"rewrote {GOLDEN}; review its diff (git diff), then run the tests without BNCTL_UPDATE_GOLDEN")
+    assert texts == json.loads(GOLDEN.read_text()), f"a verdict text changed; see {GOLDEN} and this test's docstring"
     for v in texts.values():  # every rule states the common decision; every sentence names its verdict
         assert v["sentence"].startswith(v["verdict"] + ": ")
     d = stats.welch([75, 77, 76], [10, 10, 11])  # the diverged run counts as chance (10)
