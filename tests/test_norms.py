@@ -311,13 +311,14 @@ def test_group_norm_indivisible_channels_is_a_config_error(groups, channels, sug
     assert f"{channels} channels" in msg and f"model.groups={groups}" in msg
     assert f"model.groups={suggestion}" in msg
     divisors = ", ".join(str(d) for d in range(1, channels + 1) if channels % d == 0)
-    assert f"(divisors of {channels}: {divisors})" in msg and "fully connected" not in msg  # a conv layer
+    assert f"(divisors of {channels}: {divisors})" in msg and "equal groups. Use" in msg  # a conv layer: no fc hint
 
 
 def test_group_norm_error_at_a_fully_connected_layer_points_at_fc_norm():
     with pytest.raises(ConfigError) as err:
         make_norm(ModelConfig(norm="group", groups=4), 10, 1)
-    assert "(this is a fully connected layer; model.fc_norm=false leaves it unnormalized)" in str(err.value)
+    assert "equal groups (this is a fully connected layer; model.fc_norm=false leaves it unnormalized). Use" \
+        in str(err.value)
 
 
 def test_instance_norm_at_fully_connected_layer_is_a_config_error():

@@ -19,6 +19,7 @@ from torch import nn
 from bnctl import checkpoint, config as config_mod, engine, evaluation, plotting, rundir
 from bnctl.data import Batches
 from bnctl.diagnostics import BNProbe
+from bnctl.errors import CheckpointError, DataError
 from bnctl.experiment import Precision, setup
 from conftest import tiny_raw
 
@@ -143,6 +144,44 @@ def test_evaluate_checkpoint_options_reach_the_result(untrained_checkpoint, tmp_
     rows = result["confusion"]
     assert 1 in [sum(row) for row in rows]
     assert result["per_class_acc"] == {c: 100.0 * rows[i][i] / sum(rows[i]) for i, c in enumerate(result["classes"])}
+
+
+def _checkpoint(path, raw: dict, **extra) -> Path:
+    cfg = config_mod.validate(raw)
+    checkpoint.save(path, {"epoch": 0, "model": setup(cfg).model.state_dict(), "config": config_mod.to_dict(cfg),
+                           **extra})
+    return path
+
+
+def test_evaluate_checkpoint_refusals_name_the_checkpoint_and_the_reason(tmp_path):
+    small = {"train_size": 16, "test_size": 11}
+    # Ghost BN with virtual batches of 4: 11 test images in one batch split 4+4+3, fine; batches of 9
+    # leave 9 = 4+4+1, a virtual batch of one image, which --bn-mode batch cannot normalize.
+    ghost = _checkpoint(tmp_path / "ghost.pt", tiny_raw(data=small, model={"norm": "ghost", "virtual_batch_size": 4}))
+    assert evaluation.evaluate_checkpoint(ghost, bn_mode="batch", batch_size=11)["images"] == 11
+    with pytest.raises(config_mod.ConfigError) as err:
+        evaluation.evaluate_checkpoint(ghost, bn_mode="batch", batch_size=9)
+    assert str(err.value).startswith("--bn-mode batch normalizes each test batch with its own statistics")
+    untracked = _checkpoint(tmp_path / "untracked.pt", tiny_raw(data=small, model={"bn_track_running_stats": False}))
+    with pytest.raises(config_mod.ConfigError) as err:
+        evaluation.evaluate_checkpoint(untracked, batch_size=1)  # batches of one image: no statistics
+    assert str(err.value).startswith("this model keeps no running statistics (model.bn_track_running_stats=false), "
+                                     "so eval mode normalizes each test batch with its own statistics")
+    # A training batch of 2 is the default recalibration batch (the smallest BN can normalize).
+    pairs = _checkpoint(tmp_path / "pairs.pt", tiny_raw(data=small, train={"batch_size": 2}))
+    assert evaluation.evaluate_checkpoint(pairs, recalibrate=4)["recalibration"]["batch_size"] == 2
+    # What a checkpoint carries is named with its path when it cannot be used.
+    renamed = _checkpoint(tmp_path / "renamed.pt", tiny_raw(data=small), classes=["a", "b"])
+    with pytest.raises(DataError, match=f"^{renamed} was trained on classes"):
+        evaluation.evaluate_checkpoint(renamed)
+    state = checkpoint.load(pairs)
+    checkpoint.save(tmp_path / "other.pt", {**state, "model": {"fc.weight": torch.zeros(1)}})
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'other.pt'}"):
+        evaluation.evaluate_checkpoint(tmp_path / "other.pt")
+    state["config"]["train"]["epochs"] = 0
+    checkpoint.save(tmp_path / "invalid.pt", state)
+    with pytest.raises(config_mod.ConfigError, match=f"stored in {tmp_path / 'invalid.pt'}"):
+        evaluation.evaluate_checkpoint(tmp_path / "invalid.pt")
 
 
 def test_per_class_accuracy_with_batch_statistics_is_recall_too(untrained_checkpoint):
