@@ -167,6 +167,10 @@ def test_evaluate_checkpoint_refusals_name_the_checkpoint_and_the_reason(tmp_pat
         evaluation.evaluate_checkpoint(untracked, batch_size=1)  # batches of one image: no statistics
     assert str(err.value).startswith("this model keeps no running statistics (model.bn_track_running_stats=false), "
                                      "so eval mode normalizes each test batch with its own statistics")
+    # Without running statistics eval mode normalizes whole batches (no virtual split): 9 images are fine.
+    ghost_untracked = _checkpoint(tmp_path / "ghost_untracked.pt", tiny_raw(
+        data=small, model={"norm": "ghost", "virtual_batch_size": 4, "bn_track_running_stats": False}))
+    assert evaluation.evaluate_checkpoint(ghost_untracked, batch_size=9)["images"] == 11
     # A training batch of 2 is the default recalibration batch (the smallest BN can normalize).
     pairs = _checkpoint(tmp_path / "pairs.pt", tiny_raw(data=small, train={"batch_size": 2}))
     assert evaluation.evaluate_checkpoint(pairs, recalibrate=4)["recalibration"]["batch_size"] == 2
@@ -182,6 +186,19 @@ def test_evaluate_checkpoint_refusals_name_the_checkpoint_and_the_reason(tmp_pat
     checkpoint.save(tmp_path / "invalid.pt", state)
     with pytest.raises(config_mod.ConfigError, match=f"stored in {tmp_path / 'invalid.pt'}"):
         evaluation.evaluate_checkpoint(tmp_path / "invalid.pt")
+
+
+def test_per_class_accuracy_of_a_class_with_one_test_image(untrained_checkpoint, monkeypatch):
+    path, exp = untrained_checkpoint
+    k = len(exp.data.classes)
+    confusion = [[0] * k for _ in range(k)]
+    confusion[0][0] = 1  # one image of class 0, predicted right
+    confusion[1][1], confusion[1][2] = 1, 3  # four of class 1, one right
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **kw: {"loss": 1.0, "acc": 40.0, "images": 5,
+                                                                  "confusion": confusion})
+    per_class = evaluation.evaluate_checkpoint(path)["per_class_acc"]
+    assert per_class[exp.data.classes[0]] == 100.0 and per_class[exp.data.classes[1]] == 25.0
+    assert per_class[exp.data.classes[2]] == 0.0  # no test images: 0, not a division by zero
 
 
 def test_per_class_accuracy_with_batch_statistics_is_recall_too(untrained_checkpoint):

@@ -216,6 +216,9 @@ def test_eval_resolves_a_relative_data_root_from_the_runs_folder(tmp_path, cli, 
     shutil.move(project / "data", tmp_path / "moved")
     lost = cli("eval", run_dir)
     assert lost.exit_code == 2 and "--data-root" in lost.stderr and "data.download" not in lost.stderr
+    # The root it tried is the checkpoint's own, so the message names it once.
+    assert f"data.root=./data does not exist (from {tmp_path}). Point eval at the data with --data-root PATH" \
+        in lost.stderr
     wrong = cli("eval", run_dir, "--data-root", tmp_path / "nowhere")
     assert wrong.exit_code == 2 and f"(data.root=./data in the checkpoint, {tmp_path / 'nowhere'} tried)" in wrong.stderr
     assert cli("eval", run_dir, "--data-root", tmp_path / "moved", "--json").exit_code == 0
