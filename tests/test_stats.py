@@ -76,7 +76,6 @@ def test_contrast_takes_two_values_per_sample_and_is_exact_without_spread():
     assert w.effect == pytest.approx(0.0) and (w.lo, w.hi) == pytest.approx((-half, half))
 
 
-
 def test_paired_drops_incomplete_pairs_and_is_exact_without_spread():
     nan, inf = float("nan"), float("inf")
     # Only whole, finite pairs count: (10, 9) and (14, 11); a missing or non-finite value on either side drops its pair.
