@@ -425,3 +425,12 @@ def test_recalibration_measures_the_deployed_network_with_dropout_off():
     torch.testing.assert_close(model[3].running_mean, torch.stack([b.mean(0) for b in h]).mean(0))
     torch.testing.assert_close(model[3].running_var, torch.stack([b.var(0) for b in h]).mean(0))
     assert not model.training and model[3].momentum == 0.3  # left in eval mode, its momentum restored
+
+
+def test_ghost_without_running_statistics_normalizes_a_whole_eval_batch_at_once():
+    """Eval mode has no running estimates to fall back on: the whole batch's statistics, no virtual split
+    (which evaluation's one-image rule relies on: _one_image_batch(..., split_virtual=False))."""
+    ghost = GhostBatchNorm(C, 4, track_running_stats=False, affine=False).double().eval()
+    x = _batch(2, seed=5, n=10)
+    torch.testing.assert_close(ghost(x), F.batch_norm(x, None, None, training=True, eps=ghost.eps))
+    assert ghost(x[:9]).shape[0] == 9  # 4 + 4 + 1 would be a chunk of one image

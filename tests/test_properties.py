@@ -314,6 +314,15 @@ def test_onecycle_warms_up_linearly_then_anneals(epochs, spe, warmup):
         assert all(v == pytest.approx(1e-4) for v in curve[total:])
 
 
+@pytest.mark.parametrize("total", [50, 37, 100, 1000])
+def test_onecycle_reaches_exactly_the_peak_lr_when_the_warm_up_ends(total):
+    """The step where warm-up ends is the anneal's first, at exactly lr (the warm-up line would reach it
+    only to within rounding, e.g. 0.9999999999999999 with 15 warm-up steps)."""
+    cfg = _cfg("onecycle", epochs=total, warmup_pct=0.3)
+    warm = max(1, int(0.3 * total))
+    assert optim.SCHEDULERS["onecycle"](warm, total, 1, cfg) == 1.0
+
+
 @PROPERTY
 @given(epochs=st.integers(1, 8), spe=st.integers(1, 6), step_size=st.integers(1, 4), gamma=st.floats(0.05, 1.0))
 def test_step_decays_by_gamma_every_step_size_epochs(epochs, spe, step_size, gamma):

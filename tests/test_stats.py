@@ -100,3 +100,9 @@ def test_welch_edges_two_values_and_no_spread():
     for a, b in (([10.0, 10.0, 10.0], [50.0, 60.0, 70.0]), ([50.0, 60.0, 70.0], [10.0, 10.0, 10.0])):
         d, ref = stats.welch(a, b), sps.ttest_ind(a, b, equal_var=False)
         assert d.lo < d.effect < d.hi and (d.lo, d.hi) == pytest.approx(tuple(ref.confidence_interval(0.95)))
+
+
+def test_nearly_identical_values_are_data_not_errors():
+    """scipy warns (precision loss) when a sample is nearly constant; the statistics stay usable."""
+    assert stats.paired([50.0, 50.0, 50.000000000000014], [0.0, 0.0, 0.0]).effect == pytest.approx(50.0)
+    assert stats.welch([50.0, 50.0, 50.000000000000014], [0.0, 0.0, 0.0]).effect == pytest.approx(50.0)
