@@ -192,6 +192,9 @@ def _worker_main(conn, threads: int) -> None:
     # Slurm and Kubernetes send SIGTERM to every process of a job, the workers too: stop the run as Ctrl-C
     # does (interrupted, resumable), once; by default SIGTERM would kill the worker and leave it "running".
     signal.signal(signal.SIGTERM, _stop_once)
+    # The sweep interrupts a worker with SIGINT. A sweep started in the background by a non-interactive
+    # shell (`nohup bnctl sweep ... &`) has SIGINT ignored, and its workers inherit that: restore Ctrl-C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         _serve(conn, threads)
     except KeyboardInterrupt:  # Ctrl-C while starting up: nothing was claimed yet

@@ -484,7 +484,9 @@ STEPS = 256 // 32
 
 
 def bnctl_process(*args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bnctl", *map(str, args)], text=True, env=ONE_THREAD, **kwargs)
+    # Ctrl-C as a terminal delivers it, even when the suite itself runs where SIGINT is ignored (a background job).
+    return subprocess.Popen([sys.executable, "-m", "bnctl", *map(str, args)], text=True, env=ONE_THREAD,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
 def wait_for_rows(metrics: Path, count: int, proc: subprocess.Popen, timeout: float = 180) -> None:
