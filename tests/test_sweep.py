@@ -119,7 +119,7 @@ def test_sweep_file_form_reads_base_next_to_it_and_takes_extra_overrides(tmp_pat
 
 
 def test_shipped_example_sweep_file_is_valid():
-    plan = sweep.plan_from_file(ROOT / "configs" / "sweeps" / "lr_tolerance.yaml")
+    plan = sweep.plan_from_file(ROOT / "bnctl" / "configs" / "sweeps" / "lr_tolerance.yaml")
     assert len(plan.runs) == len(plan.cells) * len(plan.seeds) > 1
 
 

@@ -25,7 +25,7 @@ def claims(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Finish a study directory that was stopped."),
     root: Path = typer.Option(Path("runs/studies"), "--root", help="Where new study directories are created."),
     studies: Optional[Path] = typer.Option(None, "--studies",
-                                           help="Folder of the profiles' sweep files (default: configs/studies)."),
+                                           help="Folder of the profiles' sweep files (default: the built-in bnctl/configs/studies)."),
     report_only: bool = typer.Option(False, "--report-only", help="With --resume: rewrite REPORT.md, run nothing."),
 ) -> None:
     """Test the notebook's claims (lr, init, regularization, small batches, its evaluation) with seeds and verdicts."""
