@@ -239,7 +239,7 @@ class Plan:
 
 
 def _resolve_base(raw: dict[str, Any], fixed: dict[str, Any], grid: dict[str, list[Any]],
-                  source: str) -> dict[str, Any]:
+                  source: str, origins: dict[str, str] | None = None) -> dict[str, Any]:
     """The base config with fixed overrides, defaults filled in, as a plain dict without seed."""
     for key in ("seed", "name"):
         if key in grid:
@@ -250,12 +250,12 @@ def _resolve_base(raw: dict[str, Any], fixed: dict[str, Any], grid: dict[str, li
         raise ConfigError("the sweep sets each run's seed; give seeds with --seeds (or seeds: in a sweep file)")
     merged = config_mod.apply_overrides(copy.deepcopy(raw), dict(fixed))
     try:
-        resolved = config_mod.validate(merged, source)
+        resolved = config_mod.validate(merged, source, origins=origins)
     except ConfigError:
         # Some settings are only valid with the swept values (ghost norm and a swept batch size):
         # resolve with the first cell's values; every cell overrides them again.
         first = {k: v[0] for k, v in grid.items()}
-        resolved = config_mod.validate(config_mod.apply_overrides(merged, first), source)
+        resolved = config_mod.validate(config_mod.apply_overrides(merged, first), source, origins=origins)
     out = config_mod.to_dict(resolved)
     out.pop("seed", None)
     return out
@@ -292,7 +292,7 @@ def plan_inline(config_path: Path | None, overrides: Sequence[str], seeds: int |
     grid = _check_grid(grid, "overrides")
     if seeds is None:
         seeds = [int(raw.get("seed", 0))]
-    config = _resolve_base(raw, fixed, grid, str(config_path or ""))
+    config = _resolve_base(raw, fixed, grid, str(config_path or ""), config_mod.command_line_origins(list(overrides)))
     plan = Plan(name=_sweep_name(name, config), config=config, fixed=fixed, grid=grid, seeds=parse_seeds(seeds),
                 base_config=str(config_path) if config_path is not None else None)
     return plan.validate()
@@ -376,7 +376,9 @@ def plan_from_file(path: Path, extra_overrides: Sequence[str] = ()) -> Plan:
 
         studyspec.check_against_grid(studyspec.parse(spec["study"], f"sweep file {path}"), grid,
                                      f"sweep file {path}")
-    config = _resolve_base(raw, fixed, grid, str(base_path or path))
+    origins = {k: f"{path}'s fixed: {k}" for k in spec.get("fixed") or {}}
+    origins |= config_mod.command_line_origins(list(extra_overrides))
+    config = _resolve_base(raw, fixed, grid, str(base_path or path), origins)
     plan = Plan(name=_sweep_name(spec.get("name"), config), config=config, fixed=fixed, grid=grid,
                 seeds=parse_seeds(spec.get("seeds", 1)), base_config=base_path, lr_scaling=lr_scaling)
     return plan.validate()
