@@ -67,15 +67,22 @@ def sweep_file(profile: str, key: str, root: Path | None = None) -> Path:
 
 # ------------------------------------------------------------------ creating and resuming a study
 
+def plan(profile: str, overrides: Sequence[str], studies: Path | None = None) -> dict[str, Any]:
+    """Section key -> the validated sweep plan of each section of the profile (nothing is created)."""
+    from bnctl import sweep
+
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
+    return {s.key: sweep.plan_from_file(sweep_file(profile, s.key, studies), list(overrides)) for s in SECTIONS}
+
+
 def create(profile: str, overrides: Sequence[str], root: Path = Path("runs/studies"),
            studies: Path | None = None) -> Path:
     """Validate every sweep of the profile, then create the study directory and its sweeps (nothing runs yet)."""
     from bnctl import sweep
 
-    if profile not in PROFILES:
-        raise ConfigError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
     # Every cell of every sweep is validated before anything is created: a bad override fails in a second.
-    plans = {s.key: sweep.plan_from_file(sweep_file(profile, s.key, studies), list(overrides)) for s in SECTIONS}
+    plans = plan(profile, overrides, studies)
     declared = {s.key: studyspec.dump(declared_estimands(sweep_file(profile, s.key, studies))) for s in SECTIONS}
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -169,3 +169,16 @@ def test_train_and_sweep_accept_built_in_names(cli, elsewhere):
     assert inline.exit_code == 0 and "2 run(s)" in inline.output
     bad = cli("train", "--config", "quikstart")
     assert bad.exit_code == 2 and "config file not found: quikstart" in bad.output
+
+
+def test_study_dry_run_counts_every_sections_runs_and_creates_nothing(cli, elsewhere):
+    result = cli("study", "claims", "--dry-run", "--root", elsewhere / "studies")
+    assert result.exit_code == 0, result.output
+    plans = study.plan("quick", [])
+    assert set(plans) == {s.key for s in study.SECTIONS}
+    assert f"{sum(len(p.runs) for p in plans.values())} run(s) in {len(plans)} sweeps" in result.output
+    for key, p in plans.items():
+        assert key in result.output and p.name in result.output
+    assert list(elsewhere.iterdir()) == []
+    bad = cli("study", "claims", "--dry-run", "model.nrom=batch")
+    assert bad.exit_code == 2 and list(elsewhere.iterdir()) == []
