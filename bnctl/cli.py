@@ -10,7 +10,8 @@ import typer
 
 from bnctl.clikit import BnctlGroup, console, plain_help
 from bnctl.clikit import state as _state
-from bnctl.commands import compare as compare_cmd, eval as eval_cmd, plot as plot_cmd, report as report_cmd
+from bnctl.commands import compare as compare_cmd, config as config_cmd, eval as eval_cmd, plot as plot_cmd
+from bnctl.commands import report as report_cmd
 from bnctl.commands import runs as runs_cmd, study as study_cmd, sweep as sweep_cmd, train as train_cmd
 
 plain_help()
@@ -18,7 +19,7 @@ app = typer.Typer(
     name="bnctl",
     cls=BnctlGroup,
     help="Run, compare and understand Batch Normalization experiments on CNNs.\n\n"
-         "Quick start:  bnctl train --config configs/quickstart.yaml",
+         "Quick start:  bnctl train --config quickstart",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -52,6 +53,7 @@ app.command("runs")(runs_cmd.runs)
 app.command(epilog=sweep_cmd.EPILOG)(sweep_cmd.sweep)
 app.command()(report_cmd.report)
 app.add_typer(study_cmd.app, name="study")
+app.add_typer(config_cmd.app, name="config")
 
 
 def main() -> None:
