@@ -27,7 +27,7 @@ app = typer.Typer(
     name="bnctl",
     cls=BnctlGroup,
     help="Run, compare and understand Batch Normalization experiments on CNNs.\n\n"
-         "Quick start:  bnctl train --config configs/quickstart.yaml",
+         "Quick start:  bnctl train --config quickstart",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -121,7 +121,8 @@ def _resume_config(run_dir: Path, overrides: list[str]):
 def train(
     overrides: Optional[List[str]] = typer.Argument(None, metavar="KEY=VALUE",
                                                     help="Override config keys, e.g. optimizer.lr=0.01 train.epochs=5"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML experiment config."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="YAML experiment config: a file or a built-in name (bnctl config list)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Exact run directory (must be new or empty)."),
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where new run directories are created."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
@@ -149,14 +150,15 @@ def train(
 
 def _train(overrides: Optional[List[str]], config: Optional[Path], run_dir: Optional[Path], runs_root: Path,
            resume: Optional[Path], print_config: bool = False) -> None:
-    from bnctl import config as config_mod, distributed
+    from bnctl import config as config_mod, configfiles, distributed
 
     overrides = overrides or []
     if resume is None and config is None:
-        raise ConfigError("give --config FILE (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
+        raise ConfigError("give --config FILE or a built-in name (e.g. --config quickstart) or --resume RUN_DIR")
     if resume is not None and (config is not None or run_dir is not None):
         raise ConfigError("--resume takes its config from the run directory; drop --config/--run-dir")
-    cfg = _resume_config(resume, overrides) if resume is not None else config_mod.load(config, overrides)
+    cfg = (_resume_config(resume, overrides) if resume is not None
+           else config_mod.load(configfiles.resolve(config), overrides))
     if print_config:
         if distributed.env_rank() == 0:  # under torchrun, one copy
             sys.stdout.write(config_mod.to_yaml(cfg))
@@ -485,6 +487,7 @@ app.command()(_report_cmd.report)
 from bnctl.commands import study as _study_cmd  # noqa: E402
 
 app.add_typer(_study_cmd.app, name="study")
+app.add_typer(__import__("bnctl.commands.config", fromlist=["app"]).app, name="config")
 
 
 def main() -> None:

@@ -10,7 +10,8 @@ import pytest
 from bnctl import config as C
 from bnctl.errors import ConfigError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bnctl" / "configs"
 
 
 def test_defaults_validate_and_round_trip():
@@ -90,7 +91,7 @@ def test_to_yaml_reloads_to_the_same_config(tmp_path):
 
 
 def test_readme_documents_every_config_key():
-    readme = (CONFIGS.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     missing = [k for k in C.flatten(C.to_dict(C.load(None))) if f"`{k}`" not in readme]
     assert not missing, f"README's config reference lacks {missing}"
 

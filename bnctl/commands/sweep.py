@@ -10,6 +10,7 @@ from typing import Any, List, Optional
 import typer
 from rich.markup import escape
 
+from bnctl import configfiles
 from bnctl.clikit import console, reports_errors, sigterm_stops_like_ctrl_c
 from bnctl.errors import ConfigError
 
@@ -114,8 +115,10 @@ def _print_plan(plan, selected, statuses: dict[str, str] | None) -> None:
 def sweep(
     overrides: Optional[List[str]] = typer.Argument(None, metavar="KEY=a,b,c | KEY=v",
                                                     help="Swept (KEY=a,b,c) and fixed (KEY=v) config keys."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Base YAML config (inline form)."),
-    sweep_file: Optional[Path] = typer.Option(None, "--sweep", help="A sweep file: name, base, fixed, grid, seeds."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="Base YAML config (inline form): a file or a built-in name."),
+    sweep_file: Optional[Path] = typer.Option(None, "--sweep", help="A sweep file (name, base, fixed, grid, seeds) "
+                                                                    "or a built-in one, e.g. sweeps/lr_tolerance."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Finish an existing sweep directory."),
     seeds: Optional[str] = typer.Option(None, "--seeds",
                                         help="Seeds per cell: a count (3 = seeds 0,1,2) or a list (0,4,7)."),
@@ -153,6 +156,9 @@ def sweep(
         raise ConfigError("give one of --config FILE KEY=a,b,c ..., --sweep FILE or --resume SWEEP_DIR"
                           + (f" (got {' and '.join(forms)})" if forms else ""))
     part = _parse_shard(shard)
+    # A built-in name (bnctl config list) where no such file exists.
+    config = configfiles.resolve(config) if config is not None else None
+    sweep_file = configfiles.resolve(sweep_file) if sweep_file is not None else None
     if resume is not None:
         if overrides or seeds or name or sweep_dir:
             raise ConfigError("--resume runs the sweep as planned in its sweep.yaml; drop the overrides, "
