@@ -52,7 +52,7 @@ def _run_info(run_dir: Path) -> dict[str, Any]:
 # Keys that never change what a run learns or measures: bookkeeping, speed, extra outputs.
 NON_EXPERIMENT_KEYS = {"name", "device", "data.download", "train.channels_last", "train.compile",
                        "train.diagnostics", "train.diagnostics_every", "train.tensorboard", "train.eval_train"}
-_BATCH_STAT_NORMS = ("batch", "batch_manual", "ghost")
+_BATCH_STAT_NORMS = ("batch", "batch_manual", "ghost", "noisy_batch")
 _synthetic = lambda c: c.get("data.name", "synthetic") == "synthetic"  # noqa: E731
 # Keys that matter only for some settings (the rest of the time any value gives the same run).
 APPLIES = {
@@ -63,6 +63,8 @@ APPLIES = {
     "model.fc_norm": lambda c: c.get("model.name", "seed_cnn") == "seed_cnn",
     "model.virtual_batch_size": lambda c: c.get("model.norm") == "ghost",
     "model.groups": lambda c: c.get("model.norm") == "group",
+    "model.bn_noise_mean": lambda c: c.get("model.norm") == "noisy_batch",
+    "model.bn_noise_std": lambda c: c.get("model.norm") == "noisy_batch",
     "model.bn_momentum": lambda c: c.get("model.norm", "batch") in _BATCH_STAT_NORMS,
     "model.bn_track_running_stats": lambda c: c.get("model.norm", "batch") in _BATCH_STAT_NORMS,
     "model.bn_eps": lambda c: c.get("model.norm") != "none",

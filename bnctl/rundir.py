@@ -26,6 +26,7 @@ METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 RUN_INFO_FILE = "run.json"
 DIAGNOSTICS_FILE = "diagnostics.csv"
+LANDSCAPE_FILE = "landscape.csv"  # train.landscape: loss-landscape and ICS probes
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
 
