@@ -147,3 +147,14 @@ def plot_compare(runs: list[tuple[str, Path]], out: Path) -> Path | None:
     if not found:
         return None
     return draw(found, out, "Loss landscape and internal covariate shift, overlaid (Santurkar et al. 2018, fig. 4-5)")
+
+
+def plot_compare_runs(runs: list[dict[str, Any]], out: Path) -> Path | None:
+    """For `bnctl compare` (runs as plotting.load_run gives them): the overlay beside its figure, as
+    <out's name>-landscape.png, labelled like the curves; None when no run has a landscape.csv."""
+    from bnctl.plotting import differing_keys, run_label, run_names
+
+    keys = differing_keys(runs)
+    labelled = [(run_label(r, keys, name), Path(r["dir"])) for r, name in zip(runs, run_names(runs))]
+    out = Path(out)
+    return plot_compare(labelled, out.with_name(out.stem + "-landscape.png"))

@@ -283,6 +283,25 @@ def test_landscape_figures_come_from_the_file_alone(tmp_path):
     assert landscape_plot.plot_compare([("no file", tmp_path)], tmp_path / "d.png") is None
 
 
+def _fake_run(path, shift, norm):
+    path.mkdir()
+    _write_landscape(path, _fake_rows(shift))
+    rows = [[str(e), "1.5", "40.0", "1.4", "45.0", "0.001", "1.0", "0.8", "0.2", "900"] for e in (1, 2)]
+    (path / rundir.METRICS_FILE).write_text("\n".join([",".join(engine.METRIC_COLUMNS), *(",".join(r) for r in rows)])
+                                            + "\n")
+    (path / rundir.CONFIG_FILE).write_text(f"name: {path.name}\nmodel:\n  norm: {norm}\n")
+    return path
+
+
+def test_bnctl_compare_overlays_the_landscapes(tmp_path, cli):
+    bn, plain = _fake_run(tmp_path / "bn", 0.0, "batch"), _fake_run(tmp_path / "plain", 0.5, "none")
+    out = tmp_path / "figs" / "cmp.png"
+    result = cli("compare", bn, plain, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and (tmp_path / "figs" / "cmp-landscape.png").stat().st_size > 10_000
+    assert "cmp-landscape.png" in result.output.replace("\n", "")
+
+
 def test_bnctl_plot_draws_the_landscape_without_torch(tmp_path):
     import subprocess
     import sys
