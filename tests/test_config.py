@@ -90,12 +90,6 @@ def test_to_yaml_reloads_to_the_same_config(tmp_path):
     assert C.load(path) == cfg
 
 
-def test_readme_documents_every_config_key():
-    readme = (ROOT / "README.md").read_text()
-    missing = [k for k in C.flatten(C.to_dict(C.load(None))) if f"`{k}`" not in readme]
-    assert not missing, f"README's config reference lacks {missing}"
-
-
 def test_override_error_says_it_came_from_the_command_line(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optimizer:\n  lr: 0.001\n")

@@ -51,8 +51,10 @@ def dist(tmp_path_factory) -> dict[str, Path]:
     return {"wheel": wheels[0], "sdist": sdists[0]}
 
 
-def _source_modules() -> set[str]:
-    return {p.relative_to(ROOT).as_posix() for p in (ROOT / "bnctl").rglob("*.py") if "__pycache__" not in p.parts}
+def _package_files() -> set[str]:
+    """Every file of the package's source folder (modules and data alike), as paths inside the wheel."""
+    return {p.relative_to(ROOT).as_posix() for p in (ROOT / "bnctl").rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
 
 
 def _built_in_files() -> set[str]:
@@ -67,7 +69,7 @@ def test_the_wheel_holds_every_module_and_config_the_license_and_the_readme(dist
         meta = email.message_from_string(metadata_text)
         entry_points = wheel.read(f"{info}/entry_points.txt").decode()
         license_text = wheel.read(f"{info}/licenses/LICENSE").decode()
-    assert _source_modules() <= names and _built_in_files() <= names
+    assert _package_files() <= names and _built_in_files() <= names
     assert {n for n in names if n.startswith("bnctl/configs/")} == _built_in_files()  # nothing else slipped in
     assert not any(n.startswith(("tests/", "bench/", "docs/")) for n in names)
     assert "MIT License" in license_text and meta["License-Expression"] == "MIT"
@@ -82,7 +84,7 @@ def test_the_sdist_holds_the_source_configs_license_and_readme(dist):
         names = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
     for needed in ["pyproject.toml", "README.md", "LICENSE", "PKG-INFO"]:
         assert needed in names
-    assert _source_modules() <= names and _built_in_files() <= names
+    assert _package_files() <= names and _built_in_files() <= names
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from bnctl.clikit import console, existing, reports_errors
+from bnctl.clikit import SweepProgress, console, existing, print_table, reports_errors
 
 app = typer.Typer(help="Packaged studies: sweeps plus a report with verdicts.", no_args_is_help=True)
 
@@ -52,12 +52,8 @@ def claims(
     if report_only:
         result = study.write_report(study_dir)
     else:
-        from bnctl.commands.sweep import _SweepProgress
-
-        result = study.run(study_dir, jobs=jobs, reporter_factory=_SweepProgress,
+        result = study.run(study_dir, jobs=jobs, reporter_factory=SweepProgress,
                            on_event=lambda msg: console.print(f"[bold]{escape(msg)}[/]", soft_wrap=True))
-    from bnctl.commands.report import print_table
-
     print_table(["section", "verdict", "effect [95% interval]"],
                 [[k, v.verdict, study._effect_cell(v)] for k, v in result.verdicts.items()], 2)
     if result.wall_time_s:
@@ -74,7 +70,6 @@ def claims(
 
 
 def _print_plan(plans: dict, resume: Optional[Path]) -> None:
-    from bnctl.commands.report import print_table
     from bnctl.errors import ConfigError
 
     if resume is not None:
