@@ -94,7 +94,11 @@ def _finite(values) -> list[float]:
 def _log_if_wide(ax, values: list[float]) -> None:
     values = _finite(values)
     if values and min(values) > 0 and max(values) / min(values) >= 10:
+        from matplotlib import ticker
+
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 0.1, 1, 10, not 10^-1
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str) -> Path:
