@@ -42,6 +42,10 @@ def _save(fig, path: Path) -> Path:
     return Path(path)
 
 
+# Shared with the other figure modules (landscape_plot.py): one style, one way to save.
+pyplot, save_figure = _pyplot, _save
+
+
 def _run_info(run_dir: Path) -> dict[str, Any]:
     """run.json's contents, or {} when it is missing or unreadable (plots must still work)."""
     try:
@@ -107,6 +111,11 @@ def run_title(raw: dict[str, Any], fallback: str, width: int = 120) -> str:
     extra = [f"{short(k)}={_fmt_value(v)}" for k, v in flat.items()
              if k not in _TITLE_KEYS and k in defaults and experiment_key(k, flat) and not _same(v, defaults[k])]
     return "\n".join(textwrap.wrap(", ".join([head] + extra), width=width, break_long_words=False))
+
+
+def run_dir_title(run_dir: Path, width: int = 120) -> str:
+    """A figure title naming the run: its config name and the settings that differ from the defaults."""
+    return _run_title(run_dir, width)
 
 
 def _run_title(run_dir: Path, width: int = 120) -> str:
@@ -348,6 +357,11 @@ def plot_run(run_dir: Path) -> list[Path]:
         drawn = []
     if diag is not None:
         drawn.append(diag)
+    from bnctl import landscape_plot  # torch-free, like this module
+
+    landscape = landscape_plot.plot_run(run_dir)
+    if landscape is not None:
+        drawn.append(landscape)
     legacy = run_dir / "eval.json"  # written by bnctl before results were kept under eval/
     for eval_json in ([legacy] if legacy.is_file() else []) + sorted((run_dir / rundir.EVAL_DIR).glob("*.json")):
         drawn.append(plot_confusion(eval_json))
