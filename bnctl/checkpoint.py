@@ -1,8 +1,11 @@
-"""Checkpoints: plain dicts with a format version, saved atomically, loaded safely.
+"""Checkpoints: their schema, their paths, and the order an epoch writes them in.
 
-A checkpoint holds everything needed to continue or evaluate a run without its
-YAML: model and optimizer state, scheduler, epoch, metric history, every RNG
-state and the resolved config. Loading never unpickles arbitrary objects.
+A checkpoint is a plain dict with a format version holding everything needed to
+continue or evaluate a run without its YAML: model and optimizer state, scheduler,
+epoch, metric history, every RNG state and the resolved config (EVAL_KEYS,
+RESUME_KEYS). It is saved atomically and loaded without unpickling arbitrary
+objects. Importing this module is cheap (torch is imported where it is used), so
+that light modules can name a run's checkpoints.
 """
 
 from __future__ import annotations
@@ -13,22 +16,88 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from bnctl import config as config_mod, rundir
 from bnctl.errors import CheckpointError, ConfigError, DataError
 
+if TYPE_CHECKING:
+    import torch
+
 FORMAT = "bnctl-checkpoint"
 FORMAT_VERSION = 1
+
+LAST, BEST = "last.pt", "best.pt"  # RUN/checkpoints/: the newest kept epoch (what resume trusts) and the best one
+
+# What a checkpoint must hold: to be evaluated (load checks these), and to be continued as well.
+EVAL_KEYS = ("model", "config", "epoch")
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "history", "best")
+
+
+def last_path(run_dir: Path) -> Path:
+    """RUN/checkpoints/last.pt: the newest epoch kept, the one a resume continues from."""
+    return Path(run_dir) / rundir.CHECKPOINT_DIR / LAST
+
+
+def best_path(run_dir: Path) -> Path:
+    """RUN/checkpoints/best.pt: the epoch with the highest test accuracy, the one eval takes by default."""
+    return Path(run_dir) / rundir.CHECKPOINT_DIR / BEST
+
+
+def state(exp, epoch: int, history: list[dict], best: dict) -> dict[str, Any]:
+    """The checkpoint of a run (an engine Experiment) after epoch: EVAL_KEYS, RESUME_KEYS and the classes."""
+    return {
+        "epoch": epoch, "model": exp.model.state_dict(), "optimizer": exp.optimizer.state_dict(),
+        "scheduler": exp.scheduler.state_dict(), "scaler": exp.precision.scaler.state_dict(),
+        "history": history, "best": best, "config": config_mod.to_dict(exp.cfg),
+        "rng": capture_rng(exp.generator),
+        "classes": list(exp.data.classes),  # eval refuses data whose class folders differ (labels would be permuted)
+    }
+
+
+def checkpoint_for(path: Path) -> Path:
+    """What `bnctl eval PATH` evaluates: a checkpoint file as given, or a run directory's best.pt."""
+    path = Path(path)
+    if path.is_dir():
+        best = best_path(path)
+        if best.is_file():
+            return best
+        if (path / rundir.CONFIG_FILE).is_file():
+            raise ConfigError(f"{path} has no checkpoints/best.pt yet (no epoch completed); nothing to evaluate")
+        raise ConfigError(f"{path} is a folder but not a bnctl run directory (no {rundir.CONFIG_FILE}); "
+                          "give a checkpoint file (.pt) or a run directory")
+    if not path.exists():
+        raise ConfigError(f"checkpoint not found: {path}")
+    return path
+
+
+def eval_output_name(result: dict[str, Any], requested_recalibration: int | None = None,
+                     recalibrate_batch_size: int | None = None) -> str:
+    """The stem of an evaluation's files under RUN/eval/, named by what was measured.
+
+    running, batch-bs4, recal-2000 (recal-2000-bs32 with an explicit recalibration batch size);
+    a checkpoint other than best.pt prefixes its own name (last-running), so results never overwrite
+    one another unless they measure the same thing. The recalibration's count is of the images it
+    used: whole batches, so --recalibrate 100 in batches of 8 is recal-104-bs8.
+    """
+    if result.get("bn_mode") == "batch":
+        stem = f"batch-bs{result.get('batch_size')}"
+    elif "recalibration" in result:
+        stem = f"recal-{result['recalibration']['images']}"
+        if recalibrate_batch_size:
+            stem += f"-bs{recalibrate_batch_size}"
+    else:
+        stem = "running"
+    ckpt = Path(str(result.get("checkpoint", BEST)))
+    return stem if ckpt.name == BEST else f"{ckpt.stem}-{stem}"
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
     """Write a checkpoint atomically: a temp file in the same folder, fsync, then os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
     with rundir.atomic_write(path, "wb") as f:
         torch.save(payload, f)
@@ -41,6 +110,8 @@ def load(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is a folder; give a checkpoint file, e.g. RUN_DIR/checkpoints/best.pt")
     if not path.is_file():
         raise ConfigError(f"checkpoint not found: {path}")
+    import torch
+
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was never completely written")
     try:
@@ -69,7 +140,7 @@ def load(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} has checkpoint format {version}, newer than this bnctl understands ({FORMAT_VERSION}); upgrade bnctl"
         )
-    missing = [k for k in ("model", "config", "epoch") if k not in state]
+    missing = [k for k in EVAL_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path} is an incomplete bnctl checkpoint (missing {', '.join(missing)})")
     config_mod.upgrade_stored(state["config"])
@@ -85,10 +156,67 @@ def repair_best(folder: Path, last_epoch: int, best_epoch: int | None, on_disk: 
     if not last_epoch or best_epoch != last_epoch or on_disk == last_epoch:
         return
     try:
-        with open(folder / "last.pt", "rb") as src, rundir.atomic_write(folder / "best.pt", "wb") as dst:
+        with open(folder / LAST, "rb") as src, rundir.atomic_write(folder / BEST, "wb") as dst:
             shutil.copyfileobj(src, dst)
     except OSError:
         pass
+
+
+class EpochSaver:
+    """An epoch's checkpoint writes in their safe order: last.pt, then best.pt when the epoch is the best.
+
+    last.pt is what resume trusts, so it goes first; a stop between the two is repaired from it.
+    """
+
+    def __init__(self, run_dir: Path, best_epoch: int | None):
+        self.folder = Path(run_dir) / rundir.CHECKPOINT_DIR
+        self.best_on_disk = best_epoch  # the epoch best.pt holds
+
+    def save(self, state: dict[str, Any], is_best: bool) -> None:
+        save(self.folder / LAST, state)
+        if is_best:
+            save(self.folder / BEST, state)
+            self.best_on_disk = state["epoch"]
+
+    def repair(self, last_epoch: int, best_epoch: int | None) -> None:
+        """After a stop: best.pt brought level with last.pt when the last epoch is the best (best effort)."""
+        repair_best(self.folder, last_epoch, best_epoch, self.best_on_disk)
+
+
+def resume_into(exp, run_dir: Path) -> tuple[list[dict], dict[str, Any], int]:
+    """Load run_dir's last.pt into an engine Experiment; return its history, best metrics and the next epoch."""
+    path = last_path(run_dir)
+    state = _resume_state(path, exp)
+    check_classes(state, exp.data.classes, path)
+    load_model_state(exp.model, state["model"], path)
+    exp.optimizer.load_state_dict(state["optimizer"])
+    exp.precision.scaler.load_state_dict(state["scaler"])
+    exp.scheduler.load_state_dict(state["scheduler"])
+    # The schedule is a pure function of the step: redo the last step under this run's (maybe
+    # extended) length, so the lr is exactly what an uninterrupted run of that length would use.
+    exp.scheduler.last_epoch -= 1
+    exp.scheduler.step()
+    restore_rng(state["rng"], exp.generator)
+    return state["history"], state["best"], state["epoch"] + 1
+
+
+def _resume_state(path: Path, exp) -> dict[str, Any]:
+    """The checkpoint to continue from, after checking it belongs to this run's config."""
+    state = load(path)
+    # Both sides validated: a key added since the checkpoint was written compares as its default.
+    stored = config_mod.validate(state["config"], f"stored in {path}", moved=True)
+    now, then = config_mod.flatten(config_mod.to_dict(exp.cfg)), config_mod.flatten(config_mod.to_dict(stored))
+    allowed = set(config_mod.RESUMABLE_KEYS)
+    if exp.notes and then.get("train.precision") == "fp16":  # adapted to a device without fp16 (setup's note)
+        allowed.add("train.precision")
+    changed = sorted(k for k in now.keys() | then.keys() if k not in allowed and now.get(k) != then.get(k))
+    if changed:
+        raise ConfigError(f"{rundir.run_dir_of(path) / rundir.CONFIG_FILE} no longer matches its checkpoint "
+                          f"({', '.join(changed[:5])} differ); restore it or start a new run")
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it can be evaluated but not resumed")
+    return state
 
 
 def check_classes(state: dict[str, Any], classes: list[str], path: Path) -> None:
@@ -129,6 +257,9 @@ def load_model_state(model: torch.nn.Module, weights: dict[str, Any], path: Path
 
 def capture_rng(data_generator: torch.Generator) -> dict[str, Any]:
     """Every RNG state a run draws from, in types the weights-only loader accepts."""
+    import numpy as np
+    import torch
+
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state()
     rng = {
@@ -144,6 +275,9 @@ def capture_rng(data_generator: torch.Generator) -> dict[str, Any]:
 
 def restore_rng(rng: dict[str, Any], data_generator: torch.Generator) -> None:
     """Put every RNG back where capture_rng found it."""
+    import numpy as np
+    import torch
+
     version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = rng["numpy"]

@@ -19,20 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnctl import checkpoint, config as config_mod, distributed, elastic, landscape, rundir, stopping, tblog
+from bnctl import checkpoint, config as config_mod, distributed, elastic, landscape, recorder, rundir, stopping, tblog
 from bnctl.config import Config
 from bnctl.data import Batches, ImageData
 from bnctl.distributed import SINGLE, Dist
-from bnctl.errors import CheckpointError, ConfigError, DataError, DivergedError, InterruptedRun
+from bnctl.errors import ConfigError, DataError, DivergedError, InterruptedRun
 from bnctl.experiment import Experiment, Precision, _check_fits, _sum_dtype, cpu_threads_for, setup, training_threads
-from bnctl.models import count_parameters
 from bnctl.norms import set_bn_batch_mode
+from bnctl.recorder import RunRecorder
 
-METRIC_COLUMNS = [
-    "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
-    "epoch_time_s", "train_time_s", "eval_time_s", "images_per_s",
-]
-CLEAN_TRAIN_COLUMNS = ["clean_train_loss", "clean_train_acc"]
+METRIC_COLUMNS = recorder.METRIC_COLUMNS  # metrics.csv's columns (recorder.py owns them)
 
 
 # ------------------------------------------------------------------ one epoch
@@ -160,16 +156,6 @@ class RunResult:
     summary: dict[str, Any]
 
 
-def _state(exp: Experiment, epoch: int, history: list[dict], best: dict) -> dict[str, Any]:
-    return {
-        "epoch": epoch, "model": exp.model.state_dict(), "optimizer": exp.optimizer.state_dict(),
-        "scheduler": exp.scheduler.state_dict(), "scaler": exp.precision.scaler.state_dict(),
-        "history": history, "best": best, "config": config_mod.to_dict(exp.cfg),
-        "rng": checkpoint.capture_rng(exp.generator),
-        "classes": list(exp.data.classes),  # eval refuses data whose class folders differ (labels would be permuted)
-    }
-
-
 def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = None, resume: Path | None = None,
         reporter: Reporter = SilentReporter(), on_run_dir: Callable[[Path], None] = lambda p: None,
         probe_factory=None, data: ImageData | None = None, dist: Dist = SINGLE) -> RunResult:
@@ -192,7 +178,7 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
         _check_fits(exp)
         if cfg.train.tensorboard:
             tblog.check_available()  # before any run directory exists
-        if resume is not None and not (Path(resume) / rundir.CHECKPOINT_DIR / "last.pt").is_file():
+        if resume is not None and not checkpoint.last_path(resume).is_file():
             raise ConfigError(f"{resume} has no checkpoint to resume from (no epoch completed); start a new run")
         return exp
 
@@ -213,7 +199,7 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
         try:
             return _fit_in(exp, path, resuming, reporter, on_run_dir, probe_factory)
         except InterruptedRun as stop:
-            if not dist.is_main or resuming or (path / rundir.CHECKPOINT_DIR / "last.pt").exists():
+            if not dist.is_main or resuming or checkpoint.last_path(path).exists():
                 raise
             # Stopped before any epoch completed: the folder holds only what the run wrote at its start
             # and cannot be resumed, so it goes rather than lingering as a run that looks usable.
@@ -228,14 +214,14 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
 
 def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
             on_run_dir: Callable[[Path], None], probe_factory) -> RunResult:
-    """fit's body, once the run directory is chosen and locked."""
+    """fit's body, once the run directory is chosen and locked: train, evaluate, record, each epoch."""
     cfg, dist = exp.cfg, exp.dist
-    main = dist.is_main  # only rank 0 writes; every rank computes the same rows
 
     # Everything that can fail (reading the checkpoint, the diagnostics kept so far) comes before
     # the first write, so a resume that fails leaves the run's files exactly as they were.
     def restore() -> tuple[list[dict], dict[str, Any], int, Any]:
-        history, best, start = _restore(exp, run_dir) if resuming else ([], {"test_acc": None, "epoch": None}, 1)
+        history, best, start = (checkpoint.resume_into(exp, run_dir) if resuming
+                                else ([], {"test_acc": None, "epoch": None}, 1))
         probe = probe_factory(exp, run_dir, start) if (probe_factory and cfg.train.diagnostics) else None
         probe = landscape.attach(probe, exp, run_dir, start)  # train.landscape: loss-landscape and ICS probes
         return history, best, start, probe
@@ -243,49 +229,16 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
     history, best, start, probe = dist.agree(restore)
     clean_train = exp.eval_batches(exp.data.train_x, exp.data.train_y, cfg.train.eval_batch_size) \
         if cfg.train.eval_train else None
-    columns = METRIC_COLUMNS + (CLEAN_TRAIN_COLUMNS if cfg.train.eval_train else [])
-    parallel = {"world_size": dist.world_size, "backend": dist.backend,
-                "sync_bn": distributed.count_sync_layers(exp.model) > 0}
-    if resuming and main:
-        rundir.remove_temp_files(run_dir)  # left by a run killed mid-write
-        # A kill between last.pt and best.pt leaves best.pt an epoch behind (or missing).
-        checkpoint.repair_best(run_dir / rundir.CHECKPOINT_DIR, start - 1, best["epoch"])
-        rundir.atomic_write_text(run_dir / rundir.CONFIG_FILE, config_mod.to_yaml(cfg))
-        rundir.record_resume(run_dir, {"from_epoch": start - 1, "epochs": cfg.train.epochs, "device": str(exp.device),
-                                       "threads": training_threads(exp.device, cfg.train.batch_size),
-                                       "precision": cfg.train.precision, "notes": exp.notes, **parallel,
-                                       **elastic.run_info()})
-    elif main:
-        rundir.record_provenance(run_dir, config_mod.to_yaml(cfg), {
-            "device": str(exp.device), "seed": cfg.seed,
-            "threads": training_threads(exp.device, cfg.train.batch_size),
-            "num_classes": exp.num_classes, "classes": list(exp.data.classes),
-            "train_images": len(exp.data.train_y), "steps_per_epoch": len(exp.train_batches),
-            "test_images": len(exp.data.test_y), "eval_order_seed": exp.eval_order_seed, **parallel,
-            **elastic.run_info()})
+    record = RunRecorder(exp, run_dir, history, best, start, resuming,
+                         threads=training_threads(exp.device, cfg.train.batch_size))
     on_run_dir(run_dir)
     # DDP once the weights are final (it broadcasts rank 0's at construction); evaluation skips it.
     exp.eval_forward, exp.forward = exp.forward, dist.wrap(exp.forward)
-    metrics = rundir.MetricsWriter(run_dir / rundir.METRICS_FILE, columns, history) if main else None
+    record.open()
     if probe is not None:
         probe.open()
-    summary = _Summary(run_dir, cfg, exp, history, best, write=main)
     steps = len(exp.train_batches)
-    on_disk = {"best": best["epoch"], "rows": len(history)}  # the epoch best.pt holds, the rows metrics.csv has
-
-    def settle() -> None:
-        """After a stop: bring best.pt and metrics.csv level with last.pt, which resume trusts (best effort)."""
-        if not main:
-            return
-        checkpoint.repair_best(run_dir / rundir.CHECKPOINT_DIR, len(history), best["epoch"], on_disk["best"])
-        if on_disk["rows"] != len(history):
-            try:  # rewritten whole (atomically): the stop may have come in the middle of an append
-                rundir.MetricsWriter(run_dir / rundir.METRICS_FILE, columns, history)
-            except OSError:  # must not hide the error being handled; resume rewrites metrics.csv anyway
-                pass
-
-    tb = tblog.TensorBoardLog(run_dir, steps, start) if cfg.train.tensorboard and main else None
-    epoch = start - 1
+    tb = tblog.TensorBoardLog(run_dir, steps, start) if cfg.train.tensorboard and dist.is_main else None
     try:
         for epoch in range(start, cfg.train.epochs + 1):
             reporter.epoch_start(epoch, steps)
@@ -294,55 +247,38 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
                 # The epoch's last updates broke the weights (or BN's running statistics): keep the
                 # previous checkpoint as the last good one rather than saving a broken model.
                 raise DivergedError(f"test loss became {row['test_loss']} after epoch {epoch}", epoch, steps)
-            is_best = best["test_acc"] is None or row["test_acc"] > best["test_acc"]
-            new_best = {"test_acc": row["test_acc"], "test_loss": row["test_loss"], "epoch": epoch} if is_best else best
-            # last.pt is what resume trusts, so it goes first and, once written, the epoch counts as kept;
-            # a kill before best.pt follows is repaired from it (checkpoint.repair_best). The metrics row comes
-            # last: a row on disk always has its checkpoint.
-            state = _state(exp, epoch, history + [row], new_best) if main else {}
-            if main:
-                checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "last.pt", state)
-            history.append(row)
-            best = new_best
-            if main and is_best:
-                checkpoint.save(run_dir / rundir.CHECKPOINT_DIR / "best.pt", state)
-                on_disk["best"] = epoch
-            if main:
-                on_disk["rows"] = -1  # unknown until the append returns
-                metrics.append(row)
-                on_disk["rows"] = len(history)
+            record.epoch(row)
             if tb is not None:
                 tb.epoch(epoch, row, exp.model, probe.rows if probe is not None else ())
             if probe is not None:
                 probe.flush()
             reporter.epoch_end(row)
-            summary.update(best, status="running")
+            record.summary("running")
     except DivergedError as err:
-        settle()
-        summary.update(best, status="diverged", diverged={"epoch": err.epoch, "step": err.step, "message": str(err)})
+        record.settle()
+        record.summary("diverged", diverged={"epoch": err.epoch, "step": err.step, "message": str(err)})
         kept = (f"the last good checkpoint (epoch {len(history)}) and its metrics are kept" if history
                 else "no epoch completed, so there is no checkpoint")
         raise DivergedError(f"training diverged: {err}. Try a lower optimizer.lr (now {cfg.optimizer.lr:g}), "
                             f"a warm-up schedule or normalization layers; {kept} in {run_dir}",
                             err.epoch, err.step) from None
     except KeyboardInterrupt as err:
-        settle()
+        record.settle()
         by = str(err) if str(err) in stopping.REASONS else None  # a signal's name when the CLI's handler sent it
         # The epoch in progress is the one after the last checkpointed one (the loop may not have advanced yet).
-        summary.update(best, status="interrupted", interrupted_in_epoch=len(history) + 1,
-                       **({"stopped_by": by} if by else {}))
+        record.summary("interrupted", interrupted_in_epoch=len(history) + 1, **({"stopped_by": by} if by else {}))
         raise InterruptedRun(f"interrupted in epoch {len(history) + 1}; {len(history)} complete epoch(s) kept. "
                              f"Continue with: bnctl train --resume {run_dir}", signal=by) from None
     except BaseException as err:
-        settle()
-        summary.update(best, status="failed", error=f"{type(err).__name__}: {err}")
+        record.settle()
+        record.summary("failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
         if probe is not None:
             probe.close()
         if tb is not None:
             tb.close()
-    return RunResult(run_dir, summary.update(best, status="completed"))
+    return RunResult(run_dir, record.summary("completed"))
 
 
 def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
@@ -369,68 +305,3 @@ def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
     t2 = time.perf_counter()
     return row | {"epoch_time_s": t2 - t0, "train_time_s": t1 - t0, "eval_time_s": t2 - t1,
                   "images_per_s": train["images"] / (t1 - t0)}
-
-
-def _restore(exp: Experiment, run_dir: Path) -> tuple[list[dict], dict[str, Any], int]:
-    """Load the last checkpoint into exp; return its history, best metrics and the next epoch."""
-    state = _resume_state(run_dir, exp)
-    checkpoint.check_classes(state, exp.data.classes, run_dir / rundir.CHECKPOINT_DIR / "last.pt")
-    checkpoint.load_model_state(exp.model, state["model"], run_dir / rundir.CHECKPOINT_DIR / "last.pt")
-    exp.optimizer.load_state_dict(state["optimizer"])
-    exp.precision.scaler.load_state_dict(state["scaler"])
-    exp.scheduler.load_state_dict(state["scheduler"])
-    # The schedule is a pure function of the step: redo the last step under this run's (maybe
-    # extended) length, so the lr is exactly what an uninterrupted run of that length would use.
-    exp.scheduler.last_epoch -= 1
-    exp.scheduler.step()
-    checkpoint.restore_rng(state["rng"], exp.generator)
-    return state["history"], state["best"], state["epoch"] + 1
-
-
-def _resume_state(run_dir: Path, exp: Experiment) -> dict[str, Any]:
-    """The checkpoint to continue from, after checking it belongs to this run's config."""
-    path = run_dir / rundir.CHECKPOINT_DIR / "last.pt"
-    state = checkpoint.load(path)
-    # Both sides validated: a key added since the checkpoint was written compares as its default.
-    stored = config_mod.validate(state["config"], f"stored in {path}", moved=True)
-    now, then = config_mod.flatten(config_mod.to_dict(exp.cfg)), config_mod.flatten(config_mod.to_dict(stored))
-    allowed = set(config_mod.RESUMABLE_KEYS)
-    if exp.notes and then.get("train.precision") == "fp16":  # adapted to a device without fp16 (setup's note)
-        allowed.add("train.precision")
-    changed = sorted(k for k in now.keys() | then.keys() if k not in allowed and now.get(k) != then.get(k))
-    if changed:
-        raise ConfigError(f"{run_dir / rundir.CONFIG_FILE} no longer matches its checkpoint ({', '.join(changed[:5])} "
-                          "differ); restore it or start a new run")
-    missing = [k for k in ("optimizer", "scheduler", "scaler", "rng", "history", "best") if k not in state]
-    if missing:
-        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it can be evaluated but not resumed")
-    return state
-
-
-class _Summary:
-    """summary.json, rewritten atomically after every epoch and at the end."""
-
-    def __init__(self, run_dir: Path, cfg: Config, exp: Experiment, history: list[dict], best: dict,
-                 write: bool = True):
-        self.path, self.cfg, self.exp, self.history = run_dir / rundir.SUMMARY_FILE, cfg, exp, history
-        self.write = write  # False on data-parallel ranks other than 0
-        self.started = time.time()
-        try:
-            previous = rundir.read_json(self.path) if self.path.exists() else {}
-        except (OSError, ValueError):  # damaged by a crash: only the accumulated wall time is lost
-            previous = {}
-        self.prior_wall = previous.get("wall_time_s", 0.0) if history else 0.0
-
-    def update(self, best: dict, status: str, **extra: Any) -> dict[str, Any]:
-        final = self.history[-1] if self.history else None
-        summary = {
-            "name": self.cfg.name, "status": status, "epochs_completed": len(self.history),
-            "epochs_planned": self.cfg.train.epochs, "final": final, "best": best,
-            "wall_time_s": self.prior_wall + time.time() - self.started,
-            "train_time_s": sum(r["train_time_s"] for r in self.history),
-            "device": str(self.exp.device), "num_parameters": count_parameters(self.exp.model),
-            "versions": rundir.versions(), **extra,
-        }
-        if self.write:
-            rundir.write_json(self.path, summary)
-        return summary

@@ -93,43 +93,6 @@ def run_dir_of(checkpoint_path: Path) -> Path:
     return parent.parent if parent.name == CHECKPOINT_DIR else parent
 
 
-def checkpoint_for(path: Path) -> Path:
-    """What `bnctl eval PATH` evaluates: a checkpoint file as given, or a run directory's best.pt."""
-    path = Path(path)
-    if path.is_dir():
-        best = path / CHECKPOINT_DIR / "best.pt"
-        if best.is_file():
-            return best
-        if (path / CONFIG_FILE).is_file():
-            raise ConfigError(f"{path} has no checkpoints/best.pt yet (no epoch completed); nothing to evaluate")
-        raise ConfigError(f"{path} is a folder but not a bnctl run directory (no {CONFIG_FILE}); "
-                          "give a checkpoint file (.pt) or a run directory")
-    if not path.exists():
-        raise ConfigError(f"checkpoint not found: {path}")
-    return path
-
-
-def eval_output_name(result: dict[str, Any], requested_recalibration: int | None = None,
-                     recalibrate_batch_size: int | None = None) -> str:
-    """The stem of an evaluation's files under RUN/eval/, named by what was measured.
-
-    running, batch-bs4, recal-2000 (recal-2000-bs32 with an explicit recalibration batch size);
-    a checkpoint other than best.pt prefixes its own name (last-running), so results never overwrite
-    one another unless they measure the same thing. The recalibration's count is of the images it
-    used: whole batches, so --recalibrate 100 in batches of 8 is recal-104-bs8.
-    """
-    if result.get("bn_mode") == "batch":
-        stem = f"batch-bs{result.get('batch_size')}"
-    elif "recalibration" in result:
-        stem = f"recal-{result['recalibration']['images']}"
-        if recalibrate_batch_size:
-            stem += f"-bs{recalibrate_batch_size}"
-    else:
-        stem = "running"
-    ckpt = Path(str(result.get("checkpoint", "best.pt")))
-    return stem if ckpt.name == "best.pt" else f"{ckpt.stem}-{stem}"
-
-
 EVAL_DIR = "eval"
 
 

@@ -144,7 +144,7 @@ def notebook_evals(study_dir: Path, sweep_dir: Path, recalibrate: int,
 
     Every evaluation works on a copy of the weights (bnctl.evaluation): checkpoints are only read.
     """
-    from bnctl import evaluation
+    from bnctl import checkpoint, evaluation
 
     data = report.load(sweep_dir)
     path = Path(study_dir) / EVAL_FILE
@@ -154,7 +154,7 @@ def notebook_evals(study_dir: Path, sweep_dir: Path, recalibrate: int,
         if row["run"] in done:
             continue
         on_run(row["run"])
-        ckpt = sweep_dir / "runs" / row["run"] / rundir.CHECKPOINT_DIR / "last.pt"
+        ckpt = checkpoint.last_path(sweep_dir / "runs" / row["run"])
         batch = evaluation.evaluate_checkpoint(ckpt, bn_mode="batch", batch_size=EVAL_BATCH)
         recal = evaluation.evaluate_checkpoint(ckpt, recalibrate=recalibrate)
         done[row["run"]] = {"run": row["run"], "seed": row["seed"], "checkpoint": str(ckpt.relative_to(study_dir)),

@@ -135,13 +135,13 @@ def run_task(task: Task, progress: Callable[[int, int], None] = lambda e, n: Non
 
 
 def _run_claimed(task: Task, status: str, progress: Callable[[int, int], None]) -> tuple[str, str | None]:
-    from bnctl import config as config_mod, engine
+    from bnctl import checkpoint, config as config_mod, engine
 
     spec, folder = task.spec, sweep.run_dir(task.sweep_dir, task.spec)
     (Path(task.sweep_dir) / sweep.ERRORS_DIR / f"{spec.name}.json").unlink(missing_ok=True)
     resume = None
     if folder.exists():
-        has_checkpoint = (folder / rundir.CHECKPOINT_DIR / "last.pt").is_file()
+        has_checkpoint = checkpoint.last_path(folder).is_file()
         if status in ("interrupted", "running") and has_checkpoint:
             resume = folder  # stopped mid-way (Ctrl-C, or killed while "running"): continue from last.pt
         else:

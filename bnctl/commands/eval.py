@@ -35,9 +35,9 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object; a list for several) instead of tables."),
 ) -> None:
     """Evaluate checkpoints on the test split; keep each result as RUN/eval/<what was measured>.json and .png."""
-    from bnctl import evaluation, rundir
+    from bnctl import checkpoint, evaluation
 
-    checkpoints = [rundir.checkpoint_for(t) for t in targets]  # every path is checked before any work
+    checkpoints = [checkpoint.checkpoint_for(t) for t in targets]  # every path is checked before any work
     results = []
     for ckpt in checkpoints:
         with loading_progress():
@@ -61,12 +61,12 @@ def eval_(
 
 def _write_eval(ckpt: Path, result: dict, recalibrate: int, recalibrate_batch_size: Optional[int]):
     """Write RUN/eval/<name>.json and its confusion figure; a failure is a warning naming the path."""
-    from bnctl import plotting, rundir
+    from bnctl import checkpoint, plotting, rundir
 
     from bnctl.clikit import err_console
 
     out_dir = rundir.run_dir_of(ckpt) / rundir.EVAL_DIR
-    path = out_dir / (rundir.eval_output_name(result, recalibrate, recalibrate_batch_size) + ".json")
+    path = out_dir / (checkpoint.eval_output_name(result, recalibrate, recalibrate_batch_size) + ".json")
     try:
         out_dir.mkdir(exist_ok=True)
         rundir.write_json(path, result)
@@ -105,7 +105,7 @@ def _print_eval(checkpoint: Path, result: dict) -> None:
 
 def _print_eval_table(checkpoints: List[Path], results: List[dict]) -> None:
     """Several evaluations: one row each."""
-    from bnctl import rundir
+    from bnctl import checkpoint, rundir
 
     first = results[0]
     mode = ("BN running statistics" if first["bn_mode"] == "running"
@@ -121,7 +121,7 @@ def _print_eval_table(checkpoints: List[Path], results: List[dict]) -> None:
     for col in ("epoch", "images") + (("acc before %",) if recal else ()) + ("test loss", "test acc %"):
         table.add_column(col, justify="right", no_wrap=True)
     for ckpt, res in zip(checkpoints, results):
-        label = rundir.run_dir_of(ckpt).name + ("" if ckpt.name == "best.pt" else f" ({ckpt.name})")
+        label = rundir.run_dir_of(ckpt).name + ("" if ckpt.name == checkpoint.BEST else f" ({ckpt.name})")
         cells = [escape(label), str(res["epoch"]), str(res["images"])]
         if recal:
             cells.append(f"{res['recalibration']['before_acc']:.2f}")
