@@ -4,8 +4,7 @@ A checkpoint is a plain dict with a format version holding everything needed to
 continue or evaluate a run without its YAML: model and optimizer state, scheduler,
 epoch, metric history, every RNG state and the resolved config (EVAL_KEYS,
 RESUME_KEYS). It is saved atomically and loaded without unpickling arbitrary
-objects. Importing this module is cheap (torch is imported where it is used), so
-that light modules can name a run's checkpoints.
+objects.
 """
 
 from __future__ import annotations
@@ -16,13 +15,13 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
 
 from bnctl import config as config_mod, rundir
 from bnctl.errors import CheckpointError, ConfigError, DataError
-
-if TYPE_CHECKING:
-    import torch
 
 FORMAT = "bnctl-checkpoint"
 FORMAT_VERSION = 1
@@ -96,8 +95,6 @@ def save(path: Path, state: dict[str, Any]) -> None:
     """Write a checkpoint atomically: a temp file in the same folder, fsync, then os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    import torch
-
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
     with rundir.atomic_write(path, "wb") as f:
         torch.save(payload, f)
@@ -110,8 +107,6 @@ def load(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is a folder; give a checkpoint file, e.g. RUN_DIR/checkpoints/best.pt")
     if not path.is_file():
         raise ConfigError(f"checkpoint not found: {path}")
-    import torch
-
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was never completely written")
     try:
@@ -257,9 +252,6 @@ def load_model_state(model: torch.nn.Module, weights: dict[str, Any], path: Path
 
 def capture_rng(data_generator: torch.Generator) -> dict[str, Any]:
     """Every RNG state a run draws from, in types the weights-only loader accepts."""
-    import numpy as np
-    import torch
-
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state()
     rng = {
@@ -275,9 +267,6 @@ def capture_rng(data_generator: torch.Generator) -> dict[str, Any]:
 
 def restore_rng(rng: dict[str, Any], data_generator: torch.Generator) -> None:
     """Put every RNG back where capture_rng found it."""
-    import numpy as np
-    import torch
-
     version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = rng["numpy"]

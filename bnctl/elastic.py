@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
-from bnctl import checkpoint, rundir
+from bnctl import rundir
 from bnctl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -118,6 +118,8 @@ def claim_run_dir(runs_root: Path, name: str, run_dir: Path | None, resume: Path
         return rundir.create(runs_root, name, exact=run_dir), False
     rundir.remove_temp_files(restarted)  # left by the worker that died mid-write
     # Without a checkpoint the first attempt died in epoch 1: the run begins again in the same folder.
+    from bnctl import checkpoint  # torch: only when a restarted group continues a run
+
     return restarted, checkpoint.last_path(restarted).is_file()
 
 

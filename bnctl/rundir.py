@@ -244,6 +244,18 @@ def _status_without_summary(run_dir: Path) -> str:
     return "stale" if (run_dir / METRICS_FILE).is_file() else "empty"
 
 
+def summary_row(summary: Any) -> dict[str, Any]:
+    """What the listings of runs (bnctl runs, a sweep's results.csv) show of a run's summary.json: its epochs,
+    final and best metrics and wall time, None where the summary lacks them (or is not a summary)."""
+    summary = summary if isinstance(summary, dict) else {}
+    final, best = summary.get("final") or {}, summary.get("best") or {}
+    return {"epochs_completed": summary.get("epochs_completed"), "epochs_planned": summary.get("epochs_planned"),
+            "final_test_acc": final.get("test_acc"), "final_test_loss": final.get("test_loss"),
+            "final_train_acc": final.get("train_acc"), "final_clean_train_acc": final.get("clean_train_acc"),
+            "best_test_acc": best.get("test_acc"), "best_epoch": best.get("epoch"),
+            "wall_time_s": summary.get("wall_time_s")}
+
+
 def list_runs(root: Path) -> list[dict[str, Any]]:
     """One record per run directory under root (a run directory itself, or folders nested in it), by name.
 
@@ -268,13 +280,12 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
                 summary = {}
         except (OSError, ValueError):
             summary = {}
-        best, final = summary.get("best") or {}, summary.get("final") or {}
+        shown = summary_row(summary)
         runs.append({
             "dir": str(d), "name": str(d.relative_to(root)) if d != root else d.name,
             "status": effective_status(d, summary) if summary else _status_without_summary(d),
-            "epochs_completed": summary.get("epochs_completed", 0), "epochs_planned": summary.get("epochs_planned"),
-            "best_test_acc": best.get("test_acc"), "best_epoch": best.get("epoch"),
-            "final_test_acc": final.get("test_acc"), "wall_time_s": summary.get("wall_time_s"),
+            "epochs_completed": summary.get("epochs_completed", 0), "epochs_planned": shown["epochs_planned"],
+            **{k: shown[k] for k in ("best_test_acc", "best_epoch", "final_test_acc", "wall_time_s")},
         })
     return runs
 

@@ -143,11 +143,10 @@ def result_row(sweep_dir: Path, plan: Plan, spec: RunSpec) -> dict[str, Any]:
     row |= {k: None for k in RESULT_METRICS}
     row["status"] = status
     if summary:
-        final, best = summary.get("final") or {}, summary.get("best") or {}
-        row |= {"epochs": summary.get("epochs_completed"), "final_test_acc": final.get("test_acc"),
-                "final_test_loss": final.get("test_loss"), "final_train_acc": final.get("train_acc"),
-                "final_clean_train_acc": final.get("clean_train_acc"), "best_test_acc": best.get("test_acc"),
-                "best_epoch": best.get("epoch"), "wall_time_s": summary.get("wall_time_s")}
+        shown = rundir.summary_row(summary)
+        row |= {"epochs": shown["epochs_completed"],
+                **{k: shown[k] for k in ("final_test_acc", "final_test_loss", "final_train_acc",
+                                         "final_clean_train_acc", "best_test_acc", "best_epoch", "wall_time_s")}}
         if summary.get("error"):
             row["error"] = summary["error"]
         elif summary.get("diverged"):
