@@ -167,11 +167,14 @@ class EpochSaver:
         self.folder = Path(run_dir) / rundir.CHECKPOINT_DIR
         self.best_on_disk = best_epoch  # the epoch best.pt holds
 
-    def save(self, state: dict[str, Any], is_best: bool) -> None:
+    def save_last(self, state: dict[str, Any]) -> None:
+        """First: once last.pt is written, the epoch counts as kept."""
         save(self.folder / LAST, state)
-        if is_best:
-            save(self.folder / BEST, state)
-            self.best_on_disk = state["epoch"]
+
+    def save_best(self, state: dict[str, Any]) -> None:
+        """Then, for the best epoch so far, the same state as best.pt."""
+        save(self.folder / BEST, state)
+        self.best_on_disk = state["epoch"]
 
     def repair(self, last_epoch: int, best_epoch: int | None) -> None:
         """After a stop: best.pt brought level with last.pt when the last epoch is the best (best effort)."""

@@ -69,10 +69,13 @@ class RunRecorder:
         epoch = row["epoch"]
         is_best = self.best["test_acc"] is None or row["test_acc"] > self.best["test_acc"]
         new_best = {"test_acc": row["test_acc"], "test_loss": row["test_loss"], "epoch": epoch} if is_best else self.best
+        state = checkpoint.state(self.exp, epoch, self.history + [row], new_best) if self.write else {}
         if self.write:
-            self.saver.save(checkpoint.state(self.exp, epoch, self.history + [row], new_best), is_best)
+            self.saver.save_last(state)
         self.history.append(row)
         self.best = new_best
+        if self.write and is_best:
+            self.saver.save_best(state)
         if self.write:
             self.rows_on_disk = -1  # unknown until the append returns
             self.metrics.append(row)
