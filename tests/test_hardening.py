@@ -264,7 +264,7 @@ def test_3_a_kill_between_last_and_best_is_repaired_on_resume(tmp_path):
 def test_4_no_running_stats_with_eval_batches_of_one_is_refused_before_training(tmp_path, no_running_stats_run):
     with pytest.raises(ConfigError, match="eval_batch_size=1 cannot evaluate"):
         config_mod.validate(tiny_raw(model={"bn_track_running_stats": False}, train={"eval_batch_size": 1}))
-    config_mod.validate(tiny_raw(model={"bn_track_running_stats": False, "norm": "group"}, train={"eval_batch_size": 1}))
+    config_mod.validate(tiny_raw(model={"norm": "group"}, train={"eval_batch_size": 1}))  # no batch statistics at all
     result = invoke("train", "-c", write_config(tmp_path / "c.yaml", tiny_raw()), "model.bn_track_running_stats=false",
                     "train.eval_batch_size=1", "--runs-root", tmp_path / "runs")
     assert result.exit_code == 2 and "eval_batch_size=1" in result.output
