@@ -11,7 +11,7 @@ import torch
 import yaml
 from torch import nn
 
-from bnctl import config as config_mod, distributed, models, normspec, norms, optim, plan, plotting, sweep
+from bnctl import comparison, config as config_mod, distributed, models, normspec, norms, optim, plan, sweep
 from bnctl.config import Config, ModelConfig
 from bnctl.errors import ConfigError
 from conftest import tiny_raw, write_config
@@ -172,4 +172,4 @@ def test_each_runs_stored_config_claims_only_what_it_read(tmp_path):
 def test_compare_and_plots_read_the_same_table():
     flat = config_mod.flatten(config_mod.to_dict(Config()))
     for key, (choice, applies) in config_mod.KEY_APPLIES.items():
-        assert plotting.experiment_key(key, flat) == (config_mod.default_of(choice) in applies), key
+        assert comparison.experiment_key(key, flat) == (config_mod.default_of(choice) in applies), key
