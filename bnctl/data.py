@@ -4,6 +4,9 @@ Every dataset is decoded once into ``uint8`` tensors of shape (N, 3, H, W) plus
 int64 labels. :class:`Batches` keeps them on the device and forms each batch by
 index-slicing a seeded permutation; normalization and augmentation then run on
 the whole batch at once. No worker processes, no per-image Python on the hot path.
+
+Over 350 lines: the three readers (synthetic, CIFAR-10, image folders) share the uint8 layout
+and the device-side batching and augmentation they feed.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def cpu_threads_for(batches: Batches):
         torch.set_num_threads(before)
 
 
-def _sum_dtype(device: torch.device) -> torch.dtype:
+def sum_dtype(device: torch.device) -> torch.dtype:
     # Running sums in float64 where the device has it (Apple's MPS has not).
     return torch.float32 if device.type == "mps" else torch.float64
 
@@ -234,7 +234,7 @@ def setup(cfg: Config, data: ImageData | None = None, moved: bool = False, dist:
                       optimizer, scheduler, notes, order_seed, dist)
 
 
-def _check_fits(exp: Experiment) -> None:
+def check_fits(exp: Experiment) -> None:
     """Catch a data/model mismatch now, with a clear message, rather than mid-epoch."""
     x = exp.data.train_x[:2].to(exp.device).float()
     try:

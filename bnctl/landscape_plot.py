@@ -103,7 +103,7 @@ def _log_if_wide(ax, values: list[float]) -> None:
 
 def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str) -> Path:
     """The figure for one or more (label, read(...)) pairs."""
-    from bnctl.plotting import pyplot, save_figure
+    from bnctl.figstyle import pyplot, save_figure
 
     plt = pyplot()
     layers: list[str] = []
@@ -179,7 +179,7 @@ def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str) -> Path:
 
 def plot_run(run_dir: Path) -> Path | None:
     """landscape.png for one run; None when it has no landscape.csv."""
-    from bnctl.plotting import run_dir_title
+    from bnctl.comparison import run_dir_title
 
     data = read(run_dir)
     if data is None:
@@ -197,9 +197,9 @@ def plot_compare(runs: list[tuple[str, Path]], out: Path) -> Path | None:
 
 
 def plot_compare_runs(runs: list[dict[str, Any]], out: Path) -> Path | None:
-    """For `bnctl compare` (runs as plotting.load_run gives them): the overlay beside its figure, as
+    """For `bnctl compare` (runs as comparison.load_run gives them): the overlay beside its figure, as
     <out's name>-landscape.png, labelled like the curves; None when no run has a landscape.csv."""
-    from bnctl.plotting import differing_keys, run_label, run_names
+    from bnctl.comparison import differing_keys, run_label, run_names
 
     keys = differing_keys(runs)
     labelled = [(run_label(r, keys, name), Path(r["dir"])) for r, name in zip(runs, run_names(runs))]
@@ -209,7 +209,7 @@ def plot_compare_runs(runs: list[dict[str, Any]], out: Path) -> Path | None:
 
 def matched_summary(runs: list[dict[str, Any]]) -> list[str]:
     """For `bnctl compare` with exactly two runs that probed the landscape: the matched-loss comparison in words."""
-    from bnctl.plotting import run_names
+    from bnctl.comparison import run_names
 
     found = [(name, data) for r, name in zip(runs, run_names(runs)) if (data := read(Path(r["dir"]))) is not None]
     if len(found) != 2:

@@ -6,6 +6,9 @@ connected features (N, C). Models call :func:`make_norm` and never pick a layer
 class themselves, so every norm is configured the same way everywhere. What each
 norm is (batch statistics, synchronizable, the keys it reads) is bnctl/normspec.py's
 table; the synchronized BN that data-parallel training swaps in lives here too.
+
+Over 350 lines: every layer bnctl builds itself (manual, ghost, noisy and synchronized BN) is
+written out beside the builders, so the BN variants share one running-statistics update.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnctl import checkpoint, evaluation, optim, plotting, rundir
+from bnctl import checkpoint, comparison, evaluation, optim, rundir
 from bnctl.config import ModelConfig, OptimizerConfig
 from bnctl.diagnostics import COLUMNS
 from bnctl.errors import ConfigError
@@ -310,7 +310,7 @@ def test_compare_writes_a_png_and_tabulates_the_runs(runs, cli, tmp_path):
     none_line = next(line for line in lines if line.split()[:1] == ["lab_none"])
     assert " batch " in bn_line and " none " in none_line  # the differing norm, in its own column
 
-    table = plotting.compare_table([plotting.load_run(runs["bn"]), plotting.load_run(runs["none"])])
+    table = comparison.compare_table([comparison.load_run(runs["bn"]), comparison.load_run(runs["none"])])
     for row, run_dir, epochs in zip(table, (runs["bn"], runs["none"]), (2, 1)):
         metrics = rundir.read_csv(run_dir / rundir.METRICS_FILE)
         assert row["epochs"] == epochs and row["status"] == "completed"
@@ -326,8 +326,8 @@ def test_runs_sharing_a_name_are_told_apart_by_directory():
     runs = [{"dir": Path("/r/20260101-a"), "config": {"name": "x", "model.norm": "batch"}},
             {"dir": Path("/r/20260101-b"), "config": {"name": "x", "model.norm": "batch"}},
             {"dir": Path("/r/c"), "config": {"name": "y", "model.norm": "none"}}]
-    assert plotting.run_names(runs) == ["x@a", "x@b", "y"]  # the part of the folder names that differs
-    assert plotting.short_keys(["model.name", "optimizer.name", "optimizer.lr"]) == {
+    assert comparison.run_names(runs) == ["x@a", "x@b", "y"]  # the part of the folder names that differs
+    assert comparison.short_keys(["model.name", "optimizer.name", "optimizer.lr"]) == {
         "model.name": "model", "optimizer.name": "optimizer", "optimizer.lr": "lr"}
-    assert plotting.short_keys(["model.depth", "train.depth"]) == {"model.depth": "model.depth",
+    assert comparison.short_keys(["model.depth", "train.depth"]) == {"model.depth": "model.depth",
                                                                   "train.depth": "train.depth"}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnctl import data as data_mod, plotting, rundir
+from bnctl import comparison, data as data_mod, plotting, rundir
 from bnctl.config import DataConfig
 from bnctl.errors import ConfigError, DataError
 from conftest import tiny_raw, write_config
@@ -296,7 +296,7 @@ def test_title_names_every_non_default_key_that_changes_the_experiment():
     raw = {"name": "cifar", "device": "cuda", "data": {"name": "cifar10", "root": "/d", "train_limit": 2000},
            "model": {"init_scale": 5.0, "dropout": 0.3, "virtual_batch_size": 4},
            "train": {"diagnostics": True, "epochs": 30}}
-    title = plotting.run_title(raw, "x", width=60)
+    title = comparison.run_title(raw, "x", width=60)
     flat = title.replace("\n", " ")
     for part in ("init_scale=5", "dropout=0.3", "train_limit=2000", "epochs=30", "root=/d"):
         assert part in flat
@@ -335,7 +335,7 @@ def test_compare_puts_a_diverging_loss_on_a_log_axis(run_copy, monkeypatch, tmp_
     row["train_loss"] = "95.0"
     (other / "metrics.csv").write_text(",".join(header) + "\n" + ",".join(row[c] for c in header) + "\n")
     figures = _capture_figures(monkeypatch)
-    plotting.plot_compare([plotting.load_run(run_copy), plotting.load_run(other)], tmp_path / "c.png")
+    plotting.plot_compare([comparison.load_run(run_copy), comparison.load_run(other)], tmp_path / "c.png")
     assert figures[0].axes[0].get_yscale() == "log"
 
 
@@ -522,7 +522,7 @@ def test_short_runs_get_whole_epoch_ticks(tmp_path, monkeypatch, epochs):
     (tmp_path / "metrics.csv").write_text("\n".join(lines) + "\n")
     figures = _capture_figures(monkeypatch)
     plotting.plot_curves(tmp_path)
-    plotting.plot_compare([plotting.load_run(tmp_path)], tmp_path / "c.png")
+    plotting.plot_compare([comparison.load_run(tmp_path)], tmp_path / "c.png")
     assert len(figures) == 2
     for fig in figures:
         for ax in fig.axes:

@@ -94,14 +94,14 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="Print the table as a JSON list instead."),
 ) -> None:
     """Tabulate runs' final and best metrics and the config keys in which they differ; overlay their curves."""
-    from bnctl import landscape_plot, plotting
+    from bnctl import comparison, landscape_plot, plotting
 
     if as_csv and as_json:
         raise ConfigError("choose one of --csv and --json")
-    runs = [plotting.load_run(existing(d, "run directory", holding="metrics.csv")) for d in run_dirs]
-    rows = plotting.compare_table(runs)
+    runs = [comparison.load_run(existing(d, "run directory", holding="metrics.csv")) for d in run_dirs]
+    rows = comparison.compare_table(runs)
     # train.epochs has the epochs column (done/planned) already; the other differing keys get their own.
-    keys = [k for k in plotting.differing_keys(runs) if k != "train.epochs"]
+    keys = [k for k in comparison.differing_keys(runs) if k != "train.epochs"]
     if as_json or as_csv:
         records = [{"name": r["name"], "dir": r["dir"], "status": r["status"], "epochs": r["epochs"],
                     "epochs_planned": r["epochs_planned"], **{k: r["differs"].get(k) for k in keys},
@@ -120,7 +120,7 @@ def compare(
         return
     from bnctl.clikit import wide_console
 
-    short = plotting.short_keys(keys)
+    short = comparison.short_keys(keys)
     target = wide_console()
     tables = _compare_tables(rows, keys, short, target.width)
     for table in tables:
