@@ -40,7 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnctl.elastic import attempt_store
 from bnctl.errors import BnctlError, ConfigError
-from bnctl.norms import ManualBatchNorm, uses_batch_stats
+from bnctl.norms import CumulativeBatchNorm1d, CumulativeBatchNorm2d, ManualBatchNorm, count_batch, uses_batch_stats
 
 TIMEOUT_ENV = "BNCTL_DIST_TIMEOUT"  # seconds a collective may wait for the other processes
 DEFAULT_TIMEOUT_S = 600  # longer than any checkpoint write rank 0 does while the others wait
@@ -244,8 +244,11 @@ class _SyncBNFunction(torch.autograd.Function):
         stats = torch.cat([count, xd.sum(dims), (xd * xd).sum(dims)])
         td.all_reduce(stats, group=group)
         total, (s, sq) = stats[0], stats[1:].chunk(2)
-        if total < 2:
-            raise ValueError(f"synchronized BN needs more than 1 value per channel over all ranks, got {int(total)}")
+        if x.device.type == "cpu":  # reading the count is free here; on a GPU it would stall every layer
+            if total < 2:
+                raise ValueError(f"synchronized BN needs more than 1 value per channel over all ranks, got {int(total)}")
+        else:  # checked on the device, asynchronously: a failure surfaces at the next synchronization
+            torch._assert_async(total >= 2, "synchronized BN needs more than 1 value per channel over all ranks")
         mean = s / total
         var = (sq / total - mean * mean).clamp_min(0)  # biased: what normalization uses
         invstd = torch.rsqrt(var + eps)
@@ -306,15 +309,18 @@ class SyncBatchNorm(_BatchNorm):
         y, mean, unbiased = _SyncBNFunction.apply(x, self.weight, self.bias, self.eps, self.group)
         if self.track_running_stats:
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                if self.momentum is None:
+                    factor = 1.0 / count_batch(self)  # counted on the host: no device read per layer per step
+                else:
+                    self.num_batches_tracked.add_(1)
+                    factor = self.momentum
                 self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
                 self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
         return y
 
 
 SYNC_TYPES = (SyncBatchNorm, nn.SyncBatchNorm)
-_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, ManualBatchNorm)  # exact types: ghost BN is left alone
+_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, CumulativeBatchNorm1d, CumulativeBatchNorm2d, ManualBatchNorm)  # exact types: ghost BN is left alone
 
 
 def convert_sync_bn(module: nn.Module, cuda: bool) -> nn.Module:

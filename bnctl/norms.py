@@ -21,6 +21,53 @@ from bnctl.errors import ConfigError
 NormBuilder = Callable[[ModelConfig, int, int], nn.Module]
 
 
+def count_batch(module: nn.Module) -> int:
+    """Add one to module.num_batches_tracked and return the new count, without reading the device per step.
+
+    The cumulative average (momentum=None) weighs the k-th batch 1/k, and torch reads k back
+    from the device for that in every BN layer at every step, which stalls a GPU. The count
+    is kept on the host beside the buffer and trusted while the buffer's version counter shows
+    that only this function changed it; after anything else (load_state_dict, reset, a copy)
+    it is read once. The factor is then the same Python float torch computes.
+    """
+    tracked = module.num_batches_tracked
+    known = module.__dict__.get("_host_count")
+    tracked.add_(1)
+    try:
+        version = tracked._version
+    except RuntimeError:  # an inference tensor has no version counter: read every time
+        version = None
+    if known is not None and version is not None and known[0] is tracked and known[1] == version - 1:
+        count = known[2] + 1
+    else:
+        count = int(tracked)
+    module.__dict__["_host_count"] = (tracked, version, count)  # plain attribute: not a buffer, not saved
+    return count
+
+
+class _HostCountedBatchNorm(_BatchNorm):
+    """torch's BatchNorm whose cumulative average (momentum=None) takes its count from count_batch.
+
+    With a momentum it is torch's layer unchanged; state_dicts and numbers are torch's either way.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.momentum is not None or not (self.training and self.track_running_stats):
+            return super().forward(x)
+        self._check_input_dim(x)
+        factor = 1.0 / count_batch(self)  # exactly torch's 1.0 / float(num_batches_tracked)
+        return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                        True, factor, self.eps)
+
+
+class CumulativeBatchNorm2d(_HostCountedBatchNorm, nn.BatchNorm2d):
+    """BatchNorm2d for bn_momentum=None without a per-step device read (see count_batch)."""
+
+
+class CumulativeBatchNorm1d(_HostCountedBatchNorm, nn.BatchNorm1d):
+    """BatchNorm1d for bn_momentum=None without a per-step device read (see count_batch)."""
+
+
 class ManualBatchNorm(nn.Module):
     """Batch normalization written out from scratch (Ioffe & Szegedy 2015, Algorithm 1).
 
@@ -112,9 +159,12 @@ class ManualBatchNorm(nn.Module):
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, biased_var: torch.Tensor, m: int) -> None:
         """Blend one mini-batch's statistics into the running estimates used in eval mode."""
-        self.num_batches_tracked.add_(1)
         # momentum=None: cumulative average, the k-th batch weighted 1/k so all batches count equally.
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        if self.momentum is None:
+            factor = 1.0 / count_batch(self)  # counted on the host: no device read per step
+        else:
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum
         # Inference estimates the population variance, so it gets the unbiased m/(m-1) correction;
         # normalization above used the biased one, as the paper's Algorithm 1 does.
         unbiased_var = biased_var * (m / (m - 1))
@@ -129,7 +179,7 @@ class ManualBatchNorm(nn.Module):
         )
 
 
-class GhostBatchNorm(_BatchNorm):
+class GhostBatchNorm(_HostCountedBatchNorm):
     """Ghost Batch Normalization (Hoffer et al. 2017): BatchNorm over small virtual batches.
 
     In training the batch is cut into consecutive virtual batches of
@@ -186,7 +236,10 @@ def _batch_stat_kwargs(cfg: ModelConfig) -> dict:
 
 def _batch(cfg: ModelConfig, num_features: int, dim: int) -> nn.Module:
     """torch's BatchNorm2d for conv features, BatchNorm1d for fully connected ones."""
-    cls = nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d
+    if cfg.bn_momentum is None:  # the same layer, minus a device read per step (count_batch)
+        cls = CumulativeBatchNorm2d if dim == 2 else CumulativeBatchNorm1d
+    else:
+        cls = nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d
     return cls(num_features, **_batch_stat_kwargs(cfg))
 
 
