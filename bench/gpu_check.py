@@ -41,13 +41,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Sizes and limits per mode. "gpu": CIFAR-10's size; "tiny": enough to run every part on 2 CPU cores.
+# Sizes and limits per mode. "gpu": CIFAR-10's size; no GPU has run these settings yet, so the accuracy
+# floors are 3x and 2x chance: they catch training that does not learn (the JSON calibrates them later).
+# "tiny": every part on 2 CPU cores, to test the script. 94 steps barely start learning: its floor (13%)
+# is chance plus 2.3 standard errors of 500 test images; its cuda_check runs are too short to learn, so
+# part d has no floor there (harness only).
 MODES = {
-    "gpu": dict(train=50_000, test=10_000, batch=512, epochs=3, floor=60.0, steps_images=512 * 5,
-                sync_images=512 * 24, check_train=10_000, check_epochs=2, check_floor=40.0, check_spread=5.0,
+    "gpu": dict(train=50_000, test=10_000, batch=512, epochs=3, floor=30.0, steps_images=512 * 5,
+                sync_images=512 * 24, check_train=10_000, check_epochs=2, check_floor=20.0, check_spread=5.0,
                 compile_images=10_000, compile_epochs=2),
-    "tiny": dict(train=1_500, test=500, batch=32, epochs=2, floor=20.0, steps_images=32 * 4,
-                 sync_images=32 * 24, check_train=500, check_epochs=1, check_floor=10.0, check_spread=100.0,
+    "tiny": dict(train=1_500, test=500, batch=32, epochs=2, floor=13.0, steps_images=32 * 4,
+                 sync_images=32 * 24, check_train=500, check_epochs=1, check_floor=0.0, check_spread=100.0,
                  compile_images=256, compile_epochs=1),
 }
 # Parts b and e: how closely two computations of the same thing must agree.
@@ -82,13 +86,13 @@ def write_cifar_format(root: Path, train: int, test: int) -> Path:
 
 
 def write_config(path: Path, device: str, data_root: Path, **train) -> Path:
-    """A config file for the CLI (the notebook's network; SGD + one-cycle at the large batch)."""
+    """A config file for the CLI (the notebook's network; Adam + one-cycle)."""
     import yaml
 
     cfg = {"name": "gpu_check", "seed": 0, "device": device,
            "data": {"name": "cifar10", "root": str(data_root), "augment": "crop_flip"},
            "model": {"name": "seed_cnn", "norm": "batch"},
-           "optimizer": {"name": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+           "optimizer": {"name": "adam", "lr": 0.003},
            "scheduler": {"name": "onecycle"},
            "train": {"eval_batch_size": 1000, "tf32": False, "cudnn_benchmark": False, **train}}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -206,7 +210,7 @@ class _SyncCounter:
     def start_step(self, step: int, epoch: int) -> None:
         self.marks.append(self.now())
 
-    def after_backward(self) -> None:
+    def after_backward(self, *args) -> None:
         pass
 
     def messages(self) -> list[str]:

@@ -36,7 +36,7 @@ DistBN = Literal["broadcast", "reduce", "none"]
 
 # The only keys a resumed run may change: anything else would not reproduce the run.
 # train.tensorboard only adds a view of the same numbers (and older checkpoints predate the key).
-RESUMABLE_KEYS = frozenset({"train.epochs", "device", "train.tensorboard", "train.cudnn_benchmark", "train.tf32"})
+RESUMABLE_KEYS = frozenset({"train.epochs", "device", "train.tensorboard"})
 
 # Norms that normalize with batch statistics: they cannot train on one sample.
 BATCH_STAT_NORMS = frozenset({"batch", "batch_manual", "ghost", "noisy_batch"})
