@@ -160,6 +160,28 @@ def test_eval_of_a_run_dir_keeps_each_measurement_under_its_own_name(run_copy, c
     assert {"running.png", "batch-bs4.png", "recal-64-bs16.png", "last-running.png"} <= set(drawn)
 
 
+def test_eval_of_several_goes_on_past_a_broken_checkpoint_and_names_each_failure(run_copy, cli, tmp_path):
+    broken, missing = tmp_path / "broken.pt", tmp_path / "nowhere"
+    broken.write_bytes(b"not a checkpoint at all")
+    last = run_copy / "checkpoints" / "last.pt"
+    out = cli("eval", run_copy, broken, last, missing)
+    assert out.exit_code == 1, out.output  # the first failure's code: a damaged checkpoint
+    rows = [line for line in out.stdout.splitlines() if line.split()[:1] == [run_copy.name]]
+    assert len(rows) == 2  # best.pt and last.pt, both evaluated although broken.pt came between them
+    assert f"failed: {broken}: " in out.output and f"failed: {missing}: checkpoint not found" in out.output
+    assert "2 of 4 could not be evaluated" in out.output
+    assert {"running.json", "last-running.json"} <= {p.name for p in (run_copy / "eval").iterdir()}
+    listed = cli("eval", missing, last, "--json")
+    assert listed.exit_code == 2  # a missing path first: a usage error
+    results = json.loads(listed.stdout)
+    assert results[0]["checkpoint"] == str(last) and "acc" in results[0]
+    assert results[1] == {"checkpoint": str(missing), "error": f"checkpoint not found: {missing}", "exit_code": 2}
+    # The same problem for every target is said once, as one error.
+    same = cli("eval", run_copy, last, "--bn-mode", "batch", "--recalibrate", "8")
+    assert same.exit_code == 2 and same.output.count("--recalibrate recomputes") == 1
+    assert "failed:" not in same.output
+
+
 def test_eval_of_several_runs_gives_one_table_and_a_json_list(run_copy, cli):
     second = run_copy.parent / "second"
     shutil.copytree(run_copy, second)
