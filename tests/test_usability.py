@@ -393,7 +393,8 @@ def test_compare_table_fits_and_exports(tmp_path, run_copy, cli, monkeypatch):
         runs.append(d)
     as_json = json.loads(cli("compare", *runs, "--json").stdout)
     keys = set(as_json[0]) - {"name", "dir", "status", "epochs", "epochs_planned", "final_train_acc",
-                              "final_test_acc", "final_test_loss", "best_test_acc", "best_epoch", "wall_time_s"}
+                              "final_test_acc", "final_test_loss", "best_test_acc", "best_epoch", "wall_time_s",
+                              "final_clean_train_acc", "final_gap"}
     # data.root (synthetic data) and train.eval_batch_size (running statistics in eval) do not matter here.
     assert keys == {"optimizer.lr", "model.init_scale", "model.dropout"}
     assert [r["optimizer.lr"] for r in as_json] == [0.003, 0.01]
@@ -557,3 +558,41 @@ def test_runs_on_a_file_says_it_is_not_a_folder(tmp_path, cli):
     out = cli("runs", path)
     assert out.exit_code == 2 and "is a file, not a folder" in out.output and "not found" not in out.output
     assert "runs folder not found" in cli("runs", tmp_path / "nowhere").output
+
+
+def _run_files(d: Path, rows: list[tuple], clean: bool, **sections) -> Path:
+    """A run directory from files alone: metrics.csv (epoch, train/test accuracy, clean train accuracy) and config."""
+    d.mkdir()
+    cols = "epoch,train_loss,train_acc,test_loss,test_acc" + (",clean_train_loss,clean_train_acc" if clean else "")
+    lines = [cols] + [f"{e},1.0,{tr},1.2,{te}" + (f",0.8,{cl}" if clean else "") for e, tr, te, cl in rows]
+    (d / "metrics.csv").write_text("\n".join(lines) + "\n")
+    write_config(d / "config.yaml", tiny_raw(**sections))
+    return d
+
+
+def test_compare_shows_the_clean_train_accuracy_and_the_gap(tmp_path, cli, monkeypatch):
+    bn = _run_files(tmp_path / "bn_only", [(1, 60.0, 55.0, 58.0), (2, 80.0, 62.0, 79.5)], True,
+                    name="bn_only", train={"eval_train": True})
+    nobn = _run_files(tmp_path / "neither", [(1, 40.0, 38.0, 41.0), (2, 70.0, 50.0, 72.0)], True,
+                      name="neither", model={"norm": "none"}, train={"eval_train": True})
+    records = {r["name"]: r for r in json.loads(cli("compare", bn, nobn, "--json").stdout)}
+    assert records["bn_only"]["final_clean_train_acc"] == 79.5 and records["bn_only"]["final_gap"] == 17.5
+    assert records["neither"]["final_clean_train_acc"] == 72.0 and records["neither"]["final_gap"] == 22.0
+    rows = list(csv.DictReader(io.StringIO(cli("compare", bn, nobn, "--csv").stdout)))
+    assert [r["final_gap"] for r in rows] == ["17.5", "22.0"]
+    monkeypatch.chdir(tmp_path)
+    figures = _capture_figures(monkeypatch)
+    table = cli("compare", bn, nobn).stdout
+    assert "clean" in table and "gap" in table and "minus test" in table
+    bn_line = next(line for line in table.splitlines() if line.split()[:1] == ["bn_only"])
+    assert "79.50" in bn_line and "17.50" in bn_line
+    # The figure draws the eval-mode train curves too, and says which line style they have.
+    ax_acc = figures[0].axes[1]
+    assert [79.5, 72.0] == sorted([line.get_ydata()[-1] for line in ax_acc.get_lines()
+                                   if line.get_linestyle() == "-."], reverse=True)
+    assert "dash-dot: train in eval mode" in ax_acc.get_title()
+    # Runs without train.eval_train keep the narrower table, and their JSON says null.
+    plain = _run_files(tmp_path / "plain", [(1, 60.0, 55.0, None)], False, name="plain")
+    out = cli("compare", plain, bn)
+    assert json.loads(cli("compare", plain, "--json").stdout)[0]["final_clean_train_acc"] is None
+    assert "clean" not in cli("compare", plain).stdout and "clean" in out.stdout
