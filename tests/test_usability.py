@@ -7,8 +7,10 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -482,10 +484,45 @@ def test_print_config_prints_the_resolved_config_and_exits(tmp_path, cli, tiny_c
 
 
 def test_resumed_run_says_its_time_is_this_invocations(run_copy, cli):
+    before = json.loads((run_copy / "summary.json").read_text())["wall_time_s"]
     out = cli("train", "--resume", run_copy, "train.epochs=2")
     assert out.exit_code == 0, out.output
-    assert "over all sessions of this run" in out.stdout
+    total = json.loads((run_copy / "summary.json").read_text())["wall_time_s"]
+    done = next(line for line in out.stdout.splitlines() if line.startswith("done"))
+    session = float(re.search(r"wall time ([0-9.]+)s this session", done).group(1))
+    assert f"{total:.1f}s over all sessions of this run" in done
+    assert session == pytest.approx(total - before, abs=0.06)  # the session's share of the run's one time
     assert "clean train acc" not in out.stdout  # train.eval_train is off
+
+
+def test_a_runs_time_is_one_number_everywhere(tmp_path, cli, monkeypatch):
+    from bnctl import engine
+
+    # Loading data and building the model are part of the run's time: a slow setup must show in it.
+    real_setup = engine.setup
+
+    def slow_setup(*args, **kwargs):
+        time.sleep(0.5)
+        return real_setup(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "setup", slow_setup)
+    cfg = write_config(tmp_path / "c.yaml", tiny_raw(data={"train_size": 64, "test_size": 32}, train={"epochs": 1}))
+    out = cli("train", "--config", cfg, "--runs-root", tmp_path / "runs")
+    assert out.exit_code == 0, out.output
+    run_dir = Path(out.stdout.strip().splitlines()[-1])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    wall = summary["wall_time_s"]
+    assert wall >= 0.5 + rundir.read_csv(run_dir / "metrics.csv")[0]["epoch_time_s"]
+    done = next(line for line in out.stdout.splitlines() if line.startswith("done"))
+    assert done.endswith(f"wall time {wall:.1f}s")
+    assert json.loads(cli("compare", run_dir, "--json", "--out", tmp_path / "c.png").stdout)[0]["wall_time_s"] == wall
+    assert json.loads(cli("runs", run_dir.parent, "--json").stdout)[0]["wall_time_s"] == wall
+    monkeypatch.setenv("COLUMNS", "200")
+    table = cli("compare", run_dir, "--out", tmp_path / "c.png").stdout
+    assert "wall" in table and f"{wall:.1f}" in table
+    # Without summary.json there is no recorded time: shown as missing, not replaced by another measure.
+    (run_dir / "summary.json").unlink()
+    assert json.loads(cli("compare", run_dir, "--json", "--out", tmp_path / "c.png").stdout)[0]["wall_time_s"] is None
 
 
 def test_epoch_table_shows_clean_train_accuracy_when_eval_train_is_on(tmp_path, cli):

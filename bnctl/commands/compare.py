@@ -18,7 +18,7 @@ from bnctl.errors import ConfigError
 # Two-line headers, so that the metrics fit in 80 columns beside the run, status and epochs.
 _COMPARE_METRICS = [("final_train_acc", "train\nacc", ".2f"), ("final_test_acc", "test\nacc", ".2f"),
                     ("final_test_loss", "test\nloss", ".4f"), ("best_test_acc", "best\nacc", ".2f"),
-                    ("best_epoch", "best\nepoch", "d"), ("wall_time_s", "time\ns", ".1f")]
+                    ("best_epoch", "best\nepoch", "d"), ("wall_time_s", "wall\ntime s", ".1f")]
 # train.eval_train's columns: in the table only when some run has them, always in --csv and --json.
 _CLEAN_METRICS = [("final_clean_train_acc", "clean\ntrain", ".2f"), ("final_gap", "gap\npts", ".2f")]
 _ALL_METRICS = _COMPARE_METRICS[:2] + _CLEAN_METRICS + _COMPARE_METRICS[2:]
@@ -38,7 +38,8 @@ def _compare_tables(rows: list[dict[str, Any]], keys: list[str], short: dict[str
 
     metrics = _metrics(rows)
     caption = ("accuracy in %; train/test: the final epoch; best: the epoch with the highest test accuracy; "
-               "time: wall-clock seconds")
+               "wall time: the run's, as summary.json records it (seconds from each session's start to its end, "
+               "data loading included, summed over sessions)")
     if metrics is not _COMPARE_METRICS:
         caption += "; clean train: train accuracy in eval mode (train.eval_train); gap: clean train minus test"
     show_status = any(r["status"] != "completed" for r in rows)
