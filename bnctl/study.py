@@ -254,21 +254,34 @@ def _chance(data: report.SweepData) -> float:
 
 
 def _spec(specs: dict[str, list], key: str, estimand: str):
-    found = [s for s in specs.get(key, []) if s.estimand == estimand]
-    if not found:
-        raise ConfigError(f"the study's {key} sweep declares no {estimand} estimand (study: in its sweep file)")
-    return found[0]
+    """The section's declared estimand of that kind, or None when its sweep file declares none."""
+    return next((s for s in specs.get(key, []) if s.estimand == estimand), None)
+
+
+def _undeclared(title: str, estimand: str) -> verdicts.Verdict:
+    v = verdicts.Verdict(title, "(not declared)", "(not declared)", "", "", studyspec.UNIT[estimand], 0.0,
+                         status=verdicts.NOT_TESTABLE,
+                         reason=f"here: the section's sweep file declares no {estimand} estimand (a study: block; "
+                                "see docs/studies.md)")
+    return verdicts.decide_all([v])[0]
+
+
+def _rule(key: str, estimand: str, apply: Callable) -> Callable:
+    def rule(data: report.SweepData, facts: RunFacts, specs: dict[str, list]) -> verdicts.Verdict:
+        spec = _spec(specs, key, estimand)
+        return _undeclared(key, estimand) if spec is None else apply(data, facts, spec)
+    return rule
 
 
 # Section -> its verdict rule, given the sweep's data, the facts of its runs and the declared estimands.
 RULES: dict[str, Callable[[report.SweepData, RunFacts, dict[str, list]], verdicts.Verdict]] = {
-    "lr": lambda data, f, specs: verdicts.lr_tolerance(data.rows, _spec(specs, "lr", "lr_tolerance"), f.chance),
-    "init": lambda data, f, specs: verdicts.init_reference(data.rows, _spec(specs, "init", "init_reference"),
-                                                           f.chance, f.quantum),
-    "regularization": lambda data, f, specs: verdicts.gap_reduction(
-        data.rows, _spec(specs, "regularization", "gap_reduction"), f.quantum),
-    "small_batches": lambda data, f, specs: verdicts.batch_interaction(
-        data.rows, _spec(specs, "small_batches", "batch_interaction"), f.chance, f.quantum),
+    "lr": _rule("lr", "lr_tolerance", lambda data, f, spec: verdicts.lr_tolerance(data.rows, spec, f.chance)),
+    "init": _rule("init", "init_reference",
+                  lambda data, f, spec: verdicts.init_reference(data.rows, spec, f.chance, f.quantum)),
+    "regularization": _rule("regularization", "gap_reduction",
+                            lambda data, f, spec: verdicts.gap_reduction(data.rows, spec, f.quantum)),
+    "small_batches": _rule("small_batches", "batch_interaction",
+                           lambda data, f, spec: verdicts.batch_interaction(data.rows, spec, f.chance, f.quantum)),
 }
 
 
@@ -367,16 +380,15 @@ def _eval_figure(evals: list[dict[str, Any]], out: Path) -> Path | None:
 
 
 def _verdict_md(v: verdicts.Verdict) -> list[str]:
-    lines = [f"**Claim.** {v.statement}", "", f"**Estimand.** {v.estimand}", "",
-             f"**Verdict: {v.verdict}.** {v.sentence()[len(v.verdict) + (1 if v.kind == verdicts.NOT_TESTABLE else 2):]}",
-             ""]
+    lines = ([f"**Claim.** {v.statement}", "", f"**Estimand.** {v.estimand}", ""] if v.rule else []) + [
+             f"**Verdict:** {v.sentence()}", ""]
     if v.status == "tested" and v.effect is not None:
         lines += [f"Minimum detectable effect (80% power at level {v.mde_alpha:.2g}, Holm's strictest): "
                   f"{v.mde_text()}. Smallest effect that matters (declared): {v.smallest:g} {v.unit}.", ""]
     if v.caveats:
         lines += ["**Caveats.**", ""] + [f"- {c}" for c in v.caveats] + [""]
     lines += [f"- {d}" for d in v.details] + ([""] if v.details else [])
-    lines += [f"*Test:* {v.rule}", ""]
+    lines += [f"*Test:* {v.rule}", ""] if v.rule else []
     return lines
 
 
@@ -445,12 +457,13 @@ def write_report(study_dir: Path) -> StudyResult:
                and all(r.get(k) == v for k, v in NOTEBOOK.items())]
     wanted = [r for r in small_data.rows if r.get("status") == "completed" and all(r.get(k) == v for k, v in NOTEBOOK.items())]
     incomplete = None
-    if pending or len({r["run"] for r in evals} & {r["run"] for r in wanted}) < len(wanted):
-        incomplete = (f"{len(evals)} of {len(wanted) + len(pending)} BN checkpoints at batch {EVAL_BATCH} evaluated; "
+    evaluated = len({r["run"] for r in evals} & {r["run"] for r in wanted})
+    if pending or evaluated < len(wanted):
+        incomplete = (f"{evaluated} of {len(wanted) + len(pending)} BN checkpoints at batch {EVAL_BATCH} evaluated; "
                       "rerun with --resume to finish")
-    results[NOTEBOOK_SECTION.key] = verdicts.notebook_eval(
-        [r["running_acc"] for r in evals], [r["batch_stats_acc"] for r in evals],
-        [r["recalibrated_acc"] for r in evals], spec5, small_facts.quantum, incomplete)
+    results[NOTEBOOK_SECTION.key] = _undeclared("the notebook's evaluation", "notebook_eval") if spec5 is None else (
+        verdicts.notebook_eval([r["running_acc"] for r in evals], [r["batch_stats_acc"] for r in evals],
+                               [r["recalibrated_acc"] for r in evals], spec5, small_facts.quantum, incomplete))
     verdicts.decide_all(list(results.values()))  # Holm across the sections
     fig5 = _eval_figure(evals, study_dir / FIGURES_DIR / f"{NOTEBOOK_SECTION.key}.png")
     md5 = [f"## {NOTEBOOK_SECTION.title}", "", NOTEBOOK_SECTION.question, "",
