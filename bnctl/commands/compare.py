@@ -94,7 +94,7 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="Print the table as a JSON list instead."),
 ) -> None:
     """Tabulate runs' final and best metrics and the config keys in which they differ; overlay their curves."""
-    from bnctl import plotting
+    from bnctl import landscape_plot, plotting
 
     if as_csv and as_json:
         raise ConfigError("choose one of --csv and --json")
@@ -116,6 +116,7 @@ def compare(
             writer.writerows({k: ("" if v is None else v) for k, v in rec.items()} for rec in records)
         if out is not None:
             plotting.plot_compare(runs, out)
+            landscape_plot.plot_compare_runs(runs, out)
         return
     from bnctl.clikit import wide_console
 
@@ -128,3 +129,8 @@ def compare(
     if legend and len(tables) == 1:  # a separate keys table spells the keys out already
         console.print("[dim]keys: " + escape(", ".join(legend)) + "[/]", soft_wrap=True)
     console.print(str(plotting.plot_compare(runs, out or Path("compare.png"))))
+    landscape = landscape_plot.plot_compare_runs(runs, out or Path("compare.png"))  # runs with train.landscape
+    if landscape is not None:
+        console.print(str(landscape))
+        for line in landscape_plot.matched_summary(runs):
+            console.print(escape(line), soft_wrap=True)
