@@ -44,6 +44,49 @@ def read(run_dir: Path) -> dict[str, Any] | None:
     return {"summary": summary, "per_scale": per_scale, "ics": ics, "layers": list(layers)}
 
 
+# ------------------------------------------------------------------ comparing at matched training loss
+
+MATCHED_MEASURES = ("loss_range", "grad_change_max", "beta_max")
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(math.floor(pos))
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
+
+
+def matched_loss(a: dict[str, Any], b: dict[str, Any], min_probes: int = 5,
+                 measures: tuple[str, ...] = MATCHED_MEASURES) -> dict[str, Any]:
+    """Two runs' landscape measures compared where their training losses overlap.
+
+    A network on its initial plateau looks smooth for that reason alone, so the runs are compared
+    at the same loss, not at the same step: the window is the overlap of the two runs' central
+    ranges (10th to 90th percentile) of the loss at the probed weights (loss_here); each run's
+    probes inside it give a median per measure. With fewer than ``min_probes`` probes of either
+    run in the window, the runs are not comparable and no medians are given (``reason`` says why).
+    """
+    la, lb = a["summary"].get("loss_here", {}), b["summary"].get("loss_here", {})
+    out: dict[str, Any] = {"window": None, "n": (0, 0), "medians": None, "reason": None}
+    if len(la) < min_probes or len(lb) < min_probes:
+        out["reason"] = f"fewer than {min_probes} probes in a run"
+        return out
+    lo = max(_quantile(list(la.values()), 0.1), _quantile(list(lb.values()), 0.1))
+    hi = min(_quantile(list(la.values()), 0.9), _quantile(list(lb.values()), 0.9))
+    if lo > hi:
+        out["reason"] = "the runs' training losses do not overlap (one has not reached the other's range)"
+        return out
+    steps = [[t for t, v in losses.items() if lo <= v <= hi] for losses in (la, lb)]
+    out["window"], out["n"] = (lo, hi), (len(steps[0]), len(steps[1]))
+    if min(out["n"]) < min_probes:
+        out["reason"] = (f"only {out['n'][0]} and {out['n'][1]} probes at losses in [{lo:.3g}, {hi:.3g}], "
+                         f"fewer than {min_probes}")
+        return out
+    out["medians"] = {m: tuple(_quantile([d["summary"][m][t] for t in ts if t in d["summary"].get(m, {})], 0.5)
+                               for d, ts in zip((a, b), steps)) for m in measures}
+    return out
+
+
 def _finite(values) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]
 
@@ -51,7 +94,11 @@ def _finite(values) -> list[float]:
 def _log_if_wide(ax, values: list[float]) -> None:
     values = _finite(values)
     if values and min(values) > 0 and max(values) / min(values) >= 10:
+        from matplotlib import ticker
+
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 0.1, 1, 10, not 10^-1
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str) -> Path:
@@ -86,15 +133,15 @@ def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str) -> Path:
         _log_if_wide(ax, lo + hi)
         ax = axes[0][2]
         bsteps = sorted(s.get("beta_max", {}))
-        ax.plot(bsteps, [s["beta_max"][t] for t in bsteps], color=color, lw=1.2, marker="o" if len(bsteps) < 30 else None,
-                ms=2.5)
+        ax.plot(bsteps, [s["beta_max"][t] for t in bsteps], color=color, lw=1.2,
+                marker="o" if len(bsteps) < 30 and not several else None, ms=2.5)
         _log_if_wide(ax, list(s.get("beta_max", {}).values()))
         for j, layer in enumerate(layers):
             for row, measure in ((1, "ics_l2"), (2, "ics_cos")):
                 pts = sorted(data["ics"].get(measure, {}).get(layer, {}).items())
                 if pts:
                     axes[row][j].plot([p[0] for p in pts], [p[1] for p in pts], color=color, lw=1.1,
-                                      marker="o" if len(pts) < 30 else None, ms=2.5)
+                                      marker="o" if len(pts) < 30 and not several else None, ms=2.5)
     axes[0][0].set_title("loss along the step: range over step sizes\n(line: loss at the current weights)",
                          fontsize=9)
     axes[0][0].set_ylabel("cross-entropy", fontsize=8.5)
@@ -158,3 +205,21 @@ def plot_compare_runs(runs: list[dict[str, Any]], out: Path) -> Path | None:
     labelled = [(run_label(r, keys, name), Path(r["dir"])) for r, name in zip(runs, run_names(runs))]
     out = Path(out)
     return plot_compare(labelled, out.with_name(out.stem + "-landscape.png"))
+
+
+def matched_summary(runs: list[dict[str, Any]]) -> list[str]:
+    """For `bnctl compare` with exactly two runs that probed the landscape: the matched-loss comparison in words."""
+    from bnctl.plotting import run_names
+
+    found = [(name, data) for r, name in zip(runs, run_names(runs)) if (data := read(Path(r["dir"]))) is not None]
+    if len(found) != 2:
+        return []
+    (na, a), (nb, b) = found
+    m = matched_loss(a, b)
+    if m["medians"] is None:
+        return [f"landscape at matched training loss: not comparable ({m['reason']})"]
+    lo, hi = m["window"]
+    lines = [f"landscape at matched training loss {lo:.3g}..{hi:.3g} (probes {m['n'][0]} / {m['n'][1]}), "
+             f"medians {na} / {nb}:"]
+    lines += [f"  {measure}: {va:.4g} / {vb:.4g}" for measure, (va, vb) in m["medians"].items()]
+    return lines

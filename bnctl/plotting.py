@@ -12,6 +12,7 @@ from typing import Any
 
 from bnctl import config as config_mod, rundir
 from bnctl.errors import BnctlError
+from bnctl.normspec import BATCH_STAT_NORMS
 
 TRAIN_COLOR, TEST_COLOR, CLEAN_COLOR = "#1f77b4", "#d62728", "#2ca02c"
 
@@ -56,40 +57,21 @@ def _run_info(run_dir: Path) -> dict[str, Any]:
 # Keys that never change what a run learns or measures: bookkeeping, speed, extra outputs.
 NON_EXPERIMENT_KEYS = {"name", "device", "data.download", "train.channels_last", "train.compile",
                        "train.diagnostics", "train.diagnostics_every", "train.tensorboard", "train.eval_train"}
-_BATCH_STAT_NORMS = ("batch", "batch_manual", "ghost", "noisy_batch")
 _synthetic = lambda c: c.get("data.name", "synthetic") == "synthetic"  # noqa: E731
 # Keys that matter only for some settings (the rest of the time any value gives the same run).
 APPLIES = {
     "data.root": lambda c: not _synthetic(c),
     "data.train_size": _synthetic, "data.test_size": _synthetic, "data.synthetic_seed": _synthetic,
     "data.image_size": lambda c: c.get("data.name") == "imagefolder",
-    "model.depth": lambda c: c.get("model.name") in ("vgg", "resnet20"),
-    "model.fc_norm": lambda c: c.get("model.name", "seed_cnn") == "seed_cnn",
-    "model.virtual_batch_size": lambda c: c.get("model.norm") == "ghost",
-    "model.groups": lambda c: c.get("model.norm") == "group",
-    "model.bn_noise_mean": lambda c: c.get("model.norm") == "noisy_batch",
-    "model.bn_noise_std": lambda c: c.get("model.norm") == "noisy_batch",
-    "model.bn_momentum": lambda c: c.get("model.norm", "batch") in _BATCH_STAT_NORMS,
-    "model.bn_track_running_stats": lambda c: c.get("model.norm", "batch") in _BATCH_STAT_NORMS,
-    "model.bn_eps": lambda c: c.get("model.norm") != "none",
-    "model.bn_affine": lambda c: c.get("model.norm") != "none",
-    "model.init_std": lambda c: c.get("model.init") == "normal",
-    "optimizer.momentum": lambda c: c.get("optimizer.name") == "sgd",
-    "optimizer.nesterov": lambda c: c.get("optimizer.name") == "sgd",
-    "optimizer.betas": lambda c: c.get("optimizer.name", "adam") in ("adam", "adamw"),
-    "scheduler.step_size": lambda c: c.get("scheduler.name") == "step",
-    "scheduler.gamma": lambda c: c.get("scheduler.name") == "step",
-    "scheduler.warmup_pct": lambda c: c.get("scheduler.name") == "onecycle",
-    "scheduler.min_lr": lambda c: c.get("scheduler.name") == "cosine",
     # Evaluation batches matter only where eval mode still normalizes with batch statistics.
-    "train.eval_batch_size": lambda c: (c.get("model.norm", "batch") in _BATCH_STAT_NORMS
+    "train.eval_batch_size": lambda c: (c.get("model.norm", "batch") in BATCH_STAT_NORMS
                                         and c.get("model.bn_track_running_stats") is False),
 }
 
 
-# The model-specific keys config validation knows (model.depth, model.shortcut...), from the one list there.
-APPLIES.update({f"{section}.{key}": (lambda c, models=models: c.get("model.name", "seed_cnn") in models)
-                for (section, key), models in getattr(config_mod, "MODEL_SPECIFIC_KEYS", {}).items()})
+# The keys only some models, norms, inits, optimizers or schedules read, from config's one table.
+APPLIES.update({key: (lambda c, choice=choice, applies=applies: c.get(choice, config_mod.default_of(choice)) in applies)
+                for key, (choice, applies) in config_mod.KEY_APPLIES.items()})
 
 
 def experiment_key(key: str, flat: dict[str, Any]) -> bool:

@@ -300,6 +300,7 @@ def test_bnctl_compare_overlays_the_landscapes(tmp_path, cli):
     assert result.exit_code == 0, result.output
     assert out.is_file() and (tmp_path / "figs" / "cmp-landscape.png").stat().st_size > 10_000
     assert "cmp-landscape.png" in result.output.replace("\n", "")
+    assert "landscape at matched training loss: not comparable (fewer than 5 probes in a run)" in result.output
 
 
 def test_bnctl_plot_draws_the_landscape_without_torch(tmp_path):
@@ -317,3 +318,36 @@ def test_bnctl_plot_draws_the_landscape_without_torch(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (run / "landscape.png").is_file()
     assert "torch" not in out.stdout.strip().splitlines()[-1].split()
+
+
+def _series(losses, betas):
+    return {"summary": {"loss_here": dict(enumerate(losses)), "beta_max": dict(enumerate(betas)),
+                        "loss_range": dict(enumerate(betas)), "grad_change_max": dict(enumerate(betas))}}
+
+
+def test_matched_loss_compares_runs_only_where_their_losses_overlap():
+    from bnctl import landscape_plot
+    # A learns from 2.3 to 1.0; B sits on its plateau at 2.3 and then descends to 1.8.
+    a = _series([2.3 - 0.1 * i for i in range(14)], [10.0 + i for i in range(14)])
+    b = _series([2.3] * 10 + [2.2, 2.1, 2.0, 1.9, 1.8] * 2, [1.0] * 20)
+    m = landscape_plot.matched_loss(a, b, min_probes=3)
+    # Window: the overlap of the central 10-90% loss ranges: A's [1.13, 2.17] and B's [1.89, 2.3].
+    assert m["window"] == (pytest.approx(1.89), pytest.approx(2.17))
+    assert m["n"] == (3, 6)  # A at 2.1, 2.0, 1.9; B twice each: B's plateau at 2.3 is left out
+    assert m["medians"]["beta_max"] == (pytest.approx(13.0), 1.0)  # A's probes at those losses, not its later ones
+    # B never leaves the plateau: no overlap with A's descent, so no comparison.
+    c = _series([2.3] * 10, [1.0] * 10)
+    a2 = _series([2.0 - 0.1 * i for i in range(10)], [5.0] * 10)
+    assert landscape_plot.matched_loss(a2, c)["medians"] is None
+    assert "do not overlap" in landscape_plot.matched_loss(a2, c)["reason"]
+    few = landscape_plot.matched_loss(a, b, min_probes=4)
+    assert few["medians"] is None and "fewer than 4" in few["reason"]
+
+
+def test_probes_leave_noisy_bn_noise_where_it_was(tmp_path):
+    # noisy_batch draws its noise from torch's global generator at every step, as dropout does: a probe's
+    # own passes (which draw noise too) must not move that generator.
+    off = _run(tmp_path, "off", every=0, epochs=1, norm="noisy_batch")
+    on = _run(tmp_path, "on", every=2, epochs=1, norm="noisy_batch")
+    assert _metrics(on) == _metrics(off)
+    _same_state(_strip_times(_final_state(on)), _strip_times(_final_state(off)))

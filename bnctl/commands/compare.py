@@ -143,3 +143,5 @@ def compare(
     landscape = landscape_plot.plot_compare_runs(runs, out or Path("compare.png"))  # runs with train.landscape
     if landscape is not None:
         console.print(str(landscape))
+        for line in landscape_plot.matched_summary(runs):
+            console.print(escape(line), soft_wrap=True)
