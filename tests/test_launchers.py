@@ -20,6 +20,8 @@ from bnctl.cli import app
 from bnctl.errors import InterruptedRun
 from conftest import tiny_raw, write_config
 
+pytestmark = pytest.mark.slow  # job arrays of worker processes
+
 TIMING = {"wall_time_s"}
 
 
