@@ -77,6 +77,7 @@ def test_an_epoch_plan_draws_what_the_batches_drew_one_by_one():
         assert torch.equal(yb, y[idx]) and torch.allclose(xb, want, atol=1e-6)
 
 
+@pytest.mark.slow  # trains a whole run
 def test_cuda_settings_are_recorded_and_the_cpu_records_that_they_do_not_apply(tmp_path):
     cfg = config_mod.validate(tiny_raw(train={"epochs": 1, "cudnn_benchmark": True, "tf32": True}), "test")
     result = engine.fit(cfg, runs_root=tmp_path)
@@ -84,6 +85,7 @@ def test_cuda_settings_are_recorded_and_the_cpu_records_that_they_do_not_apply(t
     assert info["cudnn_benchmark"] is None and info["tf32"] is None  # CPU: neither applies
 
 
+@pytest.mark.slow  # subprocesses training whole runs (about a minute of CPU time)
 def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     """bench/gpu_check.sh's CPU mode: every part but the compiled run (minutes of C++ compiling on 2 cores)."""
     out = tmp_path / "gc.json"
