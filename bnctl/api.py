@@ -79,6 +79,11 @@ def _dotted(overrides: Overrides, keywords: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
+def _origins(dotted: Mapping[str, Any]) -> dict[str, str]:
+    """Where each override came from, for a validation error (the command line's say 'the command line: ...')."""
+    return {key: f"the overrides: {key}={value!r}" for key, value in dotted.items()}
+
+
 def _raw_config(config: ConfigLike) -> tuple[dict[str, Any], str, str | None]:
     """The config as a raw mapping, the source named in error messages, and its file (if any)."""
     from bnctl import config as config_mod
@@ -107,8 +112,9 @@ def load_config(config: ConfigLike, overrides: Overrides = None, /, **keywords: 
     from bnctl import config as config_mod
 
     raw, source, _ = _raw_config(config)
-    raw = config_mod.apply_overrides(raw, _dotted(overrides, keywords))
-    return config_mod.validate(raw, source)
+    dotted = _dotted(overrides, keywords)
+    raw = config_mod.apply_overrides(raw, dotted)
+    return config_mod.validate(raw, source, origins=_origins(dotted))
 
 
 # ------------------------------------------------------------------ progress
@@ -544,7 +550,7 @@ def run_sweep(config: ConfigLike, grid: Mapping[str, Sequence[Any]] | None = Non
         grid = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in grid.items()}
         _dotted(grid, {})  # each swept key's shape, checked as for an override
         raw, _, base = _raw_config(config)
-        plan = plan_mod.plan_from_parts(raw, fixed, grid, seeds, name, base)
+        plan = plan_mod.plan_from_parts(raw, fixed, grid, seeds, name, base, _origins(fixed))
     target = sweep_mod.create(plan, Path(root), exact=None if sweep_dir is None else Path(sweep_dir))
     reporter = _SweepProgress(progress)
     if reporter.console is not None:

@@ -9,6 +9,7 @@ before it pays for the heavy imports.
 from __future__ import annotations
 
 import collections.abc
+import copy
 import difflib
 import re
 import typing
@@ -223,13 +224,24 @@ def batch_stats_at_eval(cfg: Config) -> bool:
 
 # ---------------------------------------------------------------- loading
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:".replace(" :", ":")]
+def _origin(key: str, origins: dict[str, str]) -> str | None:
+    """Where the value at a dotted error location came from, when an override set it (or its section)."""
+    for dotted, where in origins.items():
+        if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
+            return where
+    return None
+
+
+def _format_validation_error(err: ValidationError, source: str, origins: dict[str, str] | None = None) -> str:
+    lines, from_overrides = [], 0
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "config"
+        where = _origin(key, origins or {}) if e["loc"] else None
+        from_overrides += where is not None
+        tail = f" (from {where})" if where else ""
         if e["type"] == "extra_forbidden":
             parent, _, leaf = key.rpartition(".")
-            lines.append(f"  {key}: unknown key{_suggest(leaf, _section_fields(parent))}")
+            lines.append(f"  {key}: unknown key{_suggest_key(leaf, parent)}{tail}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "model_type":  # pydantic names its class; the user wrote a scalar where a section goes
@@ -238,8 +250,12 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             hint = ""
             if e["type"] == "literal_error" and isinstance(e.get("input"), str):
                 hint = _suggest(e["input"], [str(c) for c in _literal_choices(e["loc"])])
-            lines.append(f"  {key}: {msg}{got}{hint}")
-    return "\n".join(lines)
+            lines.append(f"  {key}: {msg}{got}{hint}{tail}")
+    if lines and from_overrides == len(lines):  # every problem is in an override, none in the file
+        head = f"invalid override for config {source}:" if source else "invalid override:"
+    else:
+        head = f"invalid config {source}:".replace(" :", ":")
+    return "\n".join([head] + lines)
 
 
 def _short(value: Any) -> bool:
@@ -274,11 +290,66 @@ def _suggest(word: str, choices: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def validate(raw: Any, source: str = "", moved: bool = False) -> Config:
+# Names other tools use for bnctl's keys: offered as suggestions for an unknown key, never accepted as
+# aliases (one spelling per key keeps configs and sweeps comparable).
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "lr": ("learning_rate", "learningrate", "lrate", "base_lr", "max_lr", "peak_lr"),
+    "weight_decay": ("wd", "l2", "decay", "l2_reg"),
+    "epochs": ("num_epochs", "n_epochs", "max_epochs", "epoch", "nepochs"),
+    "batch_size": ("bs", "batch", "batchsize", "train_batch_size", "mini_batch_size", "minibatch_size"),
+    "eval_batch_size": ("test_batch_size", "val_batch_size", "eval_bs", "test_bs"),
+    "optimizer": ("optim", "optimiser", "opt", "solver"),
+    "scheduler": ("lr_scheduler", "sched", "schedule", "lr_schedule"),
+    "data": ("dataset", "datasets"),
+    "name": ("arch", "architecture", "network", "net", "model_name", "type"),
+    "norm": ("normalization", "normalisation", "norm_layer", "normalization_layer", "bn", "norm_type"),
+    "bn_eps": ("eps", "epsilon"),
+    "bn_momentum": ("momentum",),
+    "bn_affine": ("affine",),
+    "bn_track_running_stats": ("track_running_stats",),
+    "groups": ("num_groups", "n_groups", "gn_groups"),
+    "virtual_batch_size": ("ghost_batch_size", "vbs", "ghost_size"),
+    "dropout": ("drop_rate", "dropout_rate", "p_dropout", "drop"),
+    "width": ("width_multiplier", "width_mult", "width_factor"),
+    "precision": ("amp", "dtype", "mixed_precision"),
+    "seed": ("random_seed", "rng_seed", "manual_seed"),
+    "warmup_pct": ("warmup", "pct_start", "warmup_fraction"),
+    "min_lr": ("eta_min", "final_lr", "lr_min"),
+    "step_size": ("step", "lr_step", "decay_every"),
+    "gamma": ("lr_decay", "decay_rate"),
+    "root": ("data_dir", "data_root", "path", "dir", "datadir"),
+    "augment": ("augmentation", "augmentations", "aug"),
+    "tensorboard": ("use_tensorboard", "tb"),
+}
+_SYNONYM_OF = {alias: key for key, aliases in SYNONYMS.items() for alias in aliases}
+
+
+def _suggest_key(leaf: str, parent: str) -> str:
+    """'; did you mean ...?' for an unknown key: the bnctl name of a common synonym (learning_rate -> lr)
+    or a close spelling in the same section, else the same key (or synonym) in another section."""
+    here = _section_fields(parent)
+    word = leaf.lower()
+    target = _SYNONYM_OF.get(word, word)
+    if target in here and target != leaf:
+        return f"; did you mean '{target}'?"
+    close = _suggest(leaf, here)
+    if close:
+        return close
+    elsewhere = [f"{section}.{target}" for section, field in Config.model_fields.items()
+                 if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+                 and section != parent and target in field.annotation.model_fields]
+    if target in Config.model_fields and parent:
+        elsewhere.append(target)
+    return f"; did you mean '{elsewhere[0]}'?" if len(elsewhere) == 1 else ""
+
+
+def validate(raw: Any, source: str = "", moved: bool = False, origins: dict[str, str] | None = None) -> Config:
     """Validate a raw mapping into a Config, raising ConfigError with dotted keys.
 
     ``moved``: the config of an existing run continued or evaluated on another device, whose
     precision experiment.setup adapts (fp16 exists only on CUDA), so it is not refused here.
+    ``origins``: dotted keys set by overrides -> where each came from ("the command line:
+    optimizer.lr=0.01"), so that an error in one names it instead of blaming the file.
     """
     if raw is None:
         raw = {}
@@ -287,7 +358,12 @@ def validate(raw: Any, source: str = "", moved: bool = False) -> Config:
     try:
         return Config.model_validate(raw, context={"moved": moved})
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(_format_validation_error(err, source, origins)) from None
+
+
+def command_line_origins(items: list[str]) -> dict[str, str]:
+    """{dotted key: 'the command line: KEY=VALUE'} for validate's ``origins``."""
+    return {item.partition("=")[0].strip(): f"the command line: {item}" for item in items}
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -360,8 +436,22 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return parsed
 
 
+def _merge_into(node: dict[str, Any], key: str, value: Any) -> None:
+    """node[key] = value, except that a mapping given for a section merges into it key by key."""
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for sub, sub_value in value.items():
+            _merge_into(node[key], str(sub), sub_value)
+    else:
+        node[key] = copy.deepcopy(value)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys in a raw config mapping; unknown keys are caught by validation."""
+    """Set dotted keys in a raw config mapping; unknown keys are caught by validation.
+
+    A whole section given as a mapping (model={norm: none}, or `model: {norm: none}` in a sweep
+    file's fixed) sets the keys it names and keeps the section's others, as model.norm=none would:
+    replacing the section would silently reset every key it leaves out to its default.
+    """
     for key, value in overrides.items():
         node = raw
         parts = key.split(".")
@@ -370,7 +460,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
             if not isinstance(child, dict):
                 raise ConfigError(f"override {key}: '{part}' is not a section")
             node = child
-        node[parts[-1]] = value
+        _merge_into(node, parts[-1], value)
     return raw
 
 
@@ -397,7 +487,7 @@ def load(path: Path | None, overrides: list[str] | None = None, moved: bool = Fa
     if moved:
         upgrade_stored(raw)  # an existing run's config.yaml, perhaps written by an older bnctl
     raw = apply_overrides(raw, parse_overrides(overrides or []))
-    return validate(raw, str(path) if path else "", moved=moved)
+    return validate(raw, str(path) if path else "", moved=moved, origins=command_line_origins(overrides or []))
 
 
 def upgrade_stored(raw: Any) -> Any:

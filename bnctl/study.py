@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bnctl import report, rundir, stats, verdicts
+from bnctl import report, rundir, stats, studyspec, verdicts
 from bnctl.errors import ConfigError, InterruptedRun
 
 STUDY_FILE, REPORT_FILE, EVAL_FILE, SWEEPS_DIR, FIGURES_DIR = (
@@ -76,6 +76,7 @@ def create(profile: str, overrides: Sequence[str], root: Path = Path("runs/studi
         raise ConfigError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
     # Every cell of every sweep is validated before anything is created: a bad override fails in a second.
     plans = {s.key: sweep.plan_from_file(sweep_file(profile, s.key, studies), list(overrides)) for s in SECTIONS}
+    declared = {s.key: studyspec.dump(declared_estimands(sweep_file(profile, s.key, studies))) for s in SECTIONS}
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.now():%Y%m%d-%H%M%S}-claims-{profile}"
@@ -90,9 +91,24 @@ def create(profile: str, overrides: Sequence[str], root: Path = Path("runs/studi
         raise ConfigError(f"could not create a new study directory under {root}")
     sweeps = {key: str(sweep.create(plan, path / SWEEPS_DIR).relative_to(path)) for key, plan in plans.items()}
     rundir.write_json(path / STUDY_FILE, {"profile": profile, "overrides": list(overrides), "sweeps": sweeps,
+                                          "estimands": declared,
                                           "created": datetime.now().isoformat(timespec="seconds"),
                                           "wall_time_s": 0.0})
     return path
+
+
+def declared_estimands(path: Path) -> list:
+    """The estimands a section's sweep file declares under study: (validated; an empty list if it declares none)."""
+    from bnctl import config as config_mod
+
+    raw = config_mod.read_yaml(path)
+    return studyspec.parse((raw or {}).get("study"), f"sweep file {path}")
+
+
+def estimands(study_dir: Path) -> dict[str, list]:
+    """Section key -> its declared estimands, as recorded when the study was created."""
+    info = rundir.read_json(Path(study_dir) / STUDY_FILE)
+    return {key: studyspec.parse(raw, f"{study_dir / STUDY_FILE}") for key, raw in (info.get("estimands") or {}).items()}
 
 
 def read(study_dir: Path) -> dict[str, Any]:
