@@ -36,29 +36,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 # ------------------------------------------------------------------ configs and overrides
 
-def _builtin_configs() -> dict[str, Path]:
-    """Built-in config names -> their YAML files."""
-    from bnctl import config as config_mod
-
-    builtin = getattr(config_mod, "builtin_configs", None)
-    if builtin is not None:
-        return dict(builtin())
-    folder = Path(__file__).resolve().parent.parent / "configs"
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
-
-
 def _config_path(config: PathLike) -> Path:
     """A YAML path, or the file of a built-in config name (the same names `bnctl train --config` takes)."""
-    path = Path(config)
-    if path.is_file():
-        return path
-    builtin = _builtin_configs()
-    if isinstance(config, str) and config in builtin:
-        return Path(builtin[config])
-    if path.exists():
-        raise ConfigError(f"config {path} is not a file")
-    raise ConfigError(f"config not found: {config} (neither a file nor a built-in config name; "
-                      f"built-in: {', '.join(sorted(builtin)) or 'none'})")
+    from bnctl import configfiles
+
+    return configfiles.resolve(config)
 
 
 def _dotted(overrides: Overrides, keywords: Mapping[str, Any]) -> dict[str, Any]:

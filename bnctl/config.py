@@ -26,7 +26,7 @@ from bnctl.errors import ConfigError
 # optim.SCHEDULERS); tests check that both lists agree.
 DatasetName = Literal["synthetic", "cifar10", "imagefolder"]
 ModelName = Literal["seed_cnn", "vgg", "resnet20"]
-NormName = Literal["batch", "batch_manual", "ghost", "group", "layer", "instance", "none"]
+NormName = Literal["batch", "batch_manual", "ghost", "noisy_batch", "group", "layer", "instance", "none"]
 InitName = Literal["default", "kaiming", "xavier", "normal"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
 SchedulerName = Literal["none", "cosine", "step", "onecycle"]
@@ -39,7 +39,7 @@ DistBN = Literal["broadcast", "reduce", "none"]
 RESUMABLE_KEYS = frozenset({"train.epochs", "device", "train.tensorboard"})
 
 # Norms that normalize with batch statistics: they cannot train on one sample.
-BATCH_STAT_NORMS = frozenset({"batch", "batch_manual", "ghost"})
+BATCH_STAT_NORMS = frozenset({"batch", "batch_manual", "ghost", "noisy_batch"})
 
 PositiveFloat = Field(gt=0)
 
@@ -94,6 +94,10 @@ class ModelConfig(_Section):
     shortcut: ShortcutName = "zero_pad"  # resnet20: zero_pad = He et al.'s parameter-free option A; projection = 1x1 conv + norm (B)
     virtual_batch_size: int = Field(8, ge=2)  # ghost: samples per virtual batch (below train.batch_size)
     groups: int = Field(8, ge=1)  # group: channel groups per GroupNorm
+    # noisy_batch: each step, each channel's noise gets a mean ~ U(-bn_noise_mean, bn_noise_mean) and a
+    # standard deviation ~ U(0, bn_noise_std), in units of BN's output (norms.NoisyBatchNorm, docs/landscape.md)
+    bn_noise_mean: float = Field(0.5, ge=0)
+    bn_noise_std: float = Field(1.0, ge=0)
     bn_momentum: Optional[float] = Field(0.1, ge=0, le=1)  # PyTorch convention: new = (1-m)*old + m*batch; None = cumulative average
     bn_eps: float = Field(1e-5, gt=0)  # added to the variance before the square root
     bn_affine: bool = True  # learn the scale (gamma) and shift (beta)
@@ -128,6 +132,24 @@ class SchedulerConfig(_Section):
     min_lr: float = Field(0.0, ge=0)  # cosine: final learning rate
 
 
+class LandscapeConfig(_Section):
+    """Loss-landscape and internal-covariate-shift probes (landscape.py, docs/landscape.md)."""
+
+    every: int = Field(0, ge=0)  # training steps between probes (step 0 is probed); 0 = off
+    # Step sizes, as multiples of the direction: direction=update moves by c times the update the
+    # optimizer makes this step; direction=gradient by c*lr*g (lr of this step, g the batch gradient).
+    scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    direction: Literal["update", "gradient"] = "update"
+    ics: bool = True  # also Santurkar's internal covariate shift per layer (one extra pass per layer)
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(c <= 0 for c in v):
+            raise ValueError(f"train.landscape.scales must be one or more step sizes > 0, got {list(v)}")
+        return v
+
+
 class TrainConfig(_Section):
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(64, ge=1)  # the incomplete last training batch is dropped (BN needs >1 sample)
@@ -144,6 +166,7 @@ class TrainConfig(_Section):
     dist_bn: DistBN = "reduce"  # unsynchronized BN's running stats at each epoch end: average over processes
     #                             (reduce), rank 0's (broadcast), or left per process (none)
     tensorboard: bool = False  # also write TensorBoard event files into the run directory (extra: tensorboard)
+    landscape: LandscapeConfig = LandscapeConfig()  # loss-landscape and ICS probes into landscape.csv (off)
 
 
 class Config(_Section):
@@ -189,6 +212,11 @@ class Config(_Section):
                 "estimates each channel's mean and variance from the batch, and one sample has no variance "
                 "at the fully connected layer. Use batch_size >= 2 or a per-sample norm (group, layer)."
             )
+        noise = {k: getattr(self.model, k) for k in ("bn_noise_mean", "bn_noise_std")
+                 if getattr(self.model, k) != ModelConfig.model_fields[k].default}
+        if noise and self.model.norm != "noisy_batch":
+            raise ValueError(f"{', '.join('model.' + k for k in noise)} apply only to model.norm=noisy_batch "
+                             f"and would be ignored with model.norm={self.model.norm}")
         if self.model.norm == "ghost" and self.model.virtual_batch_size >= self.train.batch_size:
             raise ValueError(
                 f"model.norm=ghost with model.virtual_batch_size={self.model.virtual_batch_size} >= "

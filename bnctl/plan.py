@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from bnctl import config as config_mod
+from bnctl import config as config_mod, configfiles
 from bnctl.config import Config
 from bnctl.errors import ConfigError
 
@@ -342,8 +342,8 @@ def _check_lr_scaling(raw: Any, grid: dict[str, list[Any]], fixed: dict[str, Any
 def plan_from_file(path: Path, extra_overrides: Sequence[str] = ()) -> Plan:
     """A plan from a sweep file (name, base, fixed, grid, seeds); extra KEY=v overrides add to fixed.
 
-    ``base`` is a config path (relative to the sweep file, else to the working directory)
-    or an inline mapping. An extra KEY=a,b override sweeps that key too.
+    ``base`` is a config path (relative to the sweep file, else to the working directory), a
+    built-in config's name (quickstart, seed) or an inline mapping. An extra KEY=a,b override sweeps that key too.
     """
     path = Path(path)
     spec = config_mod.read_yaml(path)
@@ -355,11 +355,11 @@ def plan_from_file(path: Path, extra_overrides: Sequence[str] = ()) -> Plan:
                           f"a sweep file has {', '.join(sorted(SWEEP_FILE_KEYS))}")
     base, base_path = spec.get("base"), None
     if isinstance(base, str):
-        candidates = [path.parent / base, Path(base)]
-        found = next((p for p in candidates if p.is_file()), None)
-        if found is None:
-            raise ConfigError(f"sweep file {path}: base config {base} not found (looked next to the sweep file "
-                              "and in the working directory)")
+        try:
+            found = configfiles.resolve(base, relative_to=path.parent)
+        except ConfigError:
+            raise ConfigError(f"sweep file {path}: base config {base} not found (looked next to the sweep file, "
+                              "in the working directory and among the built-in configs: bnctl config list)") from None
         raw, base_path = config_mod.read_yaml(found) or {}, str(found)
     elif isinstance(base, dict) or base is None:
         raw = copy.deepcopy(base) or {}

@@ -85,6 +85,10 @@ def _save(fig, path: Path) -> Path:
     return Path(path)
 
 
+# Shared with the other figure modules (landscape_plot.py): one style, one way to save.
+pyplot, save_figure = _pyplot, _save
+
+
 def _run_info(run_dir: Path) -> dict[str, Any]:
     """run.json's contents, or {} when it is missing or unreadable (plots must still work)."""
     try:
@@ -96,7 +100,7 @@ def _run_info(run_dir: Path) -> dict[str, Any]:
 # Keys that never change what a run learns or measures: bookkeeping, speed, extra outputs.
 NON_EXPERIMENT_KEYS = {"name", "device", "data.download", "train.channels_last", "train.compile",
                        "train.diagnostics", "train.diagnostics_every", "train.tensorboard", "train.eval_train"}
-_BATCH_STAT_NORMS = ("batch", "batch_manual", "ghost")
+_BATCH_STAT_NORMS = ("batch", "batch_manual", "ghost", "noisy_batch")
 _synthetic = lambda c: c.get("data.name", "synthetic") == "synthetic"  # noqa: E731
 # Keys that matter only for some settings (the rest of the time any value gives the same run).
 APPLIES = {
@@ -107,6 +111,8 @@ APPLIES = {
     "model.fc_norm": lambda c: c.get("model.name", "seed_cnn") == "seed_cnn",
     "model.virtual_batch_size": lambda c: c.get("model.norm") == "ghost",
     "model.groups": lambda c: c.get("model.norm") == "group",
+    "model.bn_noise_mean": lambda c: c.get("model.norm") == "noisy_batch",
+    "model.bn_noise_std": lambda c: c.get("model.norm") == "noisy_batch",
     "model.bn_momentum": lambda c: c.get("model.norm", "batch") in _BATCH_STAT_NORMS,
     "model.bn_track_running_stats": lambda c: c.get("model.norm", "batch") in _BATCH_STAT_NORMS,
     "model.bn_eps": lambda c: c.get("model.norm") != "none",
@@ -169,6 +175,11 @@ def run_title(raw: dict[str, Any], fallback: str, width: int = 120) -> str:
     return "\n".join(textwrap.wrap(", ".join([head] + extra), width=width, break_long_words=False))
 
 
+def run_dir_title(run_dir: Path, width: int = 120) -> str:
+    """A figure title naming the run: its config name and the settings that differ from the defaults."""
+    return _run_title(run_dir, width)
+
+
 def _run_title(run_dir: Path, width: int = 120) -> str:
     cfg_path = run_dir / rundir.CONFIG_FILE
     if not cfg_path.is_file():
@@ -176,7 +187,7 @@ def _run_title(run_dir: Path, width: int = 120) -> str:
     return run_title(config_mod.read_yaml(cfg_path) or {}, run_dir.name, width)
 
 
-def _num_classes(run_dir: Path) -> int | None:
+def num_classes(run_dir: Path) -> int | None:
     """Classes of a run's data: run.json records them; the built-in datasets have 10."""
     n = _run_info(run_dir).get("num_classes")
     if isinstance(n, int) and n > 0:
@@ -187,7 +198,7 @@ def _num_classes(run_dir: Path) -> int | None:
     return 10 if name in ("synthetic", "cifar10") else None
 
 
-def _accuracy_axis(ax, values: list[float], chance: float | None) -> None:
+def accuracy_axis(ax, values: list[float], chance: float | None) -> None:
     """Chance as a line, and a y-range of at least 20 points around data and chance, so noise at
     chance level stays flat instead of filling the panel like a learning curve."""
     values = [v for v in values if v is not None and math.isfinite(v)]
@@ -201,6 +212,17 @@ def _accuracy_axis(ax, values: list[float], chance: float | None) -> None:
         hi = min(100.0, lo + 20)
         lo = max(0.0, hi - 20)
     ax.set_ylim(lo, hi)
+
+
+def integer_axis(ax, values: list[int]) -> None:
+    """x ticks at whole numbers (epochs, steps) only; a span under 2 gets a margin of a half, since
+    matplotlib would otherwise tick one epoch at 0.98, 1.00, 1.02."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    values = [v for v in values if v is not None]
+    if values and max(values) - min(values) < 2:
+        ax.set_xlim(min(values) - 0.5, max(values) + 0.5)
 
 
 @_styled
@@ -223,9 +245,9 @@ def curves_figure(run_dir: Path):
                      label="train (eval mode)")
         ax_acc.plot(epochs, [r["clean_train_acc"] for r in rows], marker=marker, ls="--", color=CLEAN_COLOR,
                     label="train (eval mode)")
-    classes = _num_classes(run_dir)
+    classes = num_classes(run_dir)
     chance = 100.0 / classes if classes else None
-    _accuracy_axis(ax_acc, [r[k] for r in rows for k in ("train_acc", "test_acc", "clean_train_acc")
+    accuracy_axis(ax_acc, [r[k] for r in rows for k in ("train_acc", "test_acc", "clean_train_acc")
                             if r.get(k) is not None], chance)
     if classes and classes > 1:
         ax_loss.axhline(math.log(classes), color="0.45", lw=1.0, ls=":", zorder=0,
@@ -245,7 +267,7 @@ def curves_figure(run_dir: Path):
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
         ax.legend()
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        integer_axis(ax, epochs)
     fig.suptitle(_run_title(run_dir), fontsize=10)
     fig.tight_layout()
     return fig
@@ -362,7 +384,7 @@ def diagnostics_figure(run_dir: Path):
             ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
         if stat == "dead_frac":  # a share: the full 0..1 range, so one unit dying does not fill the panel
             ax.set_ylim(-0.03, 1.03)
-        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        integer_axis(ax, [r["step"] for r in rows])
         for start in sorted(epoch_starts.values())[1:] if len(epoch_starts) <= 30 else []:
             ax.axvline(start, color="0.75", lw=0.7, ls="--", zorder=0)  # epoch boundaries
         ax.set_title(title, fontsize=9.5)
@@ -417,6 +439,11 @@ def plot_run(run_dir: Path) -> list[Path]:
         drawn = []
     if diag is not None:
         drawn.append(diag)
+    from bnctl import landscape_plot  # torch-free, like this module
+
+    landscape = landscape_plot.plot_run(run_dir)
+    if landscape is not None:
+        drawn.append(landscape)
     legacy = run_dir / "eval.json"  # written by bnctl before results were kept under eval/
     for eval_json in ([legacy] if legacy.is_file() else []) + sorted((run_dir / rundir.EVAL_DIR).glob("*.json")):
         drawn.append(plot_confusion(eval_json))
@@ -538,15 +565,15 @@ def compare_figure(runs: list[dict[str, Any]]):
         ax_loss.yaxis.set_major_locator(ticker.LogLocator(subs=subs))
         ax_loss.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax_loss.yaxis.set_minor_formatter(ticker.NullFormatter())
-    classes = {_num_classes(Path(run["dir"])) for run in runs}
+    classes = {num_classes(Path(run["dir"])) for run in runs}
     chance = 100.0 / classes.pop() if len(classes) == 1 and None not in classes else None
-    _accuracy_axis(ax_acc, [r[k] for run in runs for r in run["rows"] for k in ("train_acc", "test_acc")], chance)
+    accuracy_axis(ax_acc, [r[k] for run in runs for r in run["rows"] for k in ("train_acc", "test_acc")], chance)
     ax_loss.set(title="Loss (solid: test, dashed: train" + ("; log scale)" if log_loss else ")"),
                 xlabel="epoch", ylabel="cross-entropy")
     ax_acc.set(title="Accuracy (solid: test, dashed: train; dotted: chance)" if chance else
                "Accuracy (solid: test, dashed: train)", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        integer_axis(ax, [r["epoch"] for run in runs for r in run["rows"]])
     handles, labels = ax_loss.get_legend_handles_labels()  # the runs only (the chance line is on ax_acc)
     # One run per line reads in order; two columns only once the list gets long.
     fig.legend(handles, labels, loc="outside lower center", ncol=1 if len(labels) <= 5 else 2, fontsize=9)

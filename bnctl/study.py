@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bnctl import report, rundir, stats, studyspec, verdicts
+from bnctl import configfiles, report, rundir, stats, studyspec, verdicts
 from bnctl.errors import ConfigError, InterruptedRun
 
 STUDY_FILE, REPORT_FILE, EVAL_FILE, SWEEPS_DIR, FIGURES_DIR = (
@@ -32,7 +32,7 @@ EVAL_BATCH = 4  # the notebook's test batch size
 
 @dataclass(frozen=True)
 class Section:
-    key: str  # also the sweep file's stem in configs/studies/<profile>/
+    key: str  # also the sweep file's stem in bnctl/configs/studies/<profile>/
     title: str
     question: str
 
@@ -53,29 +53,36 @@ NOTEBOOK_SECTION = Section("notebook_eval", "5. The notebook's evaluation",
 
 
 def studies_dir() -> Path:
-    """configs/studies of this checkout (beside the package), else of the working directory."""
-    here = Path(__file__).resolve().parent.parent / "configs" / "studies"
-    return here if here.is_dir() else Path("configs/studies")
+    """The packaged profiles' sweep files (bnctl/configs/studies)."""
+    return configfiles.STUDIES_DIR
 
 
 def sweep_file(profile: str, key: str, root: Path | None = None) -> Path:
     path = (root or studies_dir()) / profile / f"{key}.yaml"
     if not path.is_file():
-        raise ConfigError(f"study sweep file {path} not found (run from the bnctl checkout, or pass --studies DIR)")
+        raise ConfigError(f"study sweep file {path} not found (a --studies DIR holds one folder per profile, "
+                          f"each with {', '.join(s.key + '.yaml' for s in SECTIONS)})")
     return path
 
 
 # ------------------------------------------------------------------ creating and resuming a study
+
+def plan(profile: str, overrides: Sequence[str], studies: Path | None = None) -> dict[str, Any]:
+    """Section key -> the validated sweep plan of each section of the profile (nothing is created)."""
+    from bnctl import sweep
+
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
+    return {s.key: sweep.plan_from_file(sweep_file(profile, s.key, studies), list(overrides)) for s in SECTIONS}
+
 
 def create(profile: str, overrides: Sequence[str], root: Path = Path("runs/studies"),
            studies: Path | None = None) -> Path:
     """Validate every sweep of the profile, then create the study directory and its sweeps (nothing runs yet)."""
     from bnctl import sweep
 
-    if profile not in PROFILES:
-        raise ConfigError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
     # Every cell of every sweep is validated before anything is created: a bad override fails in a second.
-    plans = {s.key: sweep.plan_from_file(sweep_file(profile, s.key, studies), list(overrides)) for s in SECTIONS}
+    plans = plan(profile, overrides, studies)
     declared = {s.key: studyspec.dump(declared_estimands(sweep_file(profile, s.key, studies))) for s in SECTIONS}
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ def tiny_studies(tmp_path: Path, grids=TINY_GRIDS, seeds=2) -> Path:
     folder.mkdir(parents=True)
     for key, grid in grids.items():
         fixed = dict(TINY_FIXED, **({"train.eval_train": True} if key == "regularization" else {}))
-        spec = {"name": f"tiny_{key}", "base": str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"),
+        spec = {"name": f"tiny_{key}", "base": str(Path(__file__).parents[1] / "bnctl" / "configs" / "quickstart.yaml"),
                 "fixed": fixed, "grid": grid, "seeds": seeds}
         (folder / f"{key}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return tmp_path / "studies"

@@ -136,7 +136,7 @@ def test_a_whole_section_in_fixed_merges_into_the_base_section(tmp_path, small):
 
 
 def test_shipped_example_sweep_file_is_valid():
-    plan = sweep.plan_from_file(ROOT / "configs" / "sweeps" / "lr_tolerance.yaml")
+    plan = sweep.plan_from_file(ROOT / "bnctl" / "configs" / "sweeps" / "lr_tolerance.yaml")
     assert len(plan.runs) == len(plan.cells) * len(plan.seeds) > 1
 
 
