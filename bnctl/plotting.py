@@ -5,6 +5,7 @@ Imports neither torch nor the engine, so `bnctl plot` is quick and works anywher
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -24,9 +25,26 @@ STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.t
 def new_figure(**kwargs):
     """A matplotlib Figure outside pyplot: no backend, no window, nothing shown twice in a notebook,
     freed when dropped. Build it inside ``styled()``; it draws in a notebook (inline) or saves to a file."""
+    return _figure_class()(**kwargs)
+
+
+@functools.cache
+def _figure_class():
     from matplotlib.figure import Figure
 
-    return Figure(**kwargs)
+    class NotebookFigure(Figure):
+        """A Figure that Jupyter shows as its PNG, also where pyplot (and with it the inline backend's
+        display hook) was never imported."""
+
+        def _repr_png_(self) -> bytes:
+            import io
+
+            buffer = io.BytesIO()
+            with styled():
+                self.savefig(buffer, format="png", bbox_inches="tight")
+            return buffer.getvalue()
+
+    return NotebookFigure
 
 
 def styled():

@@ -35,6 +35,8 @@ def test_the_example_notebook_runs_every_cell(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed without outputs
     monkeypatch.setenv("JUPYTER_PATH", str(_kernel_of_this_python(tmp_path / "jupyter")))
+    # One thread, as the other tests' tiny tensors use: on a shared CI machine more only adds waiting.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     work = tmp_path / "work"  # no data/cifar-10-batches-py here: the notebook takes the synthetic data
     work.mkdir()
     # A generous per-cell limit: a busy CI machine is slow, and a hung cell must still fail.
