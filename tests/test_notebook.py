@@ -51,7 +51,7 @@ def test_the_example_notebook_runs_every_cell(tmp_path, monkeypatch):
     assert "norm=batch" in _text(code[2]) and "norm=none" in _text(code[2])
     evals = _text(code[3])
     assert "eval mode" in evals and "test batches of 4" in evals and "without BN" in evals
-    report = code[4].outputs[0]["data"]
+    report = next(o["data"] for o in code[4].outputs if o["output_type"] == "execute_result")
     assert report["text/markdown"].startswith("| model.norm |") and "| batch |" in report["text/markdown"]
     sweep_runs = list((work / "runs" / "sweeps").glob("*bn_or_not/runs/*"))
     assert sorted(p.name for p in sweep_runs) == [f"norm-{n}-seed{s}" for n in ("batch", "none") for s in (0, 1, 2)]
