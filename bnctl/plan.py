@@ -192,10 +192,17 @@ class Plan:
 
     def config_for(self, spec: RunSpec) -> Config:
         """The validated config of one run (base, then its cell's overrides, its seed and name)."""
+        return self._cell_config(spec)[0]
+
+    def _cell_config(self, spec: RunSpec) -> tuple[Config, list[str]]:
+        """config_for, and the fixed keys dropped from this cell because it does not read them."""
         raw = config_mod.apply_overrides(copy.deepcopy(self.config), dict(spec.overrides))
+        # A fixed key that applies to some cells only (optimizer.momentum while optimizer.name is swept)
+        # goes back to its default in the others: they do not fail, and their config claims nothing.
+        dropped = config_mod.reset_not_applying(raw, keep=spec.overrides)
         raw["seed"], raw["name"] = spec.seed, spec.name
         try:
-            return config_mod.validate(raw, f"of cell {spec.cell}")
+            return config_mod.validate(raw, f"of cell {spec.cell}"), dropped
         except ConfigError as err:
             swept = ", ".join(f"{k}={_value_label(v)}" for k, v in spec.overrides.items())
             raise ConfigError(f"{err}\n  (cell {spec.cell}: {swept})" if swept else str(err)) from None
@@ -203,11 +210,20 @@ class Plan:
     def configs(self) -> list[tuple[RunSpec, Config]]:
         """Every run's validated config; the first bad cell raises ConfigError naming the cell and key."""
         by_cell: dict[str, Config] = {}
+        dropped_in: dict[str, set[str]] = {}
         out = []
         for spec in self.runs:
             if spec.cell not in by_cell:  # cells differ; seeds cannot make a config invalid
-                by_cell[spec.cell] = self.config_for(spec)
+                by_cell[spec.cell], dropped = self._cell_config(spec)
+                dropped_in[spec.cell] = set(dropped)
             out.append((spec, by_cell[spec.cell].model_copy(update={"seed": spec.seed, "name": spec.name})))
+        unread = set.intersection(*dropped_in.values()) if dropped_in else set()
+        if unread:  # a setting no run of the sweep reads is a mistake, as it is in a single run
+            key = sorted(unread)[0]
+            choice, applies = config_mod.KEY_APPLIES[key]
+            section, leaf = key.split(".")
+            raise ConfigError(f"{key}={_value_label(self.config[section][leaf])} applies to no cell of this sweep "
+                              f"(only to {choice}={', '.join(sorted(applies))}) and would be ignored; remove it")
         return out
 
     def validate(self) -> "Plan":
@@ -249,14 +265,22 @@ def _resolve_base(raw: dict[str, Any], fixed: dict[str, Any], grid: dict[str, li
     if "seed" in fixed:
         raise ConfigError("the sweep sets each run's seed; give seeds with --seeds (or seeds: in a sweep file)")
     merged = config_mod.apply_overrides(copy.deepcopy(raw), dict(fixed))
+    # Keys that only some cells read (optimizer.momentum with a swept optimizer.name) are checked per
+    # cell (Plan.configs); here they are set aside and put back as given.
+    readable = copy.deepcopy(merged)
+    aside = config_mod.reset_not_applying(readable)
     try:
-        resolved = config_mod.validate(merged, source, origins=origins)
+        resolved = config_mod.validate(readable, source, origins=origins)
     except ConfigError:
         # Some settings are only valid with the swept values (ghost norm and a swept batch size):
         # resolve with the first cell's values; every cell overrides them again.
-        first = {k: v[0] for k, v in grid.items()}
-        resolved = config_mod.validate(config_mod.apply_overrides(merged, first), source, origins=origins)
+        first = config_mod.apply_overrides(copy.deepcopy(merged), {k: v[0] for k, v in grid.items()})
+        aside = config_mod.reset_not_applying(first)
+        resolved = config_mod.validate(first, source, origins=origins)
     out = config_mod.to_dict(resolved)
+    for key in aside:
+        section, leaf = key.split(".")
+        out[section][leaf] = merged[section][leaf]
     out.pop("seed", None)
     return out
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from bnctl import config as config_mod, rundir
 from bnctl.errors import BnctlError
+from bnctl.normspec import BATCH_STAT_NORMS
 
 TRAIN_COLOR, TEST_COLOR, CLEAN_COLOR = "#1f77b4", "#d62728", "#2ca02c"
 
@@ -118,40 +119,21 @@ def _run_info(run_dir: Path) -> dict[str, Any]:
 # Keys that never change what a run learns or measures: bookkeeping, speed, extra outputs.
 NON_EXPERIMENT_KEYS = {"name", "device", "data.download", "train.channels_last", "train.compile",
                        "train.diagnostics", "train.diagnostics_every", "train.tensorboard", "train.eval_train"}
-_BATCH_STAT_NORMS = ("batch", "batch_manual", "ghost", "noisy_batch")
 _synthetic = lambda c: c.get("data.name", "synthetic") == "synthetic"  # noqa: E731
 # Keys that matter only for some settings (the rest of the time any value gives the same run).
 APPLIES = {
     "data.root": lambda c: not _synthetic(c),
     "data.train_size": _synthetic, "data.test_size": _synthetic, "data.synthetic_seed": _synthetic,
     "data.image_size": lambda c: c.get("data.name") == "imagefolder",
-    "model.depth": lambda c: c.get("model.name") in ("vgg", "resnet20"),
-    "model.fc_norm": lambda c: c.get("model.name", "seed_cnn") == "seed_cnn",
-    "model.virtual_batch_size": lambda c: c.get("model.norm") == "ghost",
-    "model.groups": lambda c: c.get("model.norm") == "group",
-    "model.bn_noise_mean": lambda c: c.get("model.norm") == "noisy_batch",
-    "model.bn_noise_std": lambda c: c.get("model.norm") == "noisy_batch",
-    "model.bn_momentum": lambda c: c.get("model.norm", "batch") in _BATCH_STAT_NORMS,
-    "model.bn_track_running_stats": lambda c: c.get("model.norm", "batch") in _BATCH_STAT_NORMS,
-    "model.bn_eps": lambda c: c.get("model.norm") != "none",
-    "model.bn_affine": lambda c: c.get("model.norm") != "none",
-    "model.init_std": lambda c: c.get("model.init") == "normal",
-    "optimizer.momentum": lambda c: c.get("optimizer.name") == "sgd",
-    "optimizer.nesterov": lambda c: c.get("optimizer.name") == "sgd",
-    "optimizer.betas": lambda c: c.get("optimizer.name", "adam") in ("adam", "adamw"),
-    "scheduler.step_size": lambda c: c.get("scheduler.name") == "step",
-    "scheduler.gamma": lambda c: c.get("scheduler.name") == "step",
-    "scheduler.warmup_pct": lambda c: c.get("scheduler.name") == "onecycle",
-    "scheduler.min_lr": lambda c: c.get("scheduler.name") == "cosine",
     # Evaluation batches matter only where eval mode still normalizes with batch statistics.
-    "train.eval_batch_size": lambda c: (c.get("model.norm", "batch") in _BATCH_STAT_NORMS
+    "train.eval_batch_size": lambda c: (c.get("model.norm", "batch") in BATCH_STAT_NORMS
                                         and c.get("model.bn_track_running_stats") is False),
 }
 
 
-# The model-specific keys config validation knows (model.depth, model.shortcut...), from the one list there.
-APPLIES.update({f"{section}.{key}": (lambda c, models=models: c.get("model.name", "seed_cnn") in models)
-                for (section, key), models in getattr(config_mod, "MODEL_SPECIFIC_KEYS", {}).items()})
+# The keys only some models, norms, inits, optimizers or schedules read, from config's one table.
+APPLIES.update({key: (lambda c, choice=choice, applies=applies: c.get(choice, config_mod.default_of(choice)) in applies)
+                for key, (choice, applies) in config_mod.KEY_APPLIES.items()})
 
 
 def experiment_key(key: str, flat: dict[str, Any]) -> bool:
@@ -541,9 +523,13 @@ def compare_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "status": rundir.effective_status(run["dir"], run["summary"]) if run["summary"] else "unknown",
             "epochs": len(rows), "epochs_planned": run["config"].get("train.epochs"),
             "final_train_acc": last.get("train_acc"), "final_test_acc": last.get("test_acc"),
+            # train.eval_train's eval-mode train accuracy: the fair side of the train-test gap
+            "final_clean_train_acc": last.get("clean_train_acc"),
+            "final_gap": (None if last.get("clean_train_acc") is None or last.get("test_acc") is None
+                          else last["clean_train_acc"] - last["test_acc"]),
             "final_train_loss": last.get("train_loss"), "final_test_loss": last.get("test_loss"),
             "best_test_acc": best.get("test_acc"), "best_epoch": best.get("epoch"),
-            "wall_time_s": run["summary"].get("wall_time_s", sum(r.get("epoch_time_s") or 0 for r in rows)),
+            "wall_time_s": run["summary"].get("wall_time_s"),  # the run's time has one definition: summary.json's
         })
     return table
 
@@ -570,6 +556,9 @@ def compare_figure(runs: list[dict[str, Any]]):
             ax.plot(epochs, [r[f"test_{metric}"] for r in rows], color=color, lw=1.8, marker=marker, ms=3.5,
                     label=label)
             ax.plot(epochs, [r[f"train_{metric}"] for r in rows], color=color, lw=1.2, ls="--", alpha=0.7)
+            if any(r.get(f"clean_train_{metric}") is not None for r in rows):  # train.eval_train
+                ax.plot(epochs, [r.get(f"clean_train_{metric}") for r in rows], color=color, lw=1.2, ls="-.",
+                        alpha=0.85)
     losses = [r[k] for run in runs for r in run["rows"] for k in ("train_loss", "test_loss")
               if r.get(k) is not None and math.isfinite(r[k])]
     # One run far above the others (a diverging one) would squash every other curve on a linear axis.
@@ -585,11 +574,13 @@ def compare_figure(runs: list[dict[str, Any]]):
         ax_loss.yaxis.set_minor_formatter(ticker.NullFormatter())
     classes = {num_classes(Path(run["dir"])) for run in runs}
     chance = 100.0 / classes.pop() if len(classes) == 1 and None not in classes else None
-    accuracy_axis(ax_acc, [r[k] for run in runs for r in run["rows"] for k in ("train_acc", "test_acc")], chance)
-    ax_loss.set(title="Loss (solid: test, dashed: train" + ("; log scale)" if log_loss else ")"),
-                xlabel="epoch", ylabel="cross-entropy")
-    ax_acc.set(title="Accuracy (solid: test, dashed: train; dotted: chance)" if chance else
-               "Accuracy (solid: test, dashed: train)", xlabel="epoch", ylabel="accuracy (%)")
+    accuracy_axis(ax_acc, [r[k] for run in runs for r in run["rows"] for k in ("train_acc", "test_acc", "clean_train_acc")
+                           if r.get(k) is not None], chance)
+    clean = any(r.get("clean_train_acc") is not None for run in runs for r in run["rows"])
+    lines = "solid: test, dashed: train" + (", dash-dot: train in eval mode" if clean else "")
+    ax_loss.set(title=f"Loss ({lines}" + ("; log scale)" if log_loss else ")"), xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title=f"Accuracy ({lines}" + ("; dotted: chance)" if chance else ")"), xlabel="epoch",
+               ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
         integer_axis(ax, [r["epoch"] for run in runs for r in run["rows"]])
     handles, labels = ax_loss.get_legend_handles_labels()  # the runs only (the chance line is on ax_acc)

@@ -20,10 +20,10 @@ from torch import nn
 from bnctl import config as config_mod, distributed, rundir
 from bnctl.config import ModelConfig
 from bnctl.data import Batches
-from bnctl.distributed import Dist, SyncBatchNorm
+from bnctl.distributed import Dist
 from bnctl.errors import ConfigError
 from bnctl.experiment import setup
-from bnctl.norms import GhostBatchNorm, ManualBatchNorm
+from bnctl.norms import GhostBatchNorm, ManualBatchNorm, SyncBatchNorm
 from conftest import tiny_raw, write_config
 
 REPO = Path(__file__).resolve().parent.parent

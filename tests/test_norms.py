@@ -474,6 +474,6 @@ def test_noisy_batch_norm_is_reproducible_and_its_settings_belong_to_it():
     a = layer(x)
     torch.manual_seed(3)
     torch.testing.assert_close(layer(x), a, rtol=0, atol=0)
-    with pytest.raises(ConfigError, match="apply only to model.norm=noisy_batch"):
+    with pytest.raises(ConfigError, match="does not apply to model.norm=batch .only to noisy_batch"):
         C.validate({"model": {"norm": "batch", "bn_noise_std": 2.0}})
     assert C.validate({"model": {"norm": "noisy_batch", "bn_noise_std": 2.0}}).model.bn_noise_std == 2.0
