@@ -424,7 +424,7 @@ def evaluate(target: Run | PathLike, *, bn_mode: str = "running", batch_size: in
     path = None
     if save:
         out_dir = rundir.run_dir_of(checkpoint) / rundir.EVAL_DIR
-        path = out_dir / (rundir.eval_output_name(result, recalibrate, recalibrate_batch_size) + ".json")
+        path = out_dir / (rundir.eval_output_name(result, recalibrate_batch_size) + ".json")
         out_dir.mkdir(exist_ok=True)
         rundir.write_json(path, result)
         plotting.plot_confusion(path)

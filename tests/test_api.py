@@ -301,11 +301,20 @@ def test_sweep_errors_come_before_anything_is_created(tmp_path):
 # ------------------------------------------------------------------ studies
 
 def test_study_claims_runs_a_tiny_study_and_rewrites_its_report(tmp_path):
-    from bnctl import study
-    from tests.test_study import tiny_studies
+    import yaml
 
+    from bnctl import study
+    from tests.test_study import TINY_FIXED, TINY_GRIDS
+
+    folder = tmp_path / "studies" / "quick"  # the quick profile's four sweeps, tiny, one seed each
+    folder.mkdir(parents=True)
+    fixed = {k: v for k, v in TINY_FIXED.items() if k != "model.groups"}  # no group-norm cell here
+    for key, grid in TINY_GRIDS.items():
+        spec = {"name": f"tiny_{key}", "base": "quickstart", "grid": grid, "seeds": 1,
+                "fixed": dict(fixed, **({"train.eval_train": True} if key == "regularization" else {}))}
+        (folder / f"{key}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     events: list[dict] = []
-    result = bnctl.study_claims(root=tmp_path / "out", studies=tiny_studies(tmp_path, seeds=1), progress=events.append)
+    result = bnctl.study_claims(root=tmp_path / "out", studies=tmp_path / "studies", progress=events.append)
     assert set(result.verdicts) == {s.key for s in study.SECTIONS} | {"notebook_eval"}
     assert result.report.is_file() and not result.failed
     assert len(events) == 6  # one row per finished run, over the four sweeps
