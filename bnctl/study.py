@@ -312,6 +312,8 @@ def _lr_text(data: report.SweepData) -> str:
 def budget(data: report.SweepData, facts: RunFacts) -> str:
     """One sentence: images, epochs, batch sizes and steps, optimizer and lr as configured, seeds."""
     cfg = data.plan.get("config") or {}
+    if not cfg:
+        return "not recorded (the sweep holds no resolved config)."
     train, dat = cfg.get("train", {}), cfg.get("data", {})
     images = facts.train_images or dat.get("train_limit") or (dat.get("train_size") if dat.get("name") == "synthetic"
                                                               else None)
