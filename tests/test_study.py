@@ -123,7 +123,7 @@ def test_an_unfinished_study_is_incomplete_where_runs_are_missing(tmp_path):
     assert "| 4. Small batches | incomplete | 15 of 18 runs finished; rerun with --resume to finish |" in text
     assert "2 of 3 BN checkpoints at batch 4 evaluated" in text
     # Holm counts the three tested sections only.
-    assert "Holm-adjusted across the 3 tested sections" in text
+    assert "Holm-adjusted across the sections tested (3 here)" in text
 
 
 def test_section_figures_draw_the_chance_level(tmp_path, monkeypatch):
