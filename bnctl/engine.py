@@ -157,7 +157,8 @@ def evaluate(model: nn.Module, batches: Batches, precision: Precision,
 @dataclass
 class RunResult:
     run_dir: Path
-    summary: dict[str, Any]
+    summary: dict[str, Any]  # its wall_time_s is the run's time, over every session (see _Summary)
+    session_wall_time_s: float = 0.0  # this call of fit's share of it
 
 
 def _state(exp: Experiment, epoch: int, history: list[dict], best: dict) -> dict[str, Any]:
@@ -180,6 +181,7 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
     cfg.data (a sweep worker loads each dataset once and reuses it across runs). Under data
     parallelism (``dist``) every rank calls fit; rank 0 alone writes, reports and owns the run directory.
     """
+    started = time.time()  # the session's start: loading data and building the model count as the run's time
     if not dist.is_main:
         reporter, on_run_dir, probe_factory = SilentReporter(), lambda p: None, None
 
@@ -211,7 +213,7 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
         claimed, resuming = dist.agree(claim, share=True)  # rank 0 creates the folder; the others learn its path
         path = Path(claimed)
         try:
-            return _fit_in(exp, path, resuming, reporter, on_run_dir, probe_factory)
+            return _fit_in(exp, path, resuming, reporter, on_run_dir, probe_factory, started)
         except InterruptedRun as stop:
             if not dist.is_main or resuming or (path / rundir.CHECKPOINT_DIR / "last.pt").exists():
                 raise
@@ -227,7 +229,7 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
 
 
 def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
-            on_run_dir: Callable[[Path], None], probe_factory) -> RunResult:
+            on_run_dir: Callable[[Path], None], probe_factory, started: float | None = None) -> RunResult:
     """fit's body, once the run directory is chosen and locked."""
     cfg, dist = exp.cfg, exp.dist
     main = dist.is_main  # only rank 0 writes; every rank computes the same rows
@@ -269,7 +271,7 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
     metrics = rundir.MetricsWriter(run_dir / rundir.METRICS_FILE, columns, history) if main else None
     if probe is not None:
         probe.open()
-    summary = _Summary(run_dir, cfg, exp, history, best, write=main)
+    summary = _Summary(run_dir, cfg, exp, history, best, write=main, started=started)
     steps = len(exp.train_batches)
     on_disk = {"best": best["epoch"], "rows": len(history)}  # the epoch best.pt holds, the rows metrics.csv has
 
@@ -342,7 +344,8 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
             probe.close()
         if tb is not None:
             tb.close()
-    return RunResult(run_dir, summary.update(best, status="completed"))
+    final = summary.update(best, status="completed")
+    return RunResult(run_dir, final, final["wall_time_s"] - summary.prior_wall)
 
 
 def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
@@ -408,13 +411,18 @@ def _resume_state(run_dir: Path, exp: Experiment) -> dict[str, Any]:
 
 
 class _Summary:
-    """summary.json, rewritten atomically after every epoch and at the end."""
+    """summary.json, rewritten atomically after every epoch and at the end.
+
+    Its wall_time_s is the one definition of a run's time that every command shows: wall-clock seconds
+    from the start of each session (fit called: data loading and model building included) to the
+    session's last summary write, summed over the sessions of the run (a resume adds its own).
+    """
 
     def __init__(self, run_dir: Path, cfg: Config, exp: Experiment, history: list[dict], best: dict,
-                 write: bool = True):
+                 write: bool = True, started: float | None = None):
         self.path, self.cfg, self.exp, self.history = run_dir / rundir.SUMMARY_FILE, cfg, exp, history
         self.write = write  # False on data-parallel ranks other than 0
-        self.started = time.time()
+        self.started = time.time() if started is None else started
         try:
             previous = rundir.read_json(self.path) if self.path.exists() else {}
         except (OSError, ValueError):  # damaged by a crash: only the accumulated wall time is lost

@@ -441,9 +441,13 @@ def compare_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "status": rundir.effective_status(run["dir"], run["summary"]) if run["summary"] else "unknown",
             "epochs": len(rows), "epochs_planned": run["config"].get("train.epochs"),
             "final_train_acc": last.get("train_acc"), "final_test_acc": last.get("test_acc"),
+            # train.eval_train's eval-mode train accuracy: the fair side of the train-test gap
+            "final_clean_train_acc": last.get("clean_train_acc"),
+            "final_gap": (None if last.get("clean_train_acc") is None or last.get("test_acc") is None
+                          else last["clean_train_acc"] - last["test_acc"]),
             "final_train_loss": last.get("train_loss"), "final_test_loss": last.get("test_loss"),
             "best_test_acc": best.get("test_acc"), "best_epoch": best.get("epoch"),
-            "wall_time_s": run["summary"].get("wall_time_s", sum(r.get("epoch_time_s") or 0 for r in rows)),
+            "wall_time_s": run["summary"].get("wall_time_s"),  # the run's time has one definition: summary.json's
         })
     return table
 
@@ -462,6 +466,9 @@ def plot_compare(runs: list[dict[str, Any]], out: Path) -> Path:
             ax.plot(epochs, [r[f"test_{metric}"] for r in rows], color=color, lw=1.8, marker=marker, ms=3.5,
                     label=label)
             ax.plot(epochs, [r[f"train_{metric}"] for r in rows], color=color, lw=1.2, ls="--", alpha=0.7)
+            if any(r.get(f"clean_train_{metric}") is not None for r in rows):  # train.eval_train
+                ax.plot(epochs, [r.get(f"clean_train_{metric}") for r in rows], color=color, lw=1.2, ls="-.",
+                        alpha=0.85)
     losses = [r[k] for run in runs for r in run["rows"] for k in ("train_loss", "test_loss")
               if r.get(k) is not None and math.isfinite(r[k])]
     # One run far above the others (a diverging one) would squash every other curve on a linear axis.
@@ -477,11 +484,13 @@ def plot_compare(runs: list[dict[str, Any]], out: Path) -> Path:
         ax_loss.yaxis.set_minor_formatter(ticker.NullFormatter())
     classes = {num_classes(Path(run["dir"])) for run in runs}
     chance = 100.0 / classes.pop() if len(classes) == 1 and None not in classes else None
-    accuracy_axis(ax_acc, [r[k] for run in runs for r in run["rows"] for k in ("train_acc", "test_acc")], chance)
-    ax_loss.set(title="Loss (solid: test, dashed: train" + ("; log scale)" if log_loss else ")"),
-                xlabel="epoch", ylabel="cross-entropy")
-    ax_acc.set(title="Accuracy (solid: test, dashed: train; dotted: chance)" if chance else
-               "Accuracy (solid: test, dashed: train)", xlabel="epoch", ylabel="accuracy (%)")
+    accuracy_axis(ax_acc, [r[k] for run in runs for r in run["rows"] for k in ("train_acc", "test_acc", "clean_train_acc")
+                           if r.get(k) is not None], chance)
+    clean = any(r.get("clean_train_acc") is not None for run in runs for r in run["rows"])
+    lines = "solid: test, dashed: train" + (", dash-dot: train in eval mode" if clean else "")
+    ax_loss.set(title=f"Loss ({lines}" + ("; log scale)" if log_loss else ")"), xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title=f"Accuracy ({lines}" + ("; dotted: chance)" if chance else ")"), xlabel="epoch",
+               ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
         integer_axis(ax, [r["epoch"] for run in runs for r in run["rows"]])
     handles, labels = ax_loss.get_legend_handles_labels()  # the runs only (the chance line is on ax_acc)

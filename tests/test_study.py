@@ -93,6 +93,7 @@ def _constructed_study(tmp_path: Path, unfinished: tuple[str, ...] = ()) -> Path
     return d
 
 
+@pytest.mark.slow
 def test_report_gives_five_sections_with_figure_table_and_verdict(tmp_path):
     d = _constructed_study(tmp_path)
     result = study.write_report(d)
@@ -126,6 +127,7 @@ def test_an_unfinished_study_is_incomplete_where_runs_are_missing(tmp_path):
     assert "Holm-adjusted across the sections tested (3 here)" in text
 
 
+@pytest.mark.slow
 def test_section_figures_draw_the_chance_level(tmp_path, monkeypatch):
     from bnctl import plotting
 
@@ -139,6 +141,7 @@ def test_section_figures_draw_the_chance_level(tmp_path, monkeypatch):
     assert [("chance (10%)" in labels) for labels in figs["regularization.png"]] == [False, True]  # gap, accuracy
 
 
+@pytest.mark.slow
 def test_study_runs_evaluates_and_resumes_without_rerunning(tmp_path, cli):
     studies = tiny_studies(tmp_path)
     first = cli("study", "claims", "--jobs", "1", "--root", tmp_path / "out", "--studies", studies)
