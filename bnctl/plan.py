@@ -173,6 +173,8 @@ class Plan:
     # {"rule": "linear"|"sqrt", "reference_batch": B0}: each cell's optimizer.lr is the base lr times
     # (batch/B0) or its square root, so that batch sizes compare at equal noise scale, not equal lr.
     lr_scaling: dict[str, Any] | None = None
+    # The sweep file's slurm: section, kept so that `sweep --resume DIR --launcher slurm` submits as the first did.
+    slurm: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.runs:
@@ -243,6 +245,7 @@ class Plan:
         return {"format": FORMAT, "name": self.name, "created": self.created, "base_config": self.base_config,
                 "config": self.config, "fixed": self.fixed, "grid": self.grid, "seeds": self.seeds,
                 **({"lr_scaling": self.lr_scaling} if self.lr_scaling else {}),
+                **({"slurm": self.slurm} if self.slurm else {}),
                 "runs": [r.to_dict() for r in self.runs]}
 
     @classmethod
@@ -251,7 +254,7 @@ class Plan:
         return cls(name=d["name"], config=d["config"], fixed=dict(d.get("fixed") or {}),
                    grid={k: list(v) for k, v in (d.get("grid") or {}).items()}, seeds=list(d["seeds"]),
                    base_config=d.get("base_config"), runs=runs, created=d.get("created", ""),
-                   lr_scaling=d.get("lr_scaling"))
+                   lr_scaling=d.get("lr_scaling"), slurm=dict(d.get("slurm") or {}))
 
 
 def _resolve_base(raw: dict[str, Any], fixed: dict[str, Any], grid: dict[str, list[Any]],
@@ -415,6 +418,10 @@ def plan_from_file(path: Path, extra_overrides: Sequence[str] = ()) -> Plan:
     config = _resolve_base(raw, fixed, grid, str(base_path or path), origins)
     plan = Plan(name=_sweep_name(spec.get("name"), config), config=config, fixed=fixed, grid=grid,
                 seeds=parse_seeds(spec.get("seeds", 1)), base_config=base_path, lr_scaling=lr_scaling)
+    slurm = spec.get("slurm") or {}
+    if not isinstance(slurm, dict):
+        raise ConfigError(f"sweep file {path}: slurm must be a mapping of settings (partition: ..., time_min: ...)")
+    plan.slurm = dict(slurm)
     return plan.validate()
 
 

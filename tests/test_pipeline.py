@@ -146,6 +146,7 @@ def test_bf16_trains_on_cpu_with_float32_bn_statistics():
     assert 0 <= engine.evaluate(exp.forward, exp.test_batches, exp.precision)["acc"] <= 100
 
 
+@pytest.mark.slow
 def test_channels_last_trains_like_the_default_layout():
     plain, nhwc = _experiment(channels_last=False), _experiment(channels_last=True)
     conv = next(m for m in nhwc.model.modules() if isinstance(m, nn.Conv2d))
@@ -235,6 +236,7 @@ def _fit_rows(tmp_path: Path, name: str, **sections) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in rows]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics_and_eval_train_only_adds_columns(tmp_path):
     first = _fit_rows(tmp_path, "a")
     assert len(first) == 2
@@ -264,6 +266,7 @@ def test_help_does_not_import_torch():
     assert "torch" not in modules
 
 
+@pytest.mark.slow
 def test_plot_does_not_import_torch(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -221,6 +221,7 @@ def _image_folders(root: Path, per_class: int = 6, classes=("ant", "bee", "cat")
     return root
 
 
+@pytest.mark.slow
 def test_eval_resolves_a_relative_data_root_from_the_runs_folder(tmp_path, cli, monkeypatch):
     project = tmp_path / "project"
     _image_folders(project / "data")
@@ -434,6 +435,7 @@ def test_tensorboard_events_read_back_with_tensorboards_own_reader(trained):
     assert "bn_diagnostics/output_std/conv2" in tags["scalars"] and "bn/gamma_mean/conv3" in tags["scalars"]
 
 
+@pytest.mark.slow
 def test_tensorboard_missing_is_a_clear_config_error(tmp_path, cli, monkeypatch):
     import importlib.util
 
@@ -450,6 +452,7 @@ def test_tensorboard_missing_is_a_clear_config_error(tmp_path, cli, monkeypatch)
 
 # ---------------------------------------------------------------- CLI conventions
 
+@pytest.mark.slow
 def test_version_and_debug_after_the_subcommand(cli, tmp_path):
     from importlib import metadata
 
@@ -495,6 +498,7 @@ def test_resumed_run_says_its_time_is_this_invocations(run_copy, cli):
     assert "clean train acc" not in out.stdout  # train.eval_train is off
 
 
+@pytest.mark.slow
 def test_a_runs_time_is_one_number_everywhere(tmp_path, cli, monkeypatch):
     from bnctl import engine
 
@@ -525,6 +529,7 @@ def test_a_runs_time_is_one_number_everywhere(tmp_path, cli, monkeypatch):
     assert json.loads(cli("compare", run_dir, "--json", "--out", tmp_path / "c.png").stdout)[0]["wall_time_s"] is None
 
 
+@pytest.mark.slow
 def test_epoch_table_shows_clean_train_accuracy_when_eval_train_is_on(tmp_path, cli):
     cfg = write_config(tmp_path / "c.yaml", tiny_raw(data={"train_size": 128, "test_size": 64},
                                                       train={"epochs": 1, "eval_train": True}))
