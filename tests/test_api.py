@@ -135,6 +135,7 @@ def test_config_names_paths_and_their_errors(tmp_path):
         bnctl.train(tiny_raw(), progress="yes")
 
 
+@pytest.mark.slow  # trains runs
 def test_progress_true_prints_a_line_per_epoch_and_false_nothing(tmp_path, capsys):
     bnctl.train(tiny_raw(), {"train.epochs": 1, "data.train_size": 64, "data.test_size": 32},
                 runs_root=tmp_path, progress=False)
@@ -166,6 +167,7 @@ def test_run_figures_are_objects_outside_pyplot_and_leave_the_style_alone(traine
     assert not curves.axes[0].get_legend().get_frame_on()
 
 
+@pytest.mark.slow  # trains runs
 def test_a_run_without_diagnostics_or_evaluations_says_what_to_do(tmp_path):
     run = bnctl.train(tiny_raw(), {"train.epochs": 1, "data.train_size": 64, "data.test_size": 32},
                       runs_root=tmp_path, progress=False)
@@ -251,6 +253,7 @@ def test_run_sweep_plans_as_the_command_line_does(tmp_path):
     assert strip(ours.to_dict()) == strip(cli.to_dict())
 
 
+@pytest.mark.slow  # trains runs
 def test_run_sweep_then_its_report(tmp_path):
     seen: list[dict] = []
     result = bnctl.run_sweep(tiny_raw(), {"model.norm": ["batch", "none"]}, seeds=1, root=tmp_path,
@@ -270,6 +273,7 @@ def test_run_sweep_then_its_report(tmp_path):
     assert len(rep.summary) == 2 and bnctl.load_sweep(result.dir).dir == result.dir
 
 
+@pytest.mark.slow  # trains runs
 def test_run_sweep_of_a_sweep_file(tmp_path):
     import yaml
 
@@ -300,6 +304,7 @@ def test_sweep_errors_come_before_anything_is_created(tmp_path):
 
 # ------------------------------------------------------------------ studies
 
+@pytest.mark.slow  # trains runs
 def test_study_claims_runs_a_tiny_study_and_rewrites_its_report(tmp_path):
     import yaml
 

@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+pytestmark = pytest.mark.slow  # a kernel that trains eight runs
 
 NOTEBOOK = Path(__file__).parents[1] / "examples" / "bn_tutorial.ipynb"
 KERNEL = "bnctl-test-python"  # a name no installed kernel has: the test's own, below
