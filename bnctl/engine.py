@@ -24,7 +24,7 @@ from bnctl.config import Config
 from bnctl.data import Batches, ImageData
 from bnctl.distributed import SINGLE, Dist
 from bnctl.errors import CheckpointError, ConfigError, DataError, DivergedError, InterruptedRun
-from bnctl.experiment import Experiment, Precision, _check_fits, _sum_dtype, cpu_threads_for, setup, training_threads
+from bnctl.experiment import Experiment, Precision, _check_fits, _sum_dtype, cpu_threads_for, setup
 from bnctl.models import count_parameters
 from bnctl.norms import set_bn_batch_mode
 
@@ -54,7 +54,7 @@ class SilentReporter:
 def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, scheduler,
                     precision: Precision, epoch: int, reporter: Reporter = SilentReporter(),
                     probe=None, first_step: int = 0, dist: Dist = SINGLE, step_log=None,
-                    lagged: bool | None = None) -> dict[str, float]:
+                    lagged: bool | None = None, threads: int | None = None) -> dict[str, float]:
     """One pass over the training batches; returns running train loss and accuracy.
 
     ``lagged`` (default: on CUDA without DDP) reads the running loss back only at progress
@@ -79,7 +79,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     reader = LaggedRead() if lagged else None
     if lagged:  # the host may run up to read_every steps ahead of the device, never more
         report_every = max(report_every, LAGGED_READ_EVERY)
-    with cpu_threads_for(batches):
+    with cpu_threads_for(batches, threads):
         for i, (x, y) in enumerate(batches):
             if probe is not None:
                 probe.start_step(first_step + i, epoch)
@@ -305,20 +305,22 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
     columns = METRIC_COLUMNS + (CLEAN_TRAIN_COLUMNS if cfg.train.eval_train else [])
     parallel = {"world_size": dist.world_size, "backend": dist.backend,
                 "sync_bn": distributed.count_sync_layers(exp.model) > 0}
+    if resuming and exp.device.type == "cpu":
+        _keep_threads(exp, run_dir)
     if resuming and main:
         rundir.remove_temp_files(run_dir)  # left by a run killed mid-write
         # A kill between last.pt and best.pt leaves best.pt an epoch behind (or missing).
         checkpoint.repair_best(run_dir / rundir.CHECKPOINT_DIR, start - 1, best["epoch"])
         rundir.atomic_write_text(run_dir / rundir.CONFIG_FILE, config_mod.to_yaml(cfg))
         rundir.record_resume(run_dir, {"from_epoch": start - 1, "epochs": cfg.train.epochs, "device": str(exp.device),
-                                       "threads": training_threads(exp.device, cfg.train.batch_size),
+                                       "threads": exp.threads, "threads_reason": exp.threads_reason,
                                        "precision": cfg.train.precision, "notes": exp.notes, **parallel,
                                        **exp.backend,
                                        **elastic.run_info()})
     elif main:
         rundir.record_provenance(run_dir, config_mod.to_yaml(cfg), {
             "device": str(exp.device), "seed": cfg.seed,
-            "threads": training_threads(exp.device, cfg.train.batch_size),
+            "threads": exp.threads, "threads_reason": exp.threads_reason,
             "num_classes": exp.num_classes, "classes": list(exp.data.classes),
             "train_images": len(exp.data.train_y), "steps_per_epoch": len(exp.train_batches),
             "test_images": len(exp.data.test_y), "eval_order_seed": exp.eval_order_seed, **parallel,
@@ -415,7 +417,7 @@ def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
     t0 = time.perf_counter()
     train = train_one_epoch(exp.forward, exp.train_batches, exp.optimizer, exp.scheduler, exp.precision,
                             epoch, reporter, probe, first_step=(epoch - 1) * steps, dist=exp.dist,
-                            step_log=step_log)
+                            step_log=step_log, threads=exp.threads)
     # Unsynchronized BN leaves each rank its own running statistics: make them one model's (train.dist_bn).
     distributed.reconcile_running_stats(exp.model, exp.dist, exp.cfg.train.dist_bn)
     t1 = time.perf_counter()
@@ -431,6 +433,17 @@ def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
     t2 = time.perf_counter()
     return row | {"epoch_time_s": t2 - t0, "train_time_s": t1 - t0, "eval_time_s": t2 - t1,
                   "images_per_s": train["images"] / (t1 - t0)}
+
+
+def _keep_threads(exp: Experiment, run_dir: Path) -> None:
+    """A resumed CPU run trains with the thread count it started with: the count changes the order of float
+    sums, so a different one would make the continuation differ from an uninterrupted run."""
+    try:
+        recorded = rundir.read_json(run_dir / rundir.RUN_INFO_FILE).get("threads")
+    except (OSError, ValueError):
+        return
+    if isinstance(recorded, int) and 1 <= recorded <= torch.get_num_threads() and recorded != exp.threads:
+        exp.threads, exp.threads_reason = recorded, f"kept from the run's start ({recorded})"
 
 
 def _restore(exp: Experiment, run_dir: Path) -> tuple[list[dict], dict[str, Any], int]:

@@ -67,22 +67,43 @@ class Precision:
 
 
 # Below this many images per step, splitting each tiny convolution across CPU threads gains
-# nothing (2 cores: equal at batch 8), and when another process holds a core every op waits
-# for the descheduled thread: 10-100x slower at batch 4. bench/RESULTS.md has the figures.
+# little when the cores are idle (~22% on 2 cores at batch 4), and when another process holds a core
+# every op waits for the descheduled thread: 10-100x slower at batch 4. So small batches take as
+# many threads as the machine has free cores, one when it is busy. bench/RESULTS.md has the figures.
 SMALL_CPU_BATCH = 16
+FREE_CORE = 0.75  # a core counts as free when the 1-minute load average leaves at least this much of it
+
+
+def choose_threads(device: torch.device, batch_size: int) -> tuple[int, str]:
+    """The intra-op thread count for training, and why (run.json records both).
+
+    Large batches and other devices keep torch's count; OMP_NUM_THREADS is the user's choice.
+    Batches below SMALL_CPU_BATCH get one thread per free core (cores minus the 1-minute load
+    average), at least one. The thread count changes the order of float sums, so two runs of one
+    seed can differ in their last bits when they chose differently; a resumed run keeps its count.
+    """
+    available = torch.get_num_threads()
+    if device.type != "cpu" or batch_size >= SMALL_CPU_BATCH:
+        return available, "torch's default"
+    if "OMP_NUM_THREADS" in os.environ:
+        return available, "OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float(cores)  # unknown: assume busy
+    free = int(cores - load + (1 - FREE_CORE))
+    threads = max(1, min(available, free))
+    return threads, f"batch {batch_size} < {SMALL_CPU_BATCH}: {max(0, free)} of {cores} cores free (1-min load {load:.2f})"
 
 
 def training_threads(device: torch.device, batch_size: int) -> int:
-    """The intra-op thread count train_one_epoch uses: one for small CPU batches unless OMP_NUM_THREADS is set."""
-    if device.type == "cpu" and batch_size < SMALL_CPU_BATCH and "OMP_NUM_THREADS" not in os.environ:
-        return 1
-    return torch.get_num_threads()
+    """The thread count choose_threads picks now."""
+    return choose_threads(device, batch_size)[0]
 
 
 @contextlib.contextmanager
-def cpu_threads_for(batches: Batches):
-    """Train with training_threads(...) threads, then restore the previous count."""
-    before, wanted = torch.get_num_threads(), training_threads(batches.x.device, batches.batch_size)
+def cpu_threads_for(batches: Batches, threads: int | None = None):
+    """Train with ``threads`` threads (default: training_threads now), then restore the previous count."""
+    before = torch.get_num_threads()
+    wanted = threads if threads is not None else training_threads(batches.x.device, batches.batch_size)
     torch.set_num_threads(wanted)
     try:
         yield
@@ -132,6 +153,8 @@ class Experiment:
     dist: Dist = SINGLE  # this process's place in a data-parallel group (SINGLE: one process)
     eval_forward: Any = None  # what evaluation calls when training calls a DDP wrapper (None: forward)
     backend: dict[str, Any] = field(default_factory=dict)  # the CUDA settings in force (apply_backend_settings)
+    threads: int = 1  # intra-op threads for training, chosen once per run (choose_threads)
+    threads_reason: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -218,6 +241,7 @@ def setup(cfg: Config, data: ImageData | None = None, moved: bool = False, dist:
     notes = [note] if moved and (note := adapt_precision(cfg, device)) else []
     precision = Precision(device, cfg.train.precision)
     backend = apply_backend_settings(cfg, device)
+    threads, threads_reason = choose_threads(device, cfg.train.batch_size)
     data = data if data is not None else load_dataset(cfg.data)
     seed_everything(cfg.seed)
     try:
@@ -248,7 +272,8 @@ def setup(cfg: Config, data: ImageData | None = None, moved: bool = False, dist:
     optimizer = make_optimizer(model, cfg.optimizer, device)
     scheduler = make_scheduler(optimizer, cfg, max(1, len(train_batches)))  # eval needs no full training batch
     return Experiment(cfg, device, data, model, forward, precision, generator, train_batches, test_batches,
-                      optimizer, scheduler, notes, order_seed, dist, backend=backend)
+                      optimizer, scheduler, notes, order_seed, dist, backend=backend, threads=threads,
+                      threads_reason=threads_reason)
 
 
 def _check_fits(exp: Experiment) -> None:

@@ -83,6 +83,7 @@ def test_cuda_settings_are_recorded_and_the_cpu_records_that_they_do_not_apply(t
     result = engine.fit(cfg, runs_root=tmp_path)
     info = rundir.read_json(result.run_dir / "run.json")
     assert info["cudnn_benchmark"] is None and info["tf32"] is None  # CPU: neither applies
+    assert isinstance(info["threads"], int) and info["threads_reason"] == "torch's default"  # batch 32
 
 
 @pytest.mark.slow  # subprocesses training whole runs (about a minute of CPU time)
@@ -101,3 +102,45 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     per_step = rows["syncs"]["details"]["per_step"]
     assert sum(per_step) > 0 and per_step.count(0) >= len(per_step) - 4  # reads only at the read points
     assert rows["compile"]["ok"] is None and "| c | syncs |" in done.stdout
+
+
+def test_the_thread_choice_follows_free_cores_and_the_users_setting(monkeypatch):
+    from bnctl.experiment import choose_threads
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        for load, want in [(0.0, 4), (1.2, 3), (1.3, 2), (3.5, 1), (9.0, 1)]:
+            monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+            threads, why = choose_threads(cpu, 4)
+            assert threads == want and f"load {load:.2f}" in why
+        assert choose_threads(cpu, 16) == (4, "torch's default")  # large batches: torch's count, as before
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")
+        assert choose_threads(cpu, 4) == (4, "OMP_NUM_THREADS")  # the user's choice wins
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow  # trains and resumes a run
+def test_a_resumed_run_keeps_the_thread_count_it_started_with(tmp_path, monkeypatch):
+    """The count changes float sums' order, so a resume on a now idle machine must not take more threads."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))  # busy at the start: one thread
+        raw = tiny_raw(data={"train_size": 64, "test_size": 64}, train={"batch_size": 4, "epochs": 1})
+        first = engine.fit(config_mod.validate(raw, "test"), runs_root=tmp_path)
+        info = rundir.read_json(first.run_dir / "run.json")
+        assert info["threads"] == 1 and "0 of 2 cores free" in info["threads_reason"]
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # idle at the resume: would choose 2
+        raw["train"]["epochs"] = 2
+        engine.fit(config_mod.validate(raw, "test"), runs_root=tmp_path, resume=first.run_dir)
+        resumed = rundir.read_json(first.run_dir / "run.json")["resumes"][-1]
+        assert resumed["threads"] == 1 and resumed["threads_reason"].startswith("kept")
+    finally:
+        torch.set_num_threads(before)
