@@ -322,12 +322,22 @@ def plan_inline(config_path: Path | None, overrides: Sequence[str], seeds: int |
     if not isinstance(raw, dict):
         raise ConfigError(f"config {config_path} must be a mapping of sections")
     fixed, grid = parse_sweep_overrides(overrides)
+    return plan_from_parts(raw, fixed, grid, seeds, name, str(config_path) if config_path is not None else None,
+                           config_mod.command_line_origins(list(overrides)))
+
+
+def plan_from_parts(raw: dict[str, Any], fixed: dict[str, Any], grid: dict[str, Any],
+                    seeds: int | str | Sequence[int] | None = None, name: str | None = None,
+                    base_config: str | None = None, origins: dict[str, str] | None = None) -> Plan:
+    """A plan from a raw base config mapping, fixed {key: value} and swept {key: [values]}; every cell validated.
+
+    ``origins``: where each override came from, for error messages (see config.validate)."""
     grid = _check_grid(grid, "overrides")
     if seeds is None:
         seeds = [int(raw.get("seed", 0))]
-    config = _resolve_base(raw, fixed, grid, str(config_path or ""), config_mod.command_line_origins(list(overrides)))
-    plan = Plan(name=_sweep_name(name, config), config=config, fixed=fixed, grid=grid, seeds=parse_seeds(seeds),
-                base_config=str(config_path) if config_path is not None else None)
+    config = _resolve_base(copy.deepcopy(raw), fixed, grid, base_config or "", origins)
+    plan = Plan(name=_sweep_name(name, config), config=config, fixed=dict(fixed), grid=grid, seeds=parse_seeds(seeds),
+                base_config=base_config)
     return plan.validate().refuse_unread()
 
 

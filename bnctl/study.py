@@ -312,6 +312,8 @@ def _lr_text(data: report.SweepData) -> str:
 def budget(data: report.SweepData, facts: RunFacts) -> str:
     """One sentence: images, epochs, batch sizes and steps, optimizer and lr as configured, seeds."""
     cfg = data.plan.get("config") or {}
+    if not cfg:
+        return "not recorded (the sweep holds no resolved config)."
     train, dat = cfg.get("train", {}), cfg.get("data", {})
     images = facts.train_images or dat.get("train_limit") or (dat.get("train_size") if dat.get("name") == "synthetic"
                                                               else None)
@@ -335,7 +337,7 @@ FIGURE_KEYS = {"lr": ("optimizer.lr", ["final_test_acc"]), "init": ("model.init_
 
 
 def _section_figure(key: str, data: report.SweepData, cells: list[report.Cell], out: Path,
-                    chance: float) -> Path | None:
+                    chance: float, trains_at: float | None = None) -> Path | None:
     from bnctl.plotting import _pyplot, _save
 
     x, metrics = FIGURE_KEYS[key]
@@ -347,6 +349,8 @@ def _section_figure(key: str, data: report.SweepData, cells: list[report.Cell], 
         ns = sorted({c.stats[metric].n for c in cells if c.stats[metric].n})
         if metric == "final_test_acc":  # the level a network that learned nothing reaches
             ax.axhline(chance, color="0.5", ls=":", lw=1, label=f"chance ({chance:g}%)")
+            if trains_at is not None:  # section 1's criterion: a run at or above this line "trains"
+                ax.axhline(trains_at, color="0.3", ls="--", lw=1, label=f"trains (>= {trains_at:g}%)")
         drawn |= report.draw_metric_vs_key(ax, data, cells, x, metric,
                                            title=f"{label}, mean of n={'/'.join(map(str, ns)) or 0} seeds, "
                                                  "bars: 95% t-interval")
@@ -387,7 +391,7 @@ def _verdict_md(v: verdicts.Verdict) -> list[str]:
                   f"{v.mde_text()}. Smallest effect that matters (declared): {v.smallest:g} {v.unit}.", ""]
     if v.caveats:
         lines += ["**Caveats.**", ""] + [f"- {c}" for c in v.caveats] + [""]
-    lines += [f"- {d}" for d in v.details] + ([""] if v.details else [])
+    lines += (["**Numbers.**", ""] + [f"- {d}" for d in v.details] + [""]) if v.details else []
     lines += [f"*Test:* {v.rule}", ""] if v.rule else []
     return lines
 
@@ -433,7 +437,9 @@ def write_report(study_dir: Path) -> StudyResult:
         if section.key == "small_batches":
             small_data, small_facts = data, facts
         results[section.key] = RULES[section.key](data, facts, specs)
-        fig = _section_figure(section.key, data, cells, study_dir / FIGURES_DIR / f"{section.key}.png", facts.chance)
+        lr_spec = _spec(specs, "lr", "lr_tolerance") if section.key == "lr" else None
+        fig = _section_figure(section.key, data, cells, study_dir / FIGURES_DIR / f"{section.key}.png", facts.chance,
+                              facts.chance + lr_spec.trains_above_chance if lr_spec else None)
         only = ["final_test_acc", "gap"] if section.key == "regularization" else ["final_test_acc"]
         header, body = report.table_rows(data, cells, only)
         if section.key != "regularization" and any(c.count("diverged") for c in cells):
@@ -496,7 +502,7 @@ def write_report(study_dir: Path) -> StudyResult:
                              "minimum detectable effect (80% power)"], rows), "",
             "**How to read a verdict.** Each section estimates one effect, declared in its sweep file before any run, "
             "signed so that **positive is what the claim predicts**. **Supported** / **contradicted**: its p-value, "
-            f"Holm-adjusted across the {sum(v.p_adjusted is not None for v in results.values())} tested sections, is "
+            f"Holm-adjusted across the sections tested ({sum(v.p_adjusted is not None for v in results.values())} here), is "
             "below 0.05 and its 95% interval lies on the claim's side / the other side (the chance that any section of "
             "a study without real effects comes out decisive is at most 5%). **No effect larger than X**: the 90% "
             "interval lies within +-X, the smallest effect the sweep file declares to matter. **Inconclusive**: "

@@ -19,8 +19,8 @@ def claims(
     overrides: Optional[List[str]] = typer.Argument(
         None, metavar="KEY=VALUE", help="Fixed overrides for every sweep, e.g. data.name=cifar10 data.root=./data"),
     profile: Optional[str] = typer.Option(None, "--profile", "-p",
-                                          help="quick (default: synthetic data, 118 runs, about 5 min on an idle 2-core CPU "
-                                               "with --jobs 2) or full (CIFAR-10-sized budget, for a GPU)."),
+                                          help="quick (default: synthetic data, 134 runs) or full "
+                                               "(CIFAR-10-sized budget, for a GPU)."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs at once (CPU threads are divided between them)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Finish a study directory that was stopped."),
     root: Path = typer.Option(Path("runs/studies"), "--root", help="Where new study directories are created."),
