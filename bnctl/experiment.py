@@ -90,6 +90,21 @@ def cpu_threads_for(batches: Batches):
         torch.set_num_threads(before)
 
 
+def apply_backend_settings(cfg: Config, device: torch.device) -> dict[str, Any]:
+    """Set cuDNN autotuning and TF32 as train.cudnn_benchmark / train.tf32 say; return what is in force (run.json).
+
+    torch's own defaults differ between matmuls (TF32 off) and convolutions (TF32 on), so an
+    unset "fp32" GPU run would be partly TF32; bnctl always sets both explicitly.
+    """
+    if device.type != "cuda":
+        return {"cudnn_benchmark": None, "tf32": None}  # CPU (and MPS): neither applies
+    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    return {"cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "tf32": torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32}
+
+
 def _sum_dtype(device: torch.device) -> torch.dtype:
     # Running sums in float64 where the device has it (Apple's MPS has not).
     return torch.float32 if device.type == "mps" else torch.float64
@@ -116,6 +131,7 @@ class Experiment:
     eval_order_seed: int | None = None  # evaluation batches are drawn in this seed's order when BN uses batch statistics at eval
     dist: Dist = SINGLE  # this process's place in a data-parallel group (SINGLE: one process)
     eval_forward: Any = None  # what evaluation calls when training calls a DDP wrapper (None: forward)
+    backend: dict[str, Any] = field(default_factory=dict)  # the CUDA settings in force (apply_backend_settings)
 
     @property
     def num_classes(self) -> int:
@@ -201,6 +217,7 @@ def setup(cfg: Config, data: ImageData | None = None, moved: bool = False, dist:
                           "or train.sync_bn=true")
     notes = [note] if moved and (note := adapt_precision(cfg, device)) else []
     precision = Precision(device, cfg.train.precision)
+    backend = apply_backend_settings(cfg, device)
     data = data if data is not None else load_dataset(cfg.data)
     seed_everything(cfg.seed)
     try:
@@ -231,7 +248,7 @@ def setup(cfg: Config, data: ImageData | None = None, moved: bool = False, dist:
     optimizer = make_optimizer(model, cfg.optimizer, device)
     scheduler = make_scheduler(optimizer, cfg, max(1, len(train_batches)))  # eval needs no full training batch
     return Experiment(cfg, device, data, model, forward, precision, generator, train_batches, test_batches,
-                      optimizer, scheduler, notes, order_seed, dist)
+                      optimizer, scheduler, notes, order_seed, dist, backend=backend)
 
 
 def _check_fits(exp: Experiment) -> None:

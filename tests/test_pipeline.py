@@ -179,7 +179,7 @@ class _ThreadProbe:
     def start_step(self, step: int, epoch: int) -> None:
         self.threads.append(torch.get_num_threads())
 
-    def after_backward(self) -> None:
+    def after_backward(self, *args) -> None:
         pass
 
 
