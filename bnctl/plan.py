@@ -170,6 +170,7 @@ class Plan:
     base_config: str | None = None
     runs: list[RunSpec] = field(default_factory=list)
     created: str = ""
+    unread: list[str] = field(default_factory=list)  # fixed keys no cell reads (dropped from all), set by configs()
     # {"rule": "linear"|"sqrt", "reference_batch": B0}: each cell's optimizer.lr is the base lr times
     # (batch/B0) or its square root, so that batch sizes compare at equal noise scale, not equal lr.
     lr_scaling: dict[str, Any] | None = None
@@ -219,14 +220,19 @@ class Plan:
                 by_cell[spec.cell], dropped = self._cell_config(spec)
                 dropped_in[spec.cell] = set(dropped)
             out.append((spec, by_cell[spec.cell].model_copy(update={"seed": spec.seed, "name": spec.name})))
-        unread = set.intersection(*dropped_in.values()) if dropped_in else set()
-        if unread:  # a setting no run of the sweep reads is a mistake, as it is in a single run
-            key = sorted(unread)[0]
+        self.unread = sorted(set.intersection(*dropped_in.values()) if dropped_in else set())
+        return out
+
+    def refuse_unread(self) -> "Plan":
+        """A fixed key that no cell reads is a mistake, as it is in a single run (a study's overrides,
+        shared by sweeps of different grids, are the exception: study.py does not call this)."""
+        if self.unread:
+            key = self.unread[0]
             choice, applies = config_mod.KEY_APPLIES[key]
             section, leaf = key.split(".")
             raise ConfigError(f"{key}={_value_label(self.config[section][leaf])} applies to no cell of this sweep "
                               f"(only to {choice}={', '.join(sorted(applies))}) and would be ignored; remove it")
-        return out
+        return self
 
     def validate(self) -> "Plan":
         self.configs()
@@ -332,7 +338,7 @@ def plan_from_parts(raw: dict[str, Any], fixed: dict[str, Any], grid: dict[str, 
     config = _resolve_base(copy.deepcopy(raw), fixed, grid, base_config or "", origins)
     plan = Plan(name=_sweep_name(name, config), config=config, fixed=dict(fixed), grid=grid, seeds=parse_seeds(seeds),
                 base_config=base_config)
-    return plan.validate()
+    return plan.validate().refuse_unread()
 
 
 # slurm: read by bnctl.launchers; study: the claim and estimand a study section declares (bnctl.studyspec)
@@ -366,7 +372,7 @@ def _check_lr_scaling(raw: Any, grid: dict[str, list[Any]], fixed: dict[str, Any
     return {"rule": raw["rule"], "reference_batch": ref}
 
 
-def plan_from_file(path: Path, extra_overrides: Sequence[str] = ()) -> Plan:
+def plan_from_file(path: Path, extra_overrides: Sequence[str] = (), shared: bool = False) -> Plan:
     """A plan from a sweep file (name, base, fixed, grid, seeds); extra KEY=v overrides add to fixed.
 
     ``base`` is a config path (relative to the sweep file, else to the working directory), a
@@ -422,6 +428,7 @@ def plan_from_file(path: Path, extra_overrides: Sequence[str] = ()) -> Plan:
     if not isinstance(slurm, dict):
         raise ConfigError(f"sweep file {path}: slurm must be a mapping of settings (partition: ..., time_min: ...)")
     plan.slurm = dict(slurm)
-    return plan.validate()
+    plan.validate()
+    return plan if shared else plan.refuse_unread()  # shared: one of a study's sweeps
 
 

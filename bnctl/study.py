@@ -73,7 +73,7 @@ def plan(profile: str, overrides: Sequence[str], studies: Path | None = None) ->
 
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
-    return {s.key: sweep.plan_from_file(sweep_file(profile, s.key, studies), list(overrides)) for s in SECTIONS}
+    return {s.key: sweep.plan_from_file(sweep_file(profile, s.key, studies), list(overrides), shared=True) for s in SECTIONS}
 
 
 def create(profile: str, overrides: Sequence[str], root: Path = Path("runs/studies"),

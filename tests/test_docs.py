@@ -53,7 +53,7 @@ def test_every_relative_link_and_anchor_resolves(page):
 
 def test_the_readme_is_a_first_screen_and_links_every_docs_page():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert len(readme.splitlines()) <= 80, "README.md is the first screen; the reference lives in docs/"
+    assert len(readme.splitlines()) <= 100, "README.md is the first screen; the reference lives in docs/"
     linked = {Path(t.partition("#")[0]).name for t in _links(ROOT / "README.md")}
     index = {Path(t.partition("#")[0]).name for t in _links(ROOT / "docs" / "index.md")}
     pages = {p.name for p in (ROOT / "docs").glob("*.md")} - {"index.md"}
