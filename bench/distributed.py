@@ -39,7 +39,7 @@ def run_arm(procs: int, threads: int, extra: list[str], args, workdir: Path) -> 
     overrides = [f"data.train_size={args.train}", f"data.test_size={args.test}", f"train.epochs={args.epochs}",
                  "train.batch_size=128", "train.eval_batch_size=500", "device=cpu", "model.name=seed_cnn",
                  "data.name=synthetic", *extra]
-    train = ["-m", "bnctl", "train", "--config", str(ROOT / "configs" / "seed.yaml"), "--run-dir", str(run_dir),
+    train = ["-m", "bnctl", "train", "--config", str(ROOT / "bnctl" / "configs" / "seed.yaml"), "--run-dir", str(run_dir),
              *overrides]
     launcher = [sys.executable] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]

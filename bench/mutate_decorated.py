@@ -29,7 +29,7 @@ from pathlib import Path
 import libcst as cst
 from mutmut.mutation import file_mutation as fm
 
-COPY = ["bnctl", "tests", "configs", "README.md", "pyproject.toml"]
+COPY = ["bnctl", "tests", "README.md", "pyproject.toml"]
 
 
 def mutants(source: str, filename: str, function: str) -> list[str]:

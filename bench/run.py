@@ -166,7 +166,7 @@ def memory_mode(p: dict, data: dict, log, runs_root: Path) -> tuple[str, Path | 
                  "train.epochs=1", "device=cpu"]
     if data.get("cifar_root"):
         overrides = ["data.name=cifar10", f"data.root={data['cifar_root']}", "train.epochs=1", "device=cpu"]
-    cmd = bnctl_command() + ["train", "--config", str(ROOT / "configs" / "seed.yaml"), *overrides,
+    cmd = bnctl_command() + ["train", "--config", str(ROOT / "bnctl" / "configs" / "seed.yaml"), *overrides,
                              "--runs-root", str(runs_root)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -179,7 +179,7 @@ def memory_mode(p: dict, data: dict, log, runs_root: Path) -> tuple[str, Path | 
     run_dir = next((Path(line.strip()) for line in reversed(output.splitlines()) if Path(line.strip()).is_dir()), None)
     peak = usage.ru_maxrss / 1024
     log(f"  peak RSS {peak:.0f} MB in {wall:.0f} s")
-    text = (f"**3. Peak memory of `bnctl train`** (configs/seed.yaml with {' '.join(overrides)}: "
+    text = (f"**3. Peak memory of `bnctl train`** (bnctl/configs/seed.yaml with {' '.join(overrides)}: "
             f"every training and test image resident as uint8, one full epoch at batch 4, eval batch 1000): "
             f"**{peak:.0f} MB** max RSS (target < 1,500 MB); the whole command took {wall:.0f} s.")
     return text, run_dir

@@ -1,4 +1,5 @@
-"""What every command module shares: the consoles, the --debug state, error reporting, path checks.
+"""What every command module shares: the consoles, the --debug state, error reporting, path checks,
+and the screen's pieces (tables, "-" for a missing number, the training and sweep progress reporters).
 
 Command modules (bnctl/cli.py and bnctl/commands/*.py) import from here; library code never does.
 """
@@ -11,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -201,3 +203,176 @@ def loading_progress() -> Iterator[None]:
 
     with progress, data.reporting_progress(report):
         yield
+
+
+# ------------------------------------------------------------------ what the screen shows
+
+MISSING = "-"  # a number a run does not have (yet): no epoch finished, a summary without it
+
+
+def cell(value: Any, fmt: str = "") -> str:
+    """A table cell: the value formatted, or "-" when it is missing."""
+    return MISSING if value is None else format(value, fmt)
+
+
+def new_table(**options: Any):
+    """bnctl's table style: a rule under the header, no outer border or edge padding (copies and greps well)."""
+    from rich import box
+    from rich.table import Table
+
+    return Table(box=box.SIMPLE_HEAD, pad_edge=False, **options)
+
+
+def print_table(header: list[str], body: list[list[str]], n_left: int, caption: str | None = None) -> None:
+    """A rich table; off a terminal (logs, CI) it gets room instead of rich's assumed 80 columns."""
+    table = new_table(caption=caption)
+    for i, col in enumerate(header):
+        table.add_column(col, justify="left" if i < n_left else "right", overflow="fold")
+    for row in body:
+        table.add_row(*(escape(c) for c in row))
+    (console if console.is_terminal else Console(width=180, highlight=False)).print(table)
+
+
+class TrainProgress:
+    """A progress bar during each epoch and one table row when it ends."""
+
+    COLUMNS = [("epoch", 5), ("train loss", 10), ("train acc", 9), ("test loss", 9), ("test acc", 8),
+               ("lr", 9), ("time", 7), ("img/s", 7)]
+
+    CLEAN_COLUMNS = [("clean train acc", 15)]
+
+    def __init__(self, total_epochs: int, clean_train: bool = False):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.total_epochs = total_epochs
+        self.columns = self.COLUMNS + (self.CLEAN_COLUMNS if clean_train else [])  # train.eval_train's column
+        # A live bar only on a terminal; in logs and CI the per-epoch rows say enough.
+        self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}/" + str(total_epochs)), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+                                 console=console, transient=True, disable=not console.is_terminal)
+        self.task = None
+        self.header_shown = False
+
+    def epoch_start(self, epoch: int, steps: int) -> None:
+        if not self.header_shown:
+            # soft_wrap: a row wider than the console stays one line in logs (the terminal wraps it, if anything)
+            console.print("[bold]" + "  ".join(f"{name:>{w}}" for name, w in self.columns), soft_wrap=True)
+            self.header_shown = True
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=steps, epoch=epoch, loss="-")
+
+    def step(self, done: int, loss: float) -> None:
+        self.progress.update(self.task, completed=done, loss=f"{loss:.3f}")
+
+    def epoch_end(self, row: dict[str, Any]) -> None:
+        self.progress.remove_task(self.task)
+        self.progress.stop()
+        cells = [f"{row['epoch']}", f"{row['train_loss']:.4f}", f"{row['train_acc']:.2f}%", f"{row['test_loss']:.4f}",
+                 f"{row['test_acc']:.2f}%", f"{row['lr']:.2e}", f"{row['epoch_time_s']:.1f}s",
+                 f"{row['images_per_s']:.0f}"]
+        if len(self.columns) > len(self.COLUMNS):
+            cells.append(f"{row['clean_train_acc']:.2f}%" if row.get("clean_train_acc") is not None else MISSING)
+        console.print("  ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, self.columns)), soft_wrap=True)
+        sigkill_test_hook(row["epoch"])
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class SweepProgress:
+    """One bar over the whole sweep (runs done / total, failures, ETA) and one line per finished run.
+
+    Off a terminal (a log file, a batch job) there is no bar: one line per finished run, and while
+    runs train, an "alive" line whenever nothing was printed for ALIVE_EVERY_S seconds.
+    """
+
+    ALIVE_EVERY_S = 60.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        # The live bar only on a terminal; in logs the per-run lines say enough.
+        self.progress = Progress(TextColumn("[bold]sweep"), BarColumn(), TextColumn("{task.fields[counts]}"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=console, transient=True, disable=not console.is_terminal,
+                                 speed_estimate_period=3600)
+        self.task = None
+        self.running: dict[str, float] = {}  # run -> fraction of its epochs done
+        self.epochs: dict[str, tuple[int, int]] = {}  # run -> (epochs done, epochs)
+        self.finished = self.failed = self.diverged = self.done_before = self.total = 0
+        self.clock = clock
+        self.started = self.last_line = clock()
+        self._alive: threading.Event | None = None
+
+    def start(self, plan, selected, todo, jobs, partly_done=0) -> None:
+        self.total, self.done_before = len(selected), len(selected) - len(todo)
+        partly = f" ({partly_done} partly done, continued from their checkpoints)" if partly_done else ""
+        console.print(f"[bold]{plan.name}[/]: {len(selected)} run(s) in this {'shard' if len(selected) < len(plan.runs) else 'sweep'}"
+                      f", {self.done_before} already finished, {len(todo)} to run{partly} with {jobs} job(s)")
+        self.progress.start()
+        self.task = self.progress.add_task("sweep", total=max(1, len(todo)), counts=self._counts())
+        self.started = self.last_line = self.clock()
+        if not console.is_terminal and self._alive is None:
+            self._alive = threading.Event()
+            threading.Thread(target=self._keep_alive, args=(self._alive,), daemon=True,
+                             name="bnctl-sweep-alive").start()
+
+    def _keep_alive(self, stop: threading.Event) -> None:
+        while not stop.wait(min(self.ALIVE_EVERY_S, 5.0)):
+            line = self.alive_line()
+            if line:
+                console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+    def alive_line(self) -> str | None:
+        """The line a log gets when runs are training and nothing was printed for ALIVE_EVERY_S (else None)."""
+        now = self.clock()
+        if not self.running or now - self.last_line < self.ALIVE_EVERY_S:
+            return None
+        self.last_line = now
+        runs = ", ".join(f"{name} (epoch {done}/{total})" if total else name
+                         for name, (done, total) in ((n, self.epochs.get(n, (0, 0))) for n in list(self.running)))
+        return (f"{'':>11} still training: {runs}; {self.done_before + self.finished}/{self.total} runs done, "
+                f"{(now - self.started) / 60:.0f} min since the start")
+
+    def _counts(self) -> str:
+        done = self.done_before + self.finished
+        extra = "".join([f", [red]{self.failed} failed[/]" if self.failed else "",
+                         f", [yellow]{self.diverged} diverged[/]" if self.diverged else ""])
+        return f"{done}/{self.total} runs{extra}, {len(self.running)} running"
+
+    def _update(self) -> None:
+        self.progress.update(self.task, completed=self.finished + sum(self.running.values()), counts=self._counts())
+
+    def run_started(self, spec) -> None:
+        self.running[spec.name] = 0.0
+        self._update()
+
+    def run_progress(self, spec, epoch: int, epochs: int) -> None:
+        self.running[spec.name] = epoch / max(1, epochs)
+        self.epochs[spec.name] = (epoch, epochs)
+        self._update()
+
+    def run_finished(self, spec, outcome: str, row: dict[str, Any]) -> None:
+        self.running.pop(spec.name, None)
+        self.finished += 1
+        self.failed += outcome == "failed"
+        self.diverged += outcome == "diverged"
+        style = {"completed": "green", "diverged": "yellow", "failed": "red"}.get(outcome, "dim")
+        detail = (f"test acc {cell(row['final_test_acc'], '.2f')}%  best {cell(row['best_test_acc'], '.2f')}%  "
+                  f"{cell(row['wall_time_s'], '.1f')}s")
+        if outcome in ("failed", "diverged") and row.get("error"):
+            detail += f"  {str(row['error']).splitlines()[0][:160]}"
+        elif outcome == "busy":
+            detail = "being run by another process; left to it"
+        elif outcome == "skipped":
+            detail = "finished by another process"
+        console.print(f"[{style}]{outcome:>11}[/] {escape(spec.name)}  {escape(detail)}", soft_wrap=True)
+        self.last_line = self.clock()
+        self.epochs.pop(spec.name, None)
+        self._update()
+
+    def close(self) -> None:
+        if self._alive is not None:
+            self._alive.set()
+            self._alive = None
+        self.progress.stop()

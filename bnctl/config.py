@@ -9,6 +9,7 @@ before it pays for the heavy imports.
 from __future__ import annotations
 
 import collections.abc
+import copy
 import difflib
 import re
 import typing
@@ -25,7 +26,7 @@ from bnctl.errors import ConfigError
 # optim.SCHEDULERS); tests check that both lists agree.
 DatasetName = Literal["synthetic", "cifar10", "imagefolder"]
 ModelName = Literal["seed_cnn", "vgg", "resnet20"]
-NormName = Literal["batch", "batch_manual", "ghost", "group", "layer", "instance", "none"]
+NormName = Literal["batch", "batch_manual", "ghost", "noisy_batch", "group", "layer", "instance", "none"]
 InitName = Literal["default", "kaiming", "xavier", "normal"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
 SchedulerName = Literal["none", "cosine", "step", "onecycle"]
@@ -38,7 +39,7 @@ DistBN = Literal["broadcast", "reduce", "none"]
 RESUMABLE_KEYS = frozenset({"train.epochs", "device", "train.tensorboard"})
 
 # Norms that normalize with batch statistics: they cannot train on one sample.
-BATCH_STAT_NORMS = frozenset({"batch", "batch_manual", "ghost"})
+BATCH_STAT_NORMS = frozenset({"batch", "batch_manual", "ghost", "noisy_batch"})
 
 PositiveFloat = Field(gt=0)
 
@@ -94,6 +95,10 @@ class ModelConfig(_Section):
     shortcut: ShortcutName = "zero_pad"  # resnet20: zero_pad = He et al.'s parameter-free option A; projection = 1x1 conv + norm (B)
     virtual_batch_size: int = Field(8, ge=2)  # ghost: samples per virtual batch (below train.batch_size)
     groups: int = Field(8, ge=1)  # group: channel groups per GroupNorm
+    # noisy_batch: each step, each channel's noise gets a mean ~ U(-bn_noise_mean, bn_noise_mean) and a
+    # standard deviation ~ U(0, bn_noise_std), in units of BN's output (norms.NoisyBatchNorm, docs/landscape.md)
+    bn_noise_mean: float = Field(0.5, ge=0)
+    bn_noise_std: float = Field(1.0, ge=0)
     bn_momentum: Optional[float] = Field(0.1, ge=0, le=1)  # PyTorch convention: new = (1-m)*old + m*batch; None = cumulative average
     bn_eps: float = Field(1e-5, gt=0)  # added to the variance before the square root
     bn_affine: bool = True  # learn the scale (gamma) and shift (beta)
@@ -128,6 +133,24 @@ class SchedulerConfig(_Section):
     min_lr: float = Field(0.0, ge=0)  # cosine: final learning rate
 
 
+class LandscapeConfig(_Section):
+    """Loss-landscape and internal-covariate-shift probes (landscape.py, docs/landscape.md)."""
+
+    every: int = Field(0, ge=0)  # training steps between probes (step 0 is probed); 0 = off
+    # Step sizes, as multiples of the direction: direction=update moves by c times the update the
+    # optimizer makes this step; direction=gradient by c*lr*g (lr of this step, g the batch gradient).
+    scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    direction: Literal["update", "gradient"] = "update"
+    ics: bool = True  # also Santurkar's internal covariate shift per layer (one extra pass per layer)
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(c <= 0 for c in v):
+            raise ValueError(f"train.landscape.scales must be one or more step sizes > 0, got {list(v)}")
+        return v
+
+
 class TrainConfig(_Section):
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(64, ge=1)  # the incomplete last training batch is dropped (BN needs >1 sample)
@@ -144,6 +167,7 @@ class TrainConfig(_Section):
     dist_bn: DistBN = "reduce"  # unsynchronized BN's running stats at each epoch end: average over processes
     #                             (reduce), rank 0's (broadcast), or left per process (none)
     tensorboard: bool = False  # also write TensorBoard event files into the run directory (extra: tensorboard)
+    landscape: LandscapeConfig = LandscapeConfig()  # loss-landscape and ICS probes into landscape.csv (off)
 
 
 class Config(_Section):
@@ -189,6 +213,11 @@ class Config(_Section):
                 "estimates each channel's mean and variance from the batch, and one sample has no variance "
                 "at the fully connected layer. Use batch_size >= 2 or a per-sample norm (group, layer)."
             )
+        noise = {k: getattr(self.model, k) for k in ("bn_noise_mean", "bn_noise_std")
+                 if getattr(self.model, k) != ModelConfig.model_fields[k].default}
+        if noise and self.model.norm != "noisy_batch":
+            raise ValueError(f"{', '.join('model.' + k for k in noise)} apply only to model.norm=noisy_batch "
+                             f"and would be ignored with model.norm={self.model.norm}")
         if self.model.norm == "ghost" and self.model.virtual_batch_size >= self.train.batch_size:
             raise ValueError(
                 f"model.norm=ghost with model.virtual_batch_size={self.model.virtual_batch_size} >= "
@@ -224,13 +253,24 @@ def batch_stats_at_eval(cfg: Config) -> bool:
 
 # ---------------------------------------------------------------- loading
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:".replace(" :", ":")]
+def _origin(key: str, origins: dict[str, str]) -> str | None:
+    """Where the value at a dotted error location came from, when an override set it (or its section)."""
+    for dotted, where in origins.items():
+        if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
+            return where
+    return None
+
+
+def _format_validation_error(err: ValidationError, source: str, origins: dict[str, str] | None = None) -> str:
+    lines, from_overrides = [], 0
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "config"
+        where = _origin(key, origins or {}) if e["loc"] else None
+        from_overrides += where is not None
+        tail = f" (from {where})" if where else ""
         if e["type"] == "extra_forbidden":
             parent, _, leaf = key.rpartition(".")
-            lines.append(f"  {key}: unknown key{_suggest(leaf, _section_fields(parent))}")
+            lines.append(f"  {key}: unknown key{_suggest_key(leaf, parent)}{tail}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "model_type":  # pydantic names its class; the user wrote a scalar where a section goes
@@ -239,8 +279,12 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             hint = ""
             if e["type"] == "literal_error" and isinstance(e.get("input"), str):
                 hint = _suggest(e["input"], [str(c) for c in _literal_choices(e["loc"])])
-            lines.append(f"  {key}: {msg}{got}{hint}")
-    return "\n".join(lines)
+            lines.append(f"  {key}: {msg}{got}{hint}{tail}")
+    if lines and from_overrides == len(lines):  # every problem is in an override, none in the file
+        head = f"invalid override for config {source}:" if source else "invalid override:"
+    else:
+        head = f"invalid config {source}:".replace(" :", ":")
+    return "\n".join([head] + lines)
 
 
 def _short(value: Any) -> bool:
@@ -275,11 +319,66 @@ def _suggest(word: str, choices: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def validate(raw: Any, source: str = "", moved: bool = False) -> Config:
+# Names other tools use for bnctl's keys: offered as suggestions for an unknown key, never accepted as
+# aliases (one spelling per key keeps configs and sweeps comparable).
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "lr": ("learning_rate", "learningrate", "lrate", "base_lr", "max_lr", "peak_lr"),
+    "weight_decay": ("wd", "l2", "decay", "l2_reg"),
+    "epochs": ("num_epochs", "n_epochs", "max_epochs", "epoch", "nepochs"),
+    "batch_size": ("bs", "batch", "batchsize", "train_batch_size", "mini_batch_size", "minibatch_size"),
+    "eval_batch_size": ("test_batch_size", "val_batch_size", "eval_bs", "test_bs"),
+    "optimizer": ("optim", "optimiser", "opt", "solver"),
+    "scheduler": ("lr_scheduler", "sched", "schedule", "lr_schedule"),
+    "data": ("dataset", "datasets"),
+    "name": ("arch", "architecture", "network", "net", "model_name", "type"),
+    "norm": ("normalization", "normalisation", "norm_layer", "normalization_layer", "bn", "norm_type"),
+    "bn_eps": ("eps", "epsilon"),
+    "bn_momentum": ("momentum",),
+    "bn_affine": ("affine",),
+    "bn_track_running_stats": ("track_running_stats",),
+    "groups": ("num_groups", "n_groups", "gn_groups"),
+    "virtual_batch_size": ("ghost_batch_size", "vbs", "ghost_size"),
+    "dropout": ("drop_rate", "dropout_rate", "p_dropout", "drop"),
+    "width": ("width_multiplier", "width_mult", "width_factor"),
+    "precision": ("amp", "dtype", "mixed_precision"),
+    "seed": ("random_seed", "rng_seed", "manual_seed"),
+    "warmup_pct": ("warmup", "pct_start", "warmup_fraction"),
+    "min_lr": ("eta_min", "final_lr", "lr_min"),
+    "step_size": ("step", "lr_step", "decay_every"),
+    "gamma": ("lr_decay", "decay_rate"),
+    "root": ("data_dir", "data_root", "path", "dir", "datadir"),
+    "augment": ("augmentation", "augmentations", "aug"),
+    "tensorboard": ("use_tensorboard", "tb"),
+}
+_SYNONYM_OF = {alias: key for key, aliases in SYNONYMS.items() for alias in aliases}
+
+
+def _suggest_key(leaf: str, parent: str) -> str:
+    """'; did you mean ...?' for an unknown key: the bnctl name of a common synonym (learning_rate -> lr)
+    or a close spelling in the same section, else the same key (or synonym) in another section."""
+    here = _section_fields(parent)
+    word = leaf.lower()
+    target = _SYNONYM_OF.get(word, word)
+    if target in here and target != leaf:
+        return f"; did you mean '{target}'?"
+    close = _suggest(leaf, here)
+    if close:
+        return close
+    elsewhere = [f"{section}.{target}" for section, field in Config.model_fields.items()
+                 if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+                 and section != parent and target in field.annotation.model_fields]
+    if target in Config.model_fields and parent:
+        elsewhere.append(target)
+    return f"; did you mean '{elsewhere[0]}'?" if len(elsewhere) == 1 else ""
+
+
+def validate(raw: Any, source: str = "", moved: bool = False, origins: dict[str, str] | None = None) -> Config:
     """Validate a raw mapping into a Config, raising ConfigError with dotted keys.
 
     ``moved``: the config of an existing run continued or evaluated on another device, whose
     precision experiment.setup adapts (fp16 exists only on CUDA), so it is not refused here.
+    ``origins``: dotted keys set by overrides -> where each came from ("the command line:
+    optimizer.lr=0.01"), so that an error in one names it instead of blaming the file.
     """
     if raw is None:
         raw = {}
@@ -288,7 +387,12 @@ def validate(raw: Any, source: str = "", moved: bool = False) -> Config:
     try:
         return Config.model_validate(raw, context={"moved": moved})
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(_format_validation_error(err, source, origins)) from None
+
+
+def command_line_origins(items: list[str]) -> dict[str, str]:
+    """{dotted key: 'the command line: KEY=VALUE'} for validate's ``origins``."""
+    return {item.partition("=")[0].strip(): f"the command line: {item}" for item in items}
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -361,8 +465,22 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return parsed
 
 
+def _merge_into(node: dict[str, Any], key: str, value: Any) -> None:
+    """node[key] = value, except that a mapping given for a section merges into it key by key."""
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for sub, sub_value in value.items():
+            _merge_into(node[key], str(sub), sub_value)
+    else:
+        node[key] = copy.deepcopy(value)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys in a raw config mapping; unknown keys are caught by validation."""
+    """Set dotted keys in a raw config mapping; unknown keys are caught by validation.
+
+    A whole section given as a mapping (model={norm: none}, or `model: {norm: none}` in a sweep
+    file's fixed) sets the keys it names and keeps the section's others, as model.norm=none would:
+    replacing the section would silently reset every key it leaves out to its default.
+    """
     for key, value in overrides.items():
         node = raw
         parts = key.split(".")
@@ -371,7 +489,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
             if not isinstance(child, dict):
                 raise ConfigError(f"override {key}: '{part}' is not a section")
             node = child
-        node[parts[-1]] = value
+        _merge_into(node, parts[-1], value)
     return raw
 
 
@@ -398,7 +516,7 @@ def load(path: Path | None, overrides: list[str] | None = None, moved: bool = Fa
     if moved:
         upgrade_stored(raw)  # an existing run's config.yaml, perhaps written by an older bnctl
     raw = apply_overrides(raw, parse_overrides(overrides or []))
-    return validate(raw, str(path) if path else "", moved=moved)
+    return validate(raw, str(path) if path else "", moved=moved, origins=command_line_origins(overrides or []))
 
 
 def upgrade_stored(raw: Any) -> Any:

@@ -145,7 +145,7 @@ class BNProbe:
         elif not self.active and self._handles:
             self._detach()
 
-    def after_backward(self) -> None:
+    def after_backward(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> None:
         if not self.active:
             return
         unscale = 1.0 / self.scaler.get_scale() if self.scaler is not None and self.scaler.is_enabled() else 1.0

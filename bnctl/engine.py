@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnctl import checkpoint, config as config_mod, distributed, elastic, rundir, stopping, tblog
+from bnctl import checkpoint, config as config_mod, distributed, elastic, landscape, rundir, stopping, tblog
 from bnctl.config import Config
 from bnctl.data import Batches, ImageData
 from bnctl.distributed import SINGLE, Dist
@@ -82,7 +82,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
             optimizer.zero_grad(set_to_none=True)
             precision.scaler.scale(loss).backward()
             if probe is not None:
-                probe.after_backward()
+                probe.after_backward(x, y)
             precision.scaler.step(optimizer)
             precision.scaler.update()
             if step_log is not None:  # e.g. TensorBoard: this step's loss and the lr it used
@@ -237,6 +237,7 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
     def restore() -> tuple[list[dict], dict[str, Any], int, Any]:
         history, best, start = _restore(exp, run_dir) if resuming else ([], {"test_acc": None, "epoch": None}, 1)
         probe = probe_factory(exp, run_dir, start) if (probe_factory and cfg.train.diagnostics) else None
+        probe = landscape.attach(probe, exp, run_dir, start)  # train.landscape: loss-landscape and ICS probes
         return history, best, start, probe
 
     history, best, start, probe = dist.agree(restore)

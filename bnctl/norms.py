@@ -172,6 +172,47 @@ class GhostBatchNorm(_BatchNorm):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
 
+class NoisyBatchNorm(_BatchNorm):
+    """BatchNorm followed by noise that shifts every channel's distribution anew at each training step.
+
+    Santurkar et al. 2018, section 2.1: if BN helped by keeping layer inputs' distributions stable,
+    injecting a distribution shift right after it should hurt. In training, every forward pass (one
+    per step) draws, for each channel c,
+
+        mu_c    ~ Uniform(-noise_mean, noise_mean)      the noise's mean this step
+        sigma_c ~ Uniform(0, noise_std)                  its standard deviation this step
+
+    and adds i.i.d. noise n ~ Normal(mu_c, sigma_c^2) to every activation of channel c (each sample
+    and position), after BN's scale and shift. A channel leaving BN with mean beta and variance
+    gamma^2 so leaves with mean beta + mu_c and variance gamma^2 + sigma_c^2, both different every
+    step. The draws come from torch's global generator (like dropout's), so a seeded run is
+    reproducible. Running statistics are BN's own (of the input, before the noise); eval mode adds
+    no noise and is plain BN.
+    """
+
+    def __init__(self, num_features: int, noise_mean: float, noise_std: float, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.noise_mean, self.noise_std = noise_mean, noise_std
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"NoisyBatchNorm expected input shaped (N, C) or (N, C, H, W), got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if not self.training or (self.noise_mean == 0 and self.noise_std == 0):
+            return y
+        shape = [1, self.num_features] + [1] * (x.dim() - 2)
+        u = torch.rand(2, self.num_features, device=y.device, dtype=torch.float32)
+        mu = ((2 * u[0] - 1) * self.noise_mean).view(shape)
+        sigma = (u[1] * self.noise_std).view(shape)
+        return y + (mu + sigma * torch.randn(y.shape, device=y.device, dtype=torch.float32)).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, noise_mean={self.noise_mean}, noise_std={self.noise_std}"
+
+
 # ---------------------------------------------------------------- builders
 
 def _batch_stat_kwargs(cfg: ModelConfig) -> dict:
@@ -198,6 +239,11 @@ def _batch_manual(cfg: ModelConfig, num_features: int, dim: int) -> nn.Module:
 def _ghost(cfg: ModelConfig, num_features: int, dim: int) -> nn.Module:
     """Ghost BatchNorm over virtual batches of model.virtual_batch_size samples."""
     return GhostBatchNorm(num_features, cfg.virtual_batch_size, **_batch_stat_kwargs(cfg))
+
+
+def _noisy_batch(cfg: ModelConfig, num_features: int, dim: int) -> nn.Module:
+    """BatchNorm with a per-step random shift of each channel's mean and variance (Santurkar et al.)."""
+    return NoisyBatchNorm(num_features, cfg.bn_noise_mean, cfg.bn_noise_std, **_batch_stat_kwargs(cfg))
 
 
 def _group(cfg: ModelConfig, num_features: int, dim: int) -> nn.Module:
@@ -245,6 +291,7 @@ NORMS: dict[str, NormBuilder] = {
     "batch": _batch,
     "batch_manual": _batch_manual,
     "ghost": _ghost,
+    "noisy_batch": _noisy_batch,
     "group": _group,
     "layer": _layer,
     "instance": _instance,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from bnctl import config as config_mod
+from bnctl import config as config_mod, configfiles
 from bnctl.config import Config
 from bnctl.errors import ConfigError
 
@@ -170,11 +170,21 @@ class Plan:
     base_config: str | None = None
     runs: list[RunSpec] = field(default_factory=list)
     created: str = ""
+    # {"rule": "linear"|"sqrt", "reference_batch": B0}: each cell's optimizer.lr is the base lr times
+    # (batch/B0) or its square root, so that batch sizes compare at equal noise scale, not equal lr.
+    lr_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.runs:
-            self.runs = [RunSpec(f"{cell}-seed{seed}", cell, overrides, seed)
+            self.runs = [RunSpec(f"{cell}-seed{seed}", cell, self._scaled(overrides), seed)
                          for cell, overrides in _cell_names(self.grid) for seed in self.seeds]
+
+    def _scaled(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The cell's overrides plus its scaled learning rate when the plan scales lr with the batch size."""
+        if not self.lr_scaling:
+            return overrides
+        return overrides | {"optimizer.lr": scaled_lr(self.config["optimizer"]["lr"],
+                                                      overrides["train.batch_size"], self.lr_scaling)}
 
     @property
     def cells(self) -> list[str]:
@@ -216,6 +226,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "name": self.name, "created": self.created, "base_config": self.base_config,
                 "config": self.config, "fixed": self.fixed, "grid": self.grid, "seeds": self.seeds,
+                **({"lr_scaling": self.lr_scaling} if self.lr_scaling else {}),
                 "runs": [r.to_dict() for r in self.runs]}
 
     @classmethod
@@ -223,11 +234,12 @@ class Plan:
         runs = [RunSpec(r["name"], r["cell"], dict(r.get("overrides") or {}), int(r["seed"])) for r in d["runs"]]
         return cls(name=d["name"], config=d["config"], fixed=dict(d.get("fixed") or {}),
                    grid={k: list(v) for k, v in (d.get("grid") or {}).items()}, seeds=list(d["seeds"]),
-                   base_config=d.get("base_config"), runs=runs, created=d.get("created", ""))
+                   base_config=d.get("base_config"), runs=runs, created=d.get("created", ""),
+                   lr_scaling=d.get("lr_scaling"))
 
 
 def _resolve_base(raw: dict[str, Any], fixed: dict[str, Any], grid: dict[str, list[Any]],
-                  source: str) -> dict[str, Any]:
+                  source: str, origins: dict[str, str] | None = None) -> dict[str, Any]:
     """The base config with fixed overrides, defaults filled in, as a plain dict without seed."""
     for key in ("seed", "name"):
         if key in grid:
@@ -238,12 +250,12 @@ def _resolve_base(raw: dict[str, Any], fixed: dict[str, Any], grid: dict[str, li
         raise ConfigError("the sweep sets each run's seed; give seeds with --seeds (or seeds: in a sweep file)")
     merged = config_mod.apply_overrides(copy.deepcopy(raw), dict(fixed))
     try:
-        resolved = config_mod.validate(merged, source)
+        resolved = config_mod.validate(merged, source, origins=origins)
     except ConfigError:
         # Some settings are only valid with the swept values (ghost norm and a swept batch size):
         # resolve with the first cell's values; every cell overrides them again.
         first = {k: v[0] for k, v in grid.items()}
-        resolved = config_mod.validate(config_mod.apply_overrides(merged, first), source)
+        resolved = config_mod.validate(config_mod.apply_overrides(merged, first), source, origins=origins)
     out = config_mod.to_dict(resolved)
     out.pop("seed", None)
     return out
@@ -280,20 +292,48 @@ def plan_inline(config_path: Path | None, overrides: Sequence[str], seeds: int |
     grid = _check_grid(grid, "overrides")
     if seeds is None:
         seeds = [int(raw.get("seed", 0))]
-    config = _resolve_base(raw, fixed, grid, str(config_path or ""))
+    config = _resolve_base(raw, fixed, grid, str(config_path or ""), config_mod.command_line_origins(list(overrides)))
     plan = Plan(name=_sweep_name(name, config), config=config, fixed=fixed, grid=grid, seeds=parse_seeds(seeds),
                 base_config=str(config_path) if config_path is not None else None)
     return plan.validate()
 
 
-SWEEP_FILE_KEYS = {"name", "base", "fixed", "grid", "seeds", "slurm"}  # slurm: read by bnctl.launchers
+# slurm: read by bnctl.launchers; study: the claim and estimand a study section declares (bnctl.studyspec)
+SWEEP_FILE_KEYS = {"name", "base", "fixed", "grid", "seeds", "slurm", "study", "lr_scaling"}
+LR_SCALING_RULES = {"linear": 1.0, "sqrt": 0.5}  # rule -> exponent of batch / reference_batch
+
+
+def scaled_lr(base_lr: float, batch_size: int, scaling: dict[str, Any]) -> float:
+    """base_lr * (batch_size / reference_batch) ** exponent, rounded to 6 significant digits for readable configs."""
+    lr = base_lr * (batch_size / scaling["reference_batch"]) ** LR_SCALING_RULES[scaling["rule"]]
+    return float(f"{lr:.6g}")
+
+
+def _check_lr_scaling(raw: Any, grid: dict[str, list[Any]], fixed: dict[str, Any], source: str) -> dict[str, Any] | None:
+    """lr_scaling: {rule: linear|sqrt, reference_batch: B0}; needs a swept train.batch_size and an unswept lr."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"rule", "reference_batch"}:
+        raise ConfigError(f"{source}: lr_scaling must be a mapping with exactly rule ({'|'.join(LR_SCALING_RULES)}) "
+                          "and reference_batch")
+    if raw["rule"] not in LR_SCALING_RULES:
+        raise ConfigError(f"{source}: lr_scaling.rule must be one of {', '.join(LR_SCALING_RULES)} "
+                          f"(got {raw['rule']!r})")
+    ref = raw["reference_batch"]
+    if isinstance(ref, bool) or not isinstance(ref, int) or ref < 1:
+        raise ConfigError(f"{source}: lr_scaling.reference_batch must be a positive integer (got {ref!r})")
+    if "train.batch_size" not in grid:
+        raise ConfigError(f"{source}: lr_scaling scales the lr with train.batch_size, which the grid must sweep")
+    if "optimizer.lr" in grid:
+        raise ConfigError(f"{source}: lr_scaling sets each cell's optimizer.lr; do not sweep optimizer.lr too")
+    return {"rule": raw["rule"], "reference_batch": ref}
 
 
 def plan_from_file(path: Path, extra_overrides: Sequence[str] = ()) -> Plan:
     """A plan from a sweep file (name, base, fixed, grid, seeds); extra KEY=v overrides add to fixed.
 
-    ``base`` is a config path (relative to the sweep file, else to the working directory)
-    or an inline mapping. An extra KEY=a,b override sweeps that key too.
+    ``base`` is a config path (relative to the sweep file, else to the working directory), a
+    built-in config's name (quickstart, seed) or an inline mapping. An extra KEY=a,b override sweeps that key too.
     """
     path = Path(path)
     spec = config_mod.read_yaml(path)
@@ -305,11 +345,11 @@ def plan_from_file(path: Path, extra_overrides: Sequence[str] = ()) -> Plan:
                           f"a sweep file has {', '.join(sorted(SWEEP_FILE_KEYS))}")
     base, base_path = spec.get("base"), None
     if isinstance(base, str):
-        candidates = [path.parent / base, Path(base)]
-        found = next((p for p in candidates if p.is_file()), None)
-        if found is None:
-            raise ConfigError(f"sweep file {path}: base config {base} not found (looked next to the sweep file "
-                              "and in the working directory)")
+        try:
+            found = configfiles.resolve(base, relative_to=path.parent)
+        except ConfigError:
+            raise ConfigError(f"sweep file {path}: base config {base} not found (looked next to the sweep file, "
+                              "in the working directory and among the built-in configs: bnctl config list)") from None
         raw, base_path = config_mod.read_yaml(found) or {}, str(found)
     elif isinstance(base, dict) or base is None:
         raw = copy.deepcopy(base) or {}
@@ -330,9 +370,17 @@ def plan_from_file(path: Path, extra_overrides: Sequence[str] = ()) -> Plan:
     for key in extra_grid:
         fixed.pop(key, None)
     grid |= _check_grid(extra_grid, "overrides")
-    config = _resolve_base(raw, fixed, grid, str(base_path or path))
+    lr_scaling = _check_lr_scaling(spec.get("lr_scaling"), grid, fixed, f"sweep file {path}")
+    if "study" in spec:  # a study section's declaration: validated here, so a bad one fails before anything runs
+        from bnctl import studyspec
+
+        studyspec.check_against_grid(studyspec.parse(spec["study"], f"sweep file {path}"), grid,
+                                     f"sweep file {path}")
+    origins = {k: f"{path}'s fixed: {k}" for k in spec.get("fixed") or {}}
+    origins |= config_mod.command_line_origins(list(extra_overrides))
+    config = _resolve_base(raw, fixed, grid, str(base_path or path), origins)
     plan = Plan(name=_sweep_name(spec.get("name"), config), config=config, fixed=fixed, grid=grid,
-                seeds=parse_seeds(spec.get("seeds", 1)), base_config=base_path)
+                seeds=parse_seeds(spec.get("seeds", 1)), base_config=base_path, lr_scaling=lr_scaling)
     return plan.validate()
 
 

@@ -52,7 +52,7 @@ def _run_info(run_dir: Path) -> dict[str, Any]:
 # Keys that never change what a run learns or measures: bookkeeping, speed, extra outputs.
 NON_EXPERIMENT_KEYS = {"name", "device", "data.download", "train.channels_last", "train.compile",
                        "train.diagnostics", "train.diagnostics_every", "train.tensorboard", "train.eval_train"}
-_BATCH_STAT_NORMS = ("batch", "batch_manual", "ghost")
+_BATCH_STAT_NORMS = ("batch", "batch_manual", "ghost", "noisy_batch")
 _synthetic = lambda c: c.get("data.name", "synthetic") == "synthetic"  # noqa: E731
 # Keys that matter only for some settings (the rest of the time any value gives the same run).
 APPLIES = {
@@ -63,6 +63,8 @@ APPLIES = {
     "model.fc_norm": lambda c: c.get("model.name", "seed_cnn") == "seed_cnn",
     "model.virtual_batch_size": lambda c: c.get("model.norm") == "ghost",
     "model.groups": lambda c: c.get("model.norm") == "group",
+    "model.bn_noise_mean": lambda c: c.get("model.norm") == "noisy_batch",
+    "model.bn_noise_std": lambda c: c.get("model.norm") == "noisy_batch",
     "model.bn_momentum": lambda c: c.get("model.norm", "batch") in _BATCH_STAT_NORMS,
     "model.bn_track_running_stats": lambda c: c.get("model.norm", "batch") in _BATCH_STAT_NORMS,
     "model.bn_eps": lambda c: c.get("model.norm") != "none",
@@ -132,7 +134,7 @@ def _run_title(run_dir: Path, width: int = 120) -> str:
     return run_title(config_mod.read_yaml(cfg_path) or {}, run_dir.name, width)
 
 
-def _num_classes(run_dir: Path) -> int | None:
+def num_classes(run_dir: Path) -> int | None:
     """Classes of a run's data: run.json records them; the built-in datasets have 10."""
     n = _run_info(run_dir).get("num_classes")
     if isinstance(n, int) and n > 0:
@@ -143,7 +145,7 @@ def _num_classes(run_dir: Path) -> int | None:
     return 10 if name in ("synthetic", "cifar10") else None
 
 
-def _accuracy_axis(ax, values: list[float], chance: float | None) -> None:
+def accuracy_axis(ax, values: list[float], chance: float | None) -> None:
     """Chance as a line, and a y-range of at least 20 points around data and chance, so noise at
     chance level stays flat instead of filling the panel like a learning curve."""
     values = [v for v in values if v is not None and math.isfinite(v)]
@@ -157,6 +159,17 @@ def _accuracy_axis(ax, values: list[float], chance: float | None) -> None:
         hi = min(100.0, lo + 20)
         lo = max(0.0, hi - 20)
     ax.set_ylim(lo, hi)
+
+
+def integer_axis(ax, values: list[int]) -> None:
+    """x ticks at whole numbers (epochs, steps) only; a span under 2 gets a margin of a half, since
+    matplotlib would otherwise tick one epoch at 0.98, 1.00, 1.02."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    values = [v for v in values if v is not None]
+    if values and max(values) - min(values) < 2:
+        ax.set_xlim(min(values) - 0.5, max(values) + 0.5)
 
 
 def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
@@ -178,9 +191,9 @@ def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
                      label="train (eval mode)")
         ax_acc.plot(epochs, [r["clean_train_acc"] for r in rows], marker=marker, ls="--", color=CLEAN_COLOR,
                     label="train (eval mode)")
-    classes = _num_classes(run_dir)
+    classes = num_classes(run_dir)
     chance = 100.0 / classes if classes else None
-    _accuracy_axis(ax_acc, [r[k] for r in rows for k in ("train_acc", "test_acc", "clean_train_acc")
+    accuracy_axis(ax_acc, [r[k] for r in rows for k in ("train_acc", "test_acc", "clean_train_acc")
                             if r.get(k) is not None], chance)
     if classes and classes > 1:
         ax_loss.axhline(math.log(classes), color="0.45", lw=1.0, ls=":", zorder=0,
@@ -200,7 +213,7 @@ def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
         ax.legend()
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        integer_axis(ax, epochs)
     fig.suptitle(_run_title(run_dir), fontsize=10)
     fig.tight_layout()
     return _save(fig, out or run_dir / "curves.png")
@@ -298,7 +311,7 @@ def plot_diagnostics(run_dir: Path, out: Path | None = None) -> Path | None:
             ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
         if stat == "dead_frac":  # a share: the full 0..1 range, so one unit dying does not fill the panel
             ax.set_ylim(-0.03, 1.03)
-        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        integer_axis(ax, [r["step"] for r in rows])
         for start in sorted(epoch_starts.values())[1:] if len(epoch_starts) <= 30 else []:
             ax.axvline(start, color="0.75", lw=0.7, ls="--", zorder=0)  # epoch boundaries
         ax.set_title(title, fontsize=9.5)
@@ -466,15 +479,15 @@ def plot_compare(runs: list[dict[str, Any]], out: Path) -> Path:
         ax_loss.yaxis.set_major_locator(ticker.LogLocator(subs=subs))
         ax_loss.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax_loss.yaxis.set_minor_formatter(ticker.NullFormatter())
-    classes = {_num_classes(Path(run["dir"])) for run in runs}
+    classes = {num_classes(Path(run["dir"])) for run in runs}
     chance = 100.0 / classes.pop() if len(classes) == 1 and None not in classes else None
-    _accuracy_axis(ax_acc, [r[k] for run in runs for r in run["rows"] for k in ("train_acc", "test_acc")], chance)
+    accuracy_axis(ax_acc, [r[k] for run in runs for r in run["rows"] for k in ("train_acc", "test_acc")], chance)
     ax_loss.set(title="Loss (solid: test, dashed: train" + ("; log scale)" if log_loss else ")"),
                 xlabel="epoch", ylabel="cross-entropy")
     ax_acc.set(title="Accuracy (solid: test, dashed: train; dotted: chance)" if chance else
                "Accuracy (solid: test, dashed: train)", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        integer_axis(ax, [r["epoch"] for run in runs for r in run["rows"]])
     handles, labels = ax_loss.get_legend_handles_labels()  # the runs only (the chance line is on ax_acc)
     # One run per line reads in order; two columns only once the list gets long.
     fig.legend(handles, labels, loc="outside lower center", ncol=1 if len(labels) <= 5 else 2, fontsize=9)

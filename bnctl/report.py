@@ -27,6 +27,9 @@ METRICS = [
     ("final_test_loss", "final test loss", 4),
     ("gap", "train-test gap (points)", 2),  # clean (eval-mode) train acc - test acc; needs train.eval_train
 ]
+# The values a metric can take: a 95% t-interval over few seeds can reach past them, and is then drawn cut
+# there (the numbers are never cut). The gap is a difference of two accuracies.
+METRIC_RANGE = {"final_test_acc": (0.0, 100.0), "best_test_acc": (0.0, 100.0), "gap": (-100.0, 100.0)}
 # Keys whose values are drawn on a log axis: rates and scales are chosen log-spaced.
 LOG_KEYS = ("lr", "init_scale", "init_std", "weight_decay", "min_lr", "bn_eps", "batch_size")
 FINISHED = ("completed", "diverged")  # statuses that are results; anything else is missing
@@ -173,12 +176,17 @@ def draw_metric_vs_key(ax, data: SweepData, all_cells: list[Cell], key: str, met
     lines: dict[tuple, list[Cell]] = {}
     for c in all_cells:
         lines.setdefault(tuple(c.values[k] for k in others), []).append(c)
-    drawn = False
+    drawn = clipped = False
+    lo_cap, hi_cap = METRIC_RANGE.get(metric, (-math.inf, math.inf))
     diverged: dict[Any, list[str]] = {}  # x -> the lines whose cell there diverged in every finished run
     for group, members in lines.items():
         pts = sorted((c.values[key], c.stats[metric]) for c in members if c.stats[metric].n)
         if pts:
-            ax.errorbar([x for x, _ in pts], [s.mean for _, s in pts], yerr=[s.half_width or 0.0 for _, s in pts],
+            # The bar is drawn within the metric's possible range; the interval itself (table, summary.csv) is not cut.
+            below = [s.mean - max(s.lo, lo_cap) if s.lo is not None else 0.0 for _, s in pts]
+            above = [min(s.hi, hi_cap) - s.mean if s.hi is not None else 0.0 for _, s in pts]
+            clipped |= any(s.lo is not None and (s.lo < lo_cap or s.hi > hi_cap) for _, s in pts)
+            ax.errorbar([x for x, _ in pts], [s.mean for _, s in pts], yerr=[below, above],
                         marker="o", capsize=3, label=_label(dict(zip(others, group)), others))
             drawn = True
         for c in members:  # a cell whose finished runs all diverged has no mean: name it at its x, not a hole
@@ -200,7 +208,16 @@ def draw_metric_vs_key(ax, data: SweepData, all_cells: list[Cell], key: str, met
                           "bars: 95% t-interval", fontsize=10)
     if drawn and (others or len(lines) > 1):
         ax.legend(fontsize=8)
+    if clipped:
+        clip_note(ax, "bars", lo_cap, hi_cap)
     return drawn
+
+
+def clip_note(ax, what: str, lo: float, hi: float) -> None:
+    """Say under the axes that some interval was drawn cut at the metric's possible range."""
+    ax.annotate(f"{what} cut at {lo:g}% and {hi:g}% where a 95% interval reaches beyond (report.md and "
+                "summary.csv give it uncut)", (0.5, 0), xycoords="axes fraction",
+                xytext=(0, -30), textcoords="offset points", ha="center", va="top", fontsize=7.5, color="0.3")
 
 
 def plot_metric_vs_key(data: SweepData, all_cells: list[Cell], key: str, out: Path,
@@ -230,12 +247,12 @@ def _epoch_series(run_dir: Path, column: str) -> dict[int, float]:
 
 def plot_cell_curves(data: SweepData, all_cells: list[Cell], out: Path, column: str = "test_acc") -> Path | None:
     """Mean ± 95% t-band over epochs per cell, from each finished run's metrics.csv."""
-    from bnctl.plotting import _pyplot, _save
+    from bnctl.plotting import _pyplot, _save, num_classes
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     colors = plt.get_cmap("tab10" if len(all_cells) <= 10 else "tab20")
-    drawn = 0
+    drawn, clipped, all_epochs, values, classes = 0, False, [], [], set()
     for i, c in enumerate(all_cells):
         per_run = [_epoch_series(data.dir / "runs" / r["run"], column) for r in c.runs if r["status"] in FINISHED]
         epochs = sorted({e for s in per_run for e in s})
@@ -248,20 +265,32 @@ def plot_cell_curves(data: SweepData, all_cells: list[Cell], out: Path, column: 
         # An accuracy's t-interval can cross 0 or 100 with few seeds; the drawn band stops at the possible range.
         lo_cap, hi_cap = (0.0, 100.0) if column.endswith("acc") else (-math.inf, math.inf)
         band = [(e, max(s.lo, lo_cap), min(s.hi, hi_cap)) for e, s in zip(epochs, sums) if s.lo is not None]
+        clipped |= any(s.lo is not None and (s.lo < lo_cap or s.hi > hi_cap) for s in sums)
         if band:
             ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], color=color, alpha=0.15)
         drawn += 1
+        all_epochs += epochs
+        values += [s.mean for s in sums] + [v for b in band for v in b[1:]]
+        classes |= {num_classes(data.dir / "runs" / r["run"]) for r in c.runs if r["status"] in FINISHED}
     if not drawn:
         plt.close(fig)
         return None
-    from matplotlib.ticker import MaxNLocator
+    from bnctl.plotting import accuracy_axis, integer_axis
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if column.endswith("acc"):  # the level of a network that learned nothing, as in the other figures
+        if classes == {None}:  # runs without run.json or config.yaml: the plan's data says it
+            name = ((data.plan.get("config") or {}).get("data") or {}).get("name", "synthetic")
+            classes = {10} if name in ("synthetic", "cifar10") else classes
+        chance = 100.0 / classes.pop() if len(classes) == 1 and None not in classes else None
+        accuracy_axis(ax, values, chance)
+        if clipped:
+            clip_note(ax, "bands", 0.0, 100.0)
+    integer_axis(ax, all_epochs)
     ax.set_xlabel("epoch")
     ax.set_ylabel(column.replace("_", " ") + (" %" if column.endswith("acc") else ""))
     ax.set_title(f"{data.name}: {column.replace('_', ' ')} per cell, mean over seeds, band: 95% t-interval",
                  fontsize=10)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))  # cells, and the chance line
     return _save(fig, out)
 
 
@@ -333,5 +362,9 @@ def _write_markdown(data: SweepData, all_cells: list[Cell], header, body, figure
         lines += [f"- {line}" for line in missing_lines(missing)] + [""]
     for fig in figures:
         lines += [f"![{fig.stem}]({Path(fig).relative_to(path.parent)})", ""]
+    if figures:
+        lines += ["The figures draw each 95% interval only within the values the metric can take (0-100% for an "
+                  "accuracy), saying so on a figure where one is cut; the table above and summary.csv give the "
+                  "intervals uncut.", ""]
     rundir.atomic_write_text(path, "\n".join(lines))
     return path

@@ -26,6 +26,7 @@ METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 RUN_INFO_FILE = "run.json"
 DIAGNOSTICS_FILE = "diagnostics.csv"
+LANDSCAPE_FILE = "landscape.csv"  # train.landscape: loss-landscape and ICS probes
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
 
@@ -114,12 +115,13 @@ def eval_output_name(result: dict[str, Any], requested_recalibration: int | None
 
     running, batch-bs4, recal-2000 (recal-2000-bs32 with an explicit recalibration batch size);
     a checkpoint other than best.pt prefixes its own name (last-running), so results never overwrite
-    one another unless they measure the same thing.
+    one another unless they measure the same thing. The recalibration's count is of the images it
+    used: whole batches, so --recalibrate 100 in batches of 8 is recal-104-bs8.
     """
     if result.get("bn_mode") == "batch":
         stem = f"batch-bs{result.get('batch_size')}"
     elif "recalibration" in result:
-        stem = f"recal-{requested_recalibration or result['recalibration']['images']}"
+        stem = f"recal-{result['recalibration']['images']}"
         if recalibrate_batch_size:
             stem += f"-bs{recalibrate_batch_size}"
     else:
@@ -286,6 +288,8 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
     best_test_acc, best_epoch, final_test_acc, wall_time_s. Folders without config.yaml are not runs.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root} is a file, not a folder; give a folder of runs (e.g. runs) or one run directory")
     if not root.is_dir():
         raise ConfigError(f"runs folder not found: {root}")
     if (root / CONFIG_FILE).is_file():

@@ -17,13 +17,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bnctl import report, rundir, stats, verdicts
+from bnctl import configfiles, report, rundir, stats, studyspec, verdicts
 from bnctl.errors import ConfigError, InterruptedRun
 
 STUDY_FILE, REPORT_FILE, EVAL_FILE, SWEEPS_DIR, FIGURES_DIR = (
     "study.json", "REPORT.md", "notebook_eval.csv", "sweeps", "figures")
 PROFILES = {  # profile -> images used to recalibrate BN in section 5, and the hardware its budget is sized for
-    "quick": {"recalibrate": 2000, "sized_for": "cpu"},
+    "quick": {"recalibrate": 2000, "sized_for": "cpu"},  # synthetic shapes, ~5 min on 2 idle cores
+    "laptop": {"recalibrate": 2000, "sized_for": "cpu"},  # CIFAR-10 (or an image folder), ~20 min on 2 idle cores
     "full": {"recalibrate": 10000, "sized_for": "gpu"},
 }
 NOTEBOOK = {"train.batch_size": 4, "model.norm": "batch"}  # section 5 evaluates the BN runs at the notebook's batch
@@ -32,7 +33,7 @@ EVAL_BATCH = 4  # the notebook's test batch size
 
 @dataclass(frozen=True)
 class Section:
-    key: str  # also the sweep file's stem in configs/studies/<profile>/
+    key: str  # also the sweep file's stem in bnctl/configs/studies/<profile>/
     title: str
     question: str
 
@@ -53,29 +54,37 @@ NOTEBOOK_SECTION = Section("notebook_eval", "5. The notebook's evaluation",
 
 
 def studies_dir() -> Path:
-    """configs/studies of this checkout (beside the package), else of the working directory."""
-    here = Path(__file__).resolve().parent.parent / "configs" / "studies"
-    return here if here.is_dir() else Path("configs/studies")
+    """The packaged profiles' sweep files (bnctl/configs/studies)."""
+    return configfiles.STUDIES_DIR
 
 
 def sweep_file(profile: str, key: str, root: Path | None = None) -> Path:
     path = (root or studies_dir()) / profile / f"{key}.yaml"
     if not path.is_file():
-        raise ConfigError(f"study sweep file {path} not found (run from the bnctl checkout, or pass --studies DIR)")
+        raise ConfigError(f"study sweep file {path} not found (a --studies DIR holds one folder per profile, "
+                          f"each with {', '.join(s.key + '.yaml' for s in SECTIONS)})")
     return path
 
 
 # ------------------------------------------------------------------ creating and resuming a study
+
+def plan(profile: str, overrides: Sequence[str], studies: Path | None = None) -> dict[str, Any]:
+    """Section key -> the validated sweep plan of each section of the profile (nothing is created)."""
+    from bnctl import sweep
+
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
+    return {s.key: sweep.plan_from_file(sweep_file(profile, s.key, studies), list(overrides)) for s in SECTIONS}
+
 
 def create(profile: str, overrides: Sequence[str], root: Path = Path("runs/studies"),
            studies: Path | None = None) -> Path:
     """Validate every sweep of the profile, then create the study directory and its sweeps (nothing runs yet)."""
     from bnctl import sweep
 
-    if profile not in PROFILES:
-        raise ConfigError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
     # Every cell of every sweep is validated before anything is created: a bad override fails in a second.
-    plans = {s.key: sweep.plan_from_file(sweep_file(profile, s.key, studies), list(overrides)) for s in SECTIONS}
+    plans = plan(profile, overrides, studies)
+    declared = {s.key: studyspec.dump(declared_estimands(sweep_file(profile, s.key, studies))) for s in SECTIONS}
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.now():%Y%m%d-%H%M%S}-claims-{profile}"
@@ -90,9 +99,24 @@ def create(profile: str, overrides: Sequence[str], root: Path = Path("runs/studi
         raise ConfigError(f"could not create a new study directory under {root}")
     sweeps = {key: str(sweep.create(plan, path / SWEEPS_DIR).relative_to(path)) for key, plan in plans.items()}
     rundir.write_json(path / STUDY_FILE, {"profile": profile, "overrides": list(overrides), "sweeps": sweeps,
+                                          "estimands": declared,
                                           "created": datetime.now().isoformat(timespec="seconds"),
                                           "wall_time_s": 0.0})
     return path
+
+
+def declared_estimands(path: Path) -> list:
+    """The estimands a section's sweep file declares under study: (validated; an empty list if it declares none)."""
+    from bnctl import config as config_mod
+
+    raw = config_mod.read_yaml(path)
+    return studyspec.parse((raw or {}).get("study"), f"sweep file {path}")
+
+
+def estimands(study_dir: Path) -> dict[str, list]:
+    """Section key -> its declared estimands, as recorded when the study was created."""
+    info = rundir.read_json(Path(study_dir) / STUDY_FILE)
+    return {key: studyspec.parse(raw, f"{study_dir / STUDY_FILE}") for key, raw in (info.get("estimands") or {}).items()}
 
 
 def read(study_dir: Path) -> dict[str, Any]:

@@ -10,7 +10,8 @@ import pytest
 from bnctl import config as C
 from bnctl.errors import ConfigError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bnctl" / "configs"
 
 
 def test_defaults_validate_and_round_trip():
@@ -89,7 +90,96 @@ def test_to_yaml_reloads_to_the_same_config(tmp_path):
     assert C.load(path) == cfg
 
 
-def test_readme_documents_every_config_key():
-    readme = (CONFIGS.parent / "README.md").read_text()
-    missing = [k for k in C.flatten(C.to_dict(C.load(None))) if f"`{k}`" not in readme]
-    assert not missing, f"README's config reference lacks {missing}"
+def test_override_error_says_it_came_from_the_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer:\n  lr: 0.001\n")
+    with pytest.raises(ConfigError) as err:
+        C.load(path, ["optimiser.lr=0.01"])
+    msg = str(err.value)
+    # The file is fine: the header must not blame it, and the line names the override as typed.
+    assert not msg.startswith("invalid config")
+    assert msg.splitlines()[0] == f"invalid override for config {path}:"
+    assert "optimiser: unknown key; did you mean 'optimizer'? (from the command line: optimiser.lr=0.01)" in msg
+    # A bad value given on the command line is attributed the same way.
+    with pytest.raises(ConfigError, match=r"optimizer\.lr: .*greater than 0.*from the command line: optimizer\.lr=-1"):
+        C.load(path, ["optimizer.lr=-1"])
+
+
+def test_file_error_is_not_blamed_on_the_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        C.load(path, ["train.epochs=3", "train.batch_sise=8"])
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"invalid config {path}:"  # the file has an error of its own
+    assert "  optimizer.lrr: unknown key; did you mean 'lr'?" in lines  # no "(from ...)" on the file's line
+    assert ("  train.batch_sise: unknown key; did you mean 'batch_size'? (from the command line: "
+            "train.batch_sise=8)") in lines
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("optimizer.learning_rate=0.01", "optimizer.learning_rate: unknown key; did you mean 'lr'?"),
+    ("train.num_epochs=3", "train.num_epochs: unknown key; did you mean 'epochs'?"),
+    ("train.bs=8", "train.bs: unknown key; did you mean 'batch_size'?"),
+    ("optimizer.wd=0.1", "optimizer.wd: unknown key; did you mean 'weight_decay'?"),
+    ("model.normalization=group", "model.normalization: unknown key; did you mean 'norm'?"),
+    ("model.num_groups=4", "model.num_groups: unknown key; did you mean 'groups'?"),
+    ("model.momentum=0.01", "model.momentum: unknown key; did you mean 'bn_momentum'?"),
+    ("data.data_dir=/x", "data.data_dir: unknown key; did you mean 'root'?"),
+    # The right key in the wrong section: the dotted path where it lives.
+    ("train.lr=0.1", "train.lr: unknown key; did you mean 'optimizer.lr'?"),
+    ("lr=0.1", "lr: unknown key; did you mean 'optimizer.lr'?"),
+    ("optimizer.learningrate=0.1", "did you mean 'lr'?"),
+])
+def test_unknown_key_suggests_the_bnctl_name_of_a_common_synonym(override, suggestion):
+    with pytest.raises(ConfigError) as err:
+        C.load(None, [override])
+    assert suggestion in str(err.value)
+
+
+def test_no_suggestion_for_a_key_nothing_resembles():
+    with pytest.raises(ConfigError) as err:
+        C.load(None, ["optimizer.zzzqqq=1"])
+    assert "optimizer.zzzqqq: unknown key (from the command line" in str(err.value)
+
+
+def test_synonyms_point_at_keys_that_exist():
+    sections = {name: f.annotation for name, f in C.Config.model_fields.items()
+                if isinstance(f.annotation, type) and issubclass(f.annotation, C.BaseModel)}
+    every_key = set(C.Config.model_fields) | {k for m in sections.values() for k in m.model_fields}
+    assert set(C.SYNONYMS) <= every_key
+    # A synonym is never itself a key of the section it is suggested in (it would shadow a real key).
+    for target, aliases in C.SYNONYMS.items():
+        for model in [C.Config, *sections.values()]:
+            if target in model.model_fields:
+                assert not set(aliases) & set(model.model_fields), (target, aliases)
+
+
+def test_sweep_override_errors_name_their_source(tmp_path):
+    from bnctl import plan
+
+    with pytest.raises(ConfigError) as err:
+        plan.plan_inline(None, ["optimiser.lr=0.01", "model.norm=batch,none"])
+    assert "(from the command line: optimiser.lr=0.01)" in str(err.value)
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("fixed: {optimizer.learning_rate: 0.01}\ngrid: {model.norm: [batch, none]}\n")
+    with pytest.raises(ConfigError) as err:
+        plan.plan_from_file(sweep)
+    assert (f"optimizer.learning_rate: unknown key; did you mean 'lr'? (from {sweep}'s fixed: "
+            "optimizer.learning_rate)") in str(err.value)
+    sweep.write_text("grid: {model.norm: [batch, none]}\n")
+    with pytest.raises(ConfigError, match=r"\(from the command line: train\.epoch=2\)"):
+        plan.plan_from_file(sweep, ["train.epoch=2"])
+
+
+def test_a_section_given_as_a_mapping_merges_into_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  width: 0.5\n  dropout: 0.3\ntrain:\n  epochs: 7\n")
+    cfg = C.load(path, ["model={norm: none}"])
+    assert (cfg.model.norm, cfg.model.width, cfg.model.dropout, cfg.train.epochs) == ("none", 0.5, 0.3, 7)
+    raw = {"model": {"width": 0.5}}
+    C.apply_overrides(raw, {"model": {"norm": "none"}, "data.mean": [0.4, 0.4, 0.4]})
+    assert raw == {"model": {"width": 0.5, "norm": "none"}, "data": {"mean": [0.4, 0.4, 0.4]}}
+    # A list is a value, not a section: it is replaced whole.
+    C.apply_overrides(raw, {"data": {"mean": [0.1, 0.2, 0.3]}})
+    assert raw["data"]["mean"] == [0.1, 0.2, 0.3]

@@ -133,7 +133,7 @@ def test_python_dash_m_entry_point():
 
 
 def test_seed_config_fails_offline_with_one_clear_line(cli, tmp_path):
-    seed = Path(__file__).resolve().parents[1] / "configs" / "seed.yaml"
+    seed = Path(__file__).resolve().parents[1] / "bnctl" / "configs" / "seed.yaml"
     result = cli("train", "--config", seed, f"data.root={tmp_path / 'nodata'}", "--runs-root", tmp_path / "runs")
     assert result.exit_code != 0
     assert "CIFAR-10 not found" in result.output and "data.download=true" in result.output

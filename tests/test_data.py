@@ -112,7 +112,7 @@ def test_cifar10_missing_says_where_it_looked(tmp_path):
 
 def test_cifar10_trains_end_to_end(tmp_path, cli):
     write_cifar(tmp_path / "data", per_batch=16)
-    result = cli("train", "--config", Path(__file__).resolve().parents[1] / "configs" / "seed.yaml",
+    result = cli("train", "--config", Path(__file__).resolve().parents[1] / "bnctl" / "configs" / "seed.yaml",
                  f"data.root={tmp_path / 'data'}", "train.epochs=1", "device=cpu", "--runs-root", tmp_path / "runs")
     assert result.exit_code == 0, result.output
     (run,) = (tmp_path / "runs").iterdir()
@@ -141,7 +141,7 @@ def test_imagefolder_loads_and_resizes(tmp_path):
 
 def test_imagefolder_trains_with_its_own_class_count(tmp_path, cli):
     write_image_folder(tmp_path / "imgs", per_class=6)
-    result = cli("train", "--config", Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml",
+    result = cli("train", "--config", Path(__file__).resolve().parents[1] / "bnctl" / "configs" / "quickstart.yaml",
                  "data.name=imagefolder", f"data.root={tmp_path / 'imgs'}", "train.epochs=1",
                  "train.batch_size=4", "data.augment=none", "device=cpu", "--runs-root", tmp_path / "runs")
     assert result.exit_code == 0, result.output

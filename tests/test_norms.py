@@ -291,7 +291,8 @@ def test_group_and_instance_norm_follow_the_config():
 @pytest.mark.parametrize("name", sorted(set(NORMS) - {"none"}))
 def test_every_norm_takes_eps_and_affine_from_the_config(name, affine):
     """bn_eps and bn_affine reach every norm, whichever value the layer's own default has."""
-    cfg = ModelConfig(norm=name, bn_eps=0.25, bn_affine=affine, groups=2)
+    noise = {"bn_noise_mean": 0.0, "bn_noise_std": 0.0} if name == "noisy_batch" else {}  # noise off: plain BN
+    cfg = ModelConfig(norm=name, bn_eps=0.25, bn_affine=affine, groups=2, **noise)
     module = make_norm(cfg, 4, 2)
     assert module.eps == 0.25
     assert (module.weight is not None, module.bias is not None) == (affine, affine)
@@ -434,3 +435,45 @@ def test_ghost_without_running_statistics_normalizes_a_whole_eval_batch_at_once(
     x = _batch(2, seed=5, n=10)
     torch.testing.assert_close(ghost(x), F.batch_norm(x, None, None, training=True, eps=ghost.eps))
     assert ghost(x[:9]).shape[0] == 9  # 4 + 4 + 1 would be a chunk of one image
+
+
+# ---------------------------------------------------------------- noisy BN (Santurkar et al. 2018, section 2.1)
+
+def test_noisy_batch_norm_shifts_each_channel_by_fresh_noise_every_step():
+    from bnctl.norms import NoisyBatchNorm
+    torch.manual_seed(0)
+    noisy = make_norm(ModelConfig(norm="noisy_batch", bn_noise_mean=0.5, bn_noise_std=1.0), 8, 2)
+    plain = nn.BatchNorm2d(8)
+    assert isinstance(noisy, NoisyBatchNorm) and uses_batch_stats(noisy)
+    x = torch.randn(2, 8, 100, 100) * 3 + 1
+    means, stds = [], []
+    with torch.no_grad():
+        for _ in range(40):  # one forward pass per training step
+            noise = noisy(x) - plain(x)
+            means.append(noise.mean(dim=(0, 2, 3)))
+            stds.append(noise.std(dim=(0, 2, 3)))
+    mu, sigma = torch.stack(means), torch.stack(stds)  # (steps, channels); 20,000 values per estimate
+    # mu_c ~ U(-0.5, 0.5) and sigma_c ~ U(0, 1): inside the bounds, filling them, different at every step
+    assert mu.abs().max() < 0.5 + 0.03 and mu.max() > 0.4 and mu.min() < -0.4
+    assert sigma.max() < 1.0 + 0.03 and sigma.max() > 0.9 and sigma.min() < 0.1
+    assert abs(mu.mean()) < 0.1 and abs(sigma.mean() - 0.5) < 0.1
+    assert (mu[1:] - mu[:-1]).abs().min() > 0 and mu[0].std() > 0.1  # fresh each step, independent per channel
+    # Running statistics are BN's own (of the input); eval mode adds nothing.
+    torch.testing.assert_close(noisy.running_mean, plain.running_mean)
+    torch.testing.assert_close(noisy.running_var, plain.running_var)
+    noisy.eval(), plain.eval()
+    torch.testing.assert_close(noisy(x), plain(x), rtol=0, atol=0)
+    assert set(noisy.state_dict()) == set(plain.state_dict())  # its checkpoints are BatchNorm's
+
+
+def test_noisy_batch_norm_is_reproducible_and_its_settings_belong_to_it():
+    from bnctl import config as C
+    layer = make_norm(ModelConfig(norm="noisy_batch"), 4, 1)
+    x = torch.randn(16, 4)
+    torch.manual_seed(3)
+    a = layer(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(layer(x), a, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="apply only to model.norm=noisy_batch"):
+        C.validate({"model": {"norm": "batch", "bn_noise_std": 2.0}})
+    assert C.validate({"model": {"norm": "noisy_batch", "bn_noise_std": 2.0}}).model.bn_noise_std == 2.0

@@ -93,3 +93,78 @@ def test_a_cell_whose_runs_all_diverged_is_marked_in_the_figure(tmp_path):
     fig, ax = _pyplot().subplots()
     assert report.draw_metric_vs_key(ax, data, report.cells(data), "optimizer.lr")
     assert [t.get_text() for t in ax.texts] == ["diverged: norm=batch; norm=none"]
+
+
+def _keep_figures(monkeypatch) -> dict:
+    from pathlib import Path
+
+    from bnctl import plotting
+
+    figs, real_save = {}, plotting._save
+
+    def keep(fig, out):
+        figs[Path(out).name] = fig
+        return real_save(fig, out)
+
+    monkeypatch.setattr(plotting, "_save", keep)
+    return figs
+
+
+def _visible_xticks(ax) -> list[float]:
+    lo, hi = ax.get_xlim()
+    return [float(t) for t in ax.get_xticks() if lo <= t <= hi]
+
+
+def test_curves_test_acc_draws_the_chance_line_and_whole_epochs(sweep, monkeypatch):
+    figs = _keep_figures(monkeypatch)
+    report.build(sweep)
+    ax = figs["curves_test_acc.png"].axes[0]
+    chance = [line for line in ax.get_lines() if line.get_label().startswith("chance")]
+    assert len(chance) == 1 and list(chance[0].get_ydata()) == [10.0, 10.0]  # 100% / 10 classes
+    assert _visible_xticks(ax) == [1.0, 2.0, 3.0]
+
+
+def test_a_one_epoch_sweep_gets_whole_epoch_ticks(tmp_path, monkeypatch):
+    def result(o, seed):
+        acc = 50.0 + seed
+        return {"status": "completed", "epochs": 1, "final_test_acc": acc, "final_test_loss": 1.0, "curve": [acc]}
+
+    figs = _keep_figures(monkeypatch)
+    report.build(make_sweep(tmp_path, GRID, [0, 1], result))
+    assert _visible_xticks(figs["curves_test_acc.png"].axes[0]) == [1.0]
+
+
+def test_intervals_are_drawn_cut_at_0_and_100_and_the_numbers_are_not(tmp_path, monkeypatch):
+    import numpy as np
+
+    def result(o, seed):  # 3 seeds spread widely near 100% (BN) and near 0% (none): t-intervals pass both ends
+        acc = (99.0, 100.0, 70.0)[seed] if o["model.norm"] == "batch" else (1.0, 0.0, 30.0)[seed]
+        return {"status": "completed", "epochs": 2, "final_test_acc": acc, "best_test_acc": acc,
+                "final_test_loss": 1.0, "curve": [acc, acc]}
+
+    sweep = make_sweep(tmp_path, GRID, [0, 1, 2], result)
+    figs = _keep_figures(monkeypatch)
+    report.build(sweep)
+    rows = {r["cell"]: r for r in rundir.read_csv(sweep / "summary.csv")}
+    assert rows["norm-batch_lr-0.001"]["final_test_acc_ci_hi"] > 100  # the numbers stay as computed
+    assert rows["norm-none_lr-0.001"]["final_test_acc_ci_lo"] < 0
+    ax = figs["final_test_acc_vs_lr.png"].axes[0]
+    ys = np.concatenate([np.asarray(seg)[:, 1] for col in ax.collections for seg in col.get_segments()])
+    assert ys.max() == 100.0 and ys.min() == 0.0  # bars drawn up to the possible range, not beyond
+    assert any("cut at 0% and 100%" in t.get_text() for t in ax.texts)
+    curves = figs["curves_test_acc.png"].axes[0]
+    band = np.concatenate([p.vertices[:, 1] for col in curves.collections for p in col.get_paths()])
+    assert band.max() == 100.0 and band.min() == 0.0
+    assert any("cut at 0% and 100%" in t.get_text() for t in curves.texts)
+    assert "give the intervals uncut" in (sweep / "report.md").read_text()
+
+
+def test_figures_within_range_carry_no_cut_note(tmp_path, monkeypatch):
+    def result(o, seed):
+        acc = 60.0 + seed
+        return {"status": "completed", "epochs": 2, "final_test_acc": acc, "final_test_loss": 1.0,
+                "final_clean_train_acc": acc + 5, "curve": [acc - 5, acc]}
+
+    figs = _keep_figures(monkeypatch)
+    report.build(make_sweep(tmp_path, GRID, [0, 1, 2], result))
+    assert len(figs) == 3 and not any("cut at" in t.get_text() for fig in figs.values() for ax in fig.axes for t in ax.texts)

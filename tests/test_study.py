@@ -27,7 +27,7 @@ def tiny_studies(tmp_path: Path, grids=TINY_GRIDS, seeds=2) -> Path:
     folder.mkdir(parents=True)
     for key, grid in grids.items():
         fixed = dict(TINY_FIXED, **({"train.eval_train": True} if key == "regularization" else {}))
-        spec = {"name": f"tiny_{key}", "base": str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"),
+        spec = {"name": f"tiny_{key}", "base": str(Path(__file__).parents[1] / "bnctl" / "configs" / "quickstart.yaml"),
                 "fixed": fixed, "grid": grid, "seeds": seeds}
         (folder / f"{key}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return tmp_path / "studies"
@@ -41,7 +41,9 @@ def test_shipped_sweep_files_plan_and_validate():
         assert plans["small_batches"].grid["train.batch_size"] == [2, 4, 16, 64]
         assert {"batch", "group", "none"} <= set(plans["small_batches"].grid["model.norm"])
         assert plans["regularization"].config["train"]["eval_train"] is True
-        notebook = [r for r in plans["small_batches"].runs if r.overrides == study.NOTEBOOK]
+        notebook = [r for r in plans["small_batches"].runs if study.NOTEBOOK.items() <= r.overrides.items()]
+        # The batch-size sweep scales the lr with the batch; batch 4 keeps the notebook's 0.001.
+        assert {r.overrides["optimizer.lr"] for r in notebook} == {0.001}
         assert len(notebook) >= 3  # section 5 needs several seeds of BN at batch 4
         cfg = plans["small_batches"].config_for(notebook[0])
         assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.model.name) == ("adam", 0.001, "seed_cnn")

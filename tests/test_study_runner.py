@@ -36,7 +36,7 @@ def studies(tmp_path: Path, profile: str = "quick", seeds: int = 1, **fixed_by_k
     for key, grid in GRIDS.items():
         fixed = dict(FIXED, **({"train.eval_train": True} if key == "regularization" else {}),
                      **fixed_by_key.get(key, {}))
-        spec = {"name": f"tiny_{key}", "base": str(REPO / "configs" / "quickstart.yaml"),
+        spec = {"name": f"tiny_{key}", "base": "quickstart",
                 "fixed": fixed, "grid": grid, "seeds": seeds}
         (folder / f"{key}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return tmp_path / "studies"
@@ -124,7 +124,7 @@ def test_a_gpu_sized_profile_on_the_cpu_is_warned_about(tmp_path):
 
 def test_off_a_terminal_a_long_run_shows_it_is_alive_at_most_once_a_minute(tmp_path):
     from bnctl import sweep
-    from bnctl.commands.sweep import _SweepProgress
+    from bnctl.clikit import SweepProgress as _SweepProgress
 
     now = [0.0]
     progress = _SweepProgress(clock=lambda: now[0])

@@ -118,8 +118,25 @@ def test_sweep_file_form_reads_base_next_to_it_and_takes_extra_overrides(tmp_pat
         sweep.plan_from_file(path)
 
 
+def test_a_whole_section_in_fixed_merges_into_the_base_section(tmp_path, small):
+    # base: width 0.25, norm batch. A fixed `model: {norm: none}` must change norm only: replacing the
+    # section would silently reset width to 1.0 in every run (and its stored config would say so).
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(yaml.safe_dump({"base": "small.yaml", "fixed": {"model": {"norm": "none"}},
+                                          "grid": {"optimizer.lr": [0.001, 0.01]}}))
+    plan = sweep.plan_from_file(sweep_file)
+    assert plan.config["model"]["norm"] == "none" and plan.config["model"]["width"] == 0.25
+    for _, cfg in plan.configs():
+        assert (cfg.model.norm, cfg.model.width, cfg.model.name) == ("none", 0.25, "seed_cnn")
+    # The same on the command line, and for a swept section value.
+    inline = sweep.plan_inline(small, ["model={norm: none}", "train={epochs: 2},{epochs: 3}"])
+    configs = [cfg for _, cfg in inline.configs()]
+    assert [(c.model.norm, c.model.width, c.train.epochs, c.train.batch_size) for c in configs] == [
+        ("none", 0.25, 2, 8), ("none", 0.25, 3, 8)]
+
+
 def test_shipped_example_sweep_file_is_valid():
-    plan = sweep.plan_from_file(ROOT / "configs" / "sweeps" / "lr_tolerance.yaml")
+    plan = sweep.plan_from_file(ROOT / "bnctl" / "configs" / "sweeps" / "lr_tolerance.yaml")
     assert len(plan.runs) == len(plan.cells) * len(plan.seeds) > 1
 
 

@@ -147,7 +147,8 @@ def test_eval_of_a_run_dir_keeps_each_measurement_under_its_own_name(run_copy, c
     running = json.loads(cli("eval", run_copy, "--json").stdout)
     assert running["checkpoint"].endswith("best.pt") and running["acc"] == best["test_acc"]
     assert cli("eval", run_copy, "--bn-mode", "batch", "--batch-size", "4").exit_code == 0
-    recal = cli("eval", run_copy, "--recalibrate", "64", "--recalibrate-batch-size", "16", "--json")
+    # 60 images asked for, in batches of 16: whole batches use 64, and the file is named by those.
+    recal = cli("eval", run_copy, "--recalibrate", "60", "--recalibrate-batch-size", "16", "--json")
     assert json.loads(recal.stdout)["recalibration"] == {**json.loads(recal.stdout)["recalibration"],
                                                          "images": 64, "batch_size": 16}
     assert cli("eval", run_copy / "checkpoints" / "last.pt", "--json").exit_code == 0
@@ -508,3 +509,29 @@ def test_tables_read_whole_in_80_columns(tmp_path, run_copy, cli, monkeypatch):
     assert "…" not in compared
     for i in range(8):  # each value on one line, never folded into a different-looking number
         assert f"{0.001 * (i + 1) + 0.0005:g}" in compared.split()
+
+
+def _visible_xticks(ax) -> list[float]:
+    lo, hi = ax.get_xlim()
+    return [float(t) for t in ax.get_xticks() if lo <= t <= hi]
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_short_runs_get_whole_epoch_ticks(tmp_path, monkeypatch, epochs):
+    lines = ["epoch,train_loss,train_acc,test_loss,test_acc"] + [f"{e},2.0,30.0,1.9,35.0" for e in range(1, epochs + 1)]
+    (tmp_path / "metrics.csv").write_text("\n".join(lines) + "\n")
+    figures = _capture_figures(monkeypatch)
+    plotting.plot_curves(tmp_path)
+    plotting.plot_compare([plotting.load_run(tmp_path)], tmp_path / "c.png")
+    assert len(figures) == 2
+    for fig in figures:
+        for ax in fig.axes:
+            assert _visible_xticks(ax) == [float(e) for e in range(1, epochs + 1)], ax.get_title()
+
+
+def test_runs_on_a_file_says_it_is_not_a_folder(tmp_path, cli):
+    path = tmp_path / "notes.txt"
+    path.write_text("x")
+    out = cli("runs", path)
+    assert out.exit_code == 2 and "is a file, not a folder" in out.output and "not found" not in out.output
+    assert "runs folder not found" in cli("runs", tmp_path / "nowhere").output

@@ -1,1 +1,1 @@
-"""Command groups beyond train/eval/plot/compare, one module each, registered in bnctl/cli.py."""
+"""One module per command (train, eval, plot, compare, runs, sweep, report, study); bnctl/cli.py assembles them."""

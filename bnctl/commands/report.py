@@ -6,23 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-from bnctl.clikit import console, existing, reports_errors
-
-
-def print_table(header: list[str], body: list[list[str]], n_left: int, caption: str | None = None) -> None:
-    """A rich table; off a terminal (logs, CI) it gets room instead of rich's assumed 80 columns."""
-    from rich import box
-    from rich.table import Table
-
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, caption=caption)
-    for i, col in enumerate(header):
-        table.add_column(col, justify="left" if i < n_left else "right", overflow="fold")
-    for row in body:
-        table.add_row(*(escape(c) for c in row))
-    (console if console.is_terminal else Console(width=180, highlight=False)).print(table)
+from bnctl.clikit import console, existing, print_table, reports_errors
 
 
 @reports_errors

@@ -9,11 +9,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from bnctl.clikit import console, reports_errors, wide_console
-
-
-def _num(value, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+from bnctl.clikit import cell, console, new_table, reports_errors, wide_console
 
 
 @reports_errors
@@ -31,11 +27,7 @@ def runs(
     if not found:
         console.print(f"no runs under {escape(str(root))}")
         return
-    from rich import box
-    from rich.table import Table
-
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption="best: the epoch with the highest test accuracy; final: the last completed epoch")
+    table = new_table(caption="best: the epoch with the highest test accuracy; final: the last completed epoch")
     table.add_column("run", overflow="fold")  # a long name folds whole onto a second line, never cut to "…"
     table.add_column("status", no_wrap=True)
     for col in ("epochs", "best\nacc %", "best\nepoch", "final\nacc %", "wall\ntime s"):  # 80 columns fit
@@ -43,6 +35,6 @@ def runs(
     for r in found:
         planned = r["epochs_planned"]
         table.add_row(escape(r["name"]), r["status"], f"{r['epochs_completed']}/{planned if planned else '?'}",
-                      _num(r["best_test_acc"], ".2f"), _num(r["best_epoch"], "d"), _num(r["final_test_acc"], ".2f"),
-                      _num(r["wall_time_s"], ".1f"))
+                      cell(r["best_test_acc"], ".2f"), cell(r["best_epoch"], "d"), cell(r["final_test_acc"], ".2f"),
+                      cell(r["wall_time_s"], ".1f"))
     wide_console().print(table)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import re
-import threading
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import typer
 from rich.markup import escape
 
-from bnctl.clikit import console, reports_errors, sigterm_stops_like_ctrl_c
+from bnctl import configfiles
+from bnctl.clikit import SweepProgress, console, new_table, reports_errors, sigterm_stops_like_ctrl_c
 from bnctl.errors import ConfigError
 
 # (rich markup: a backslash keeps [brackets] from being read as a style tag)
@@ -28,111 +28,8 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2))
 
 
-class _SweepProgress:
-    """One bar over the whole sweep (runs done / total, failures, ETA) and one line per finished run.
-
-    Off a terminal (a log file, a batch job) there is no bar: one line per finished run, and while
-    runs train, an "alive" line whenever nothing was printed for ALIVE_EVERY_S seconds.
-    """
-
-    ALIVE_EVERY_S = 60.0
-
-    def __init__(self, clock=time.monotonic):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        # The live bar only on a terminal; in logs the per-run lines say enough.
-        self.progress = Progress(TextColumn("[bold]sweep"), BarColumn(), TextColumn("{task.fields[counts]}"),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=console, transient=True, disable=not console.is_terminal,
-                                 speed_estimate_period=3600)
-        self.task = None
-        self.running: dict[str, float] = {}  # run -> fraction of its epochs done
-        self.epochs: dict[str, tuple[int, int]] = {}  # run -> (epochs done, epochs)
-        self.finished = self.failed = self.diverged = self.done_before = self.total = 0
-        self.clock = clock
-        self.started = self.last_line = clock()
-        self._alive: threading.Event | None = None
-
-    def start(self, plan, selected, todo, jobs, partly_done=0) -> None:
-        self.total, self.done_before = len(selected), len(selected) - len(todo)
-        partly = f" ({partly_done} partly done, continued from their checkpoints)" if partly_done else ""
-        console.print(f"[bold]{plan.name}[/]: {len(selected)} run(s) in this {'shard' if len(selected) < len(plan.runs) else 'sweep'}"
-                      f", {self.done_before} already finished, {len(todo)} to run{partly} with {jobs} job(s)")
-        self.progress.start()
-        self.task = self.progress.add_task("sweep", total=max(1, len(todo)), counts=self._counts())
-        self.started = self.last_line = self.clock()
-        if not console.is_terminal and self._alive is None:
-            self._alive = threading.Event()
-            threading.Thread(target=self._keep_alive, args=(self._alive,), daemon=True,
-                             name="bnctl-sweep-alive").start()
-
-    def _keep_alive(self, stop: threading.Event) -> None:
-        while not stop.wait(min(self.ALIVE_EVERY_S, 5.0)):
-            line = self.alive_line()
-            if line:
-                console.print(line, soft_wrap=True, markup=False, highlight=False)
-
-    def alive_line(self) -> str | None:
-        """The line a log gets when runs are training and nothing was printed for ALIVE_EVERY_S (else None)."""
-        now = self.clock()
-        if not self.running or now - self.last_line < self.ALIVE_EVERY_S:
-            return None
-        self.last_line = now
-        runs = ", ".join(f"{name} (epoch {done}/{total})" if total else name
-                         for name, (done, total) in ((n, self.epochs.get(n, (0, 0))) for n in list(self.running)))
-        return (f"{'':>11} still training: {runs}; {self.done_before + self.finished}/{self.total} runs done, "
-                f"{(now - self.started) / 60:.0f} min since the start")
-
-    def _counts(self) -> str:
-        done = self.done_before + self.finished
-        extra = "".join([f", [red]{self.failed} failed[/]" if self.failed else "",
-                         f", [yellow]{self.diverged} diverged[/]" if self.diverged else ""])
-        return f"{done}/{self.total} runs{extra}, {len(self.running)} running"
-
-    def _update(self) -> None:
-        self.progress.update(self.task, completed=self.finished + sum(self.running.values()), counts=self._counts())
-
-    def run_started(self, spec) -> None:
-        self.running[spec.name] = 0.0
-        self._update()
-
-    def run_progress(self, spec, epoch: int, epochs: int) -> None:
-        self.running[spec.name] = epoch / max(1, epochs)
-        self.epochs[spec.name] = (epoch, epochs)
-        self._update()
-
-    def run_finished(self, spec, outcome: str, row: dict[str, Any]) -> None:
-        self.running.pop(spec.name, None)
-        self.finished += 1
-        self.failed += outcome == "failed"
-        self.diverged += outcome == "diverged"
-        num = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-        style = {"completed": "green", "diverged": "yellow", "failed": "red"}.get(outcome, "dim")
-        detail = (f"test acc {num(row['final_test_acc'], '.2f')}%  best {num(row['best_test_acc'], '.2f')}%  "
-                  f"{num(row['wall_time_s'], '.1f')}s")
-        if outcome in ("failed", "diverged") and row.get("error"):
-            detail += f"  {str(row['error']).splitlines()[0][:160]}"
-        elif outcome == "busy":
-            detail = "being run by another process; left to it"
-        elif outcome == "skipped":
-            detail = "finished by another process"
-        console.print(f"[{style}]{outcome:>11}[/] {escape(spec.name)}  {escape(detail)}", soft_wrap=True)
-        self.last_line = self.clock()
-        self.epochs.pop(spec.name, None)
-        self._update()
-
-    def close(self) -> None:
-        if self._alive is not None:
-            self._alive.set()
-            self._alive = None
-        self.progress.stop()
-
-
 def _print_plan(plan, selected, statuses: dict[str, str] | None) -> None:
-    from rich import box
-    from rich.table import Table
-
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table = new_table()
     table.add_column("run", overflow="fold")
     for key in plan.grid:
         table.add_column(key)
@@ -154,8 +51,10 @@ def _print_plan(plan, selected, statuses: dict[str, str] | None) -> None:
 def sweep(
     overrides: Optional[List[str]] = typer.Argument(None, metavar="KEY=a,b,c | KEY=v",
                                                     help="Swept (KEY=a,b,c) and fixed (KEY=v) config keys."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Base YAML config (inline form)."),
-    sweep_file: Optional[Path] = typer.Option(None, "--sweep", help="A sweep file: name, base, fixed, grid, seeds."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="Base YAML config (inline form): a file or a built-in name."),
+    sweep_file: Optional[Path] = typer.Option(None, "--sweep", help="A sweep file (name, base, fixed, grid, seeds) "
+                                                                    "or a built-in one, e.g. sweeps/lr_tolerance."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Finish an existing sweep directory."),
     seeds: Optional[str] = typer.Option(None, "--seeds",
                                         help="Seeds per cell: a count (3 = seeds 0,1,2) or a list (0,4,7)."),
@@ -193,6 +92,9 @@ def sweep(
         raise ConfigError("give one of --config FILE KEY=a,b,c ..., --sweep FILE or --resume SWEEP_DIR"
                           + (f" (got {' and '.join(forms)})" if forms else ""))
     part = _parse_shard(shard)
+    # A built-in name (bnctl config list) where no such file exists.
+    config = configfiles.resolve(config) if config is not None else None
+    sweep_file = configfiles.resolve(sweep_file) if sweep_file is not None else None
     if resume is not None:
         if overrides or seeds or name or sweep_dir:
             raise ConfigError("--resume runs the sweep as planned in its sweep.yaml; drop the overrides, "
@@ -229,7 +131,7 @@ def sweep(
     if launcher == "slurm":
         _submit(launchers.LAUNCHERS[launcher](target, settings, shard=part), wait)
         return
-    progress = _SweepProgress()
+    progress = SweepProgress()
     started = time.monotonic()
     try:
         outcome = sweep_mod.execute(target, jobs=jobs, shard=part, reporter=progress)

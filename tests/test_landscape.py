@@ -1,0 +1,238 @@
+"""Loss-landscape and ICS probes: closed forms, a hand-computed ICS, and probes that change nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bnctl import config as config_mod, engine, landscape, rundir
+from bnctl.errors import ConfigError
+
+from conftest import tiny_raw
+
+TIME_COLUMNS = {"epoch_time_s", "train_time_s", "eval_time_s", "images_per_s"}
+
+
+# ------------------------------------------------------------------ a quadratic: everything is closed-form
+
+def _quadratic(n=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    h = a @ a.T + 0.5 * torch.eye(n, dtype=torch.float64)  # symmetric positive definite, not a multiple of I
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    x = nn.Parameter(torch.randn(n, generator=gen, dtype=torch.float64))
+    loss = lambda: 0.5 * x @ h @ x - b @ x  # noqa: E731
+    return h, b, x, loss
+
+
+def test_landscape_on_a_quadratic_matches_the_closed_forms():
+    h, b, x, loss_fn = _quadratic()
+    lr, scales = 0.05, [0.5, 1.0, 2.0, 4.0]
+    start = x.detach().clone()
+    g = h @ start - b
+    # The optimizer's update, found by stepping and undoing: plain SGD moves by -lr*g.
+    x.grad = g.clone()
+    opt = torch.optim.SGD([x], lr=lr)
+    update = landscape.optimizer_update(opt, [x])
+    assert torch.allclose(update[0], -lr * g, rtol=1e-12, atol=1e-15)
+    assert torch.equal(x.detach(), start) and torch.equal(x.grad, g) and not opt.state.get(x)
+
+    found = landscape.along(loss_fn, [x], update, scales)
+    assert torch.equal(x.detach(), start)  # the parameters end where they began
+    l0 = float(loss_fn().detach())
+    gg, ghg, hg = float(g @ g), float(g @ h @ g), float((h @ g).norm())
+    for j, c in enumerate(scales):
+        eta = c * lr
+        # L(x - eta g) = L(x) - eta g.g + eta^2/2 g.H.g ; grad(x - eta g) - grad(x) = -eta H g
+        assert found["loss"][j].item() == pytest.approx(l0 - eta * gg + 0.5 * eta**2 * ghg, rel=1e-10)
+        assert found["grad_change"][j].item() == pytest.approx(eta * hg, rel=1e-10)
+        # Effective beta-smoothness along g: ||H g|| / ||g||, whatever the step size.
+        assert found["beta"][j].item() == pytest.approx(hg / gg**0.5, rel=1e-10)
+        # The Hessian's Rayleigh quotient along g: g.H.g / g.g (<= ||Hg||/||g|| by Cauchy-Schwarz).
+        assert found["curvature"][j].item() == pytest.approx(ghg / gg, rel=1e-10)
+    assert found["loss_here"].item() == pytest.approx(l0, rel=1e-12)
+    assert found["step_norm"].item() == pytest.approx(lr * gg**0.5, rel=1e-12)
+    assert ghg / gg < hg / gg**0.5  # g is not an eigenvector: the two measures differ and the test tells them apart
+
+
+def test_beta_is_the_rayleigh_quotient_when_g_is_an_eigenvector():
+    h = torch.diag(torch.tensor([1.0, 3.0, 10.0], dtype=torch.float64))
+    x = nn.Parameter(torch.tensor([0.0, 0.0, 2.0], dtype=torch.float64))
+    loss_fn = lambda: 0.5 * x @ h @ x  # noqa: E731
+    g = h @ x.detach()
+    found = landscape.along(loss_fn, [x], [-0.01 * g], [1.0, 3.0])
+    assert found["beta"].tolist() == pytest.approx([10.0, 10.0], rel=1e-12)
+    assert found["curvature"].tolist() == pytest.approx([10.0, 10.0], rel=1e-12)
+
+
+def test_a_non_quadratic_loss_has_a_scale_dependent_beta():
+    # L = x^4 / 4: grad change along -eta g grows faster than linearly, so beta grows with the step.
+    x = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    found = landscape.along(lambda: (x**4).sum() / 4, [x], [torch.tensor([-0.1], dtype=torch.float64)], [1.0, 2.0])
+    # grad = x^3: |1 - 0.9^3| / 0.1 and |1 - 0.8^3| / 0.2
+    assert found["beta"].tolist() == pytest.approx([(1 - 0.9**3) / 0.1, (1 - 0.8**3) / 0.2], rel=1e-12)
+
+
+# ------------------------------------------------------------------ ICS on a two-layer network, by hand
+
+def test_ics_on_a_two_layer_linear_network_matches_the_hand_computation():
+    torch.manual_seed(0)
+    n, hidden, batch, lr = 4, 3, 5, 0.1
+    net = nn.Sequential(nn.Linear(n, hidden, bias=False), nn.Linear(hidden, 1, bias=False)).double()
+    xs = torch.randn(batch, n, dtype=torch.float64)
+    t = torch.randn(batch, 1, dtype=torch.float64)
+    loss_fn = lambda: 0.5 * ((net(xs) - t) ** 2).mean()  # noqa: E731
+
+    # By hand: L = 1/(2B) sum_b (W2 W1 x_b - t_b)^2, r_b = W2 W1 x_b - t_b
+    w1, w2 = net[0].weight.detach().clone(), net[1].weight.detach().clone()
+    r = xs @ w1.T @ w2.T - t                                # (B, 1)
+    g1 = (w2.T @ r.T @ xs) / batch                          # dL/dW1 = 1/B sum_b r_b W2^T x_b^T
+    g2 = (r.T @ (xs @ w1.T)) / batch                        # dL/dW2 = 1/B sum_b r_b (W1 x_b)^T
+    w1_new = w1 - lr * g1                                   # layer 1 after its SGD step
+    r_new = xs @ w1_new.T @ w2.T - t
+    g2_after = (r_new.T @ (xs @ w1_new.T)) / batch          # G': layer 2's gradient after layer 1 moved
+    expected_l2 = float((g2 - g2_after).norm())
+    expected_cos = float((g2 * g2_after).sum() / (g2.norm() * g2_after.norm()))
+
+    layers = landscape.model_layers(net)
+    assert [name for name, _ in layers] == ["fc1", "fc2"]
+    loss = loss_fn()
+    loss.backward()
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    update = landscape.optimizer_update(opt, [p for _, ps in layers for p in ps])
+    assert torch.allclose(update[0], -lr * g1) and torch.allclose(update[1], -lr * g2)
+    found = landscape.covariate_shift(loss_fn, layers, [[update[0]], [update[1]]])
+    assert [f[0] for f in found] == ["fc2"]
+    _, l2, cos, gnorm = found[0]
+    assert l2.item() == pytest.approx(expected_l2, rel=1e-10) and expected_l2 > 1e-4
+    assert cos.item() == pytest.approx(expected_cos, rel=1e-10)
+    assert gnorm.item() == pytest.approx(float(g2.norm()), rel=1e-10)
+    assert torch.equal(net[0].weight.detach(), w1)  # weights put back
+
+
+def test_model_layers_group_each_norm_with_its_layer():
+    from bnctl.models import build_model
+    cfg = config_mod.validate(tiny_raw())
+    model = build_model(cfg.model, 10, (32, 32))
+    layers = landscape.model_layers(model)
+    assert [n for n, _ in layers] == ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    assert [len(ps) for _, ps in layers] == [4, 4, 4, 4, 2]  # weight, bias, gamma, beta (the last fc: no norm)
+    assert sum(len(ps) for _, ps in layers) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=1e-3),
+                                  lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+                                  lambda ps: torch.optim.AdamW(ps, lr=0.01)])
+def test_finding_the_update_leaves_the_optimizer_exactly_as_it_was(make):
+    def run(peek: bool) -> list[torch.Tensor]:
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        opt = make(list(net.parameters()))
+        xs = torch.randn(8, 3)
+        for step in range(3):
+            opt.zero_grad()
+            net(xs).pow(2).mean().backward()
+            if peek:
+                before = [p.detach().clone() for p in net.parameters()]
+                update = landscape.optimizer_update(opt, list(net.parameters()))
+            opt.step()
+            if peek:  # the update found is the one the step then makes
+                for p, b, u in zip(net.parameters(), before, update):
+                    assert torch.equal(p.detach() - b, u)
+        return [p.detach().clone() for p in net.parameters()] + [
+            v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
+def test_landscape_settings_are_validated():
+    cfg = config_mod.validate(tiny_raw())
+    assert cfg.train.landscape.every == 0  # off by default
+    for bad in ({"scales": []}, {"scales": [0.5, -1]}, {"every": -1}, {"direction": "sideways"}, {"each": 3}):
+        with pytest.raises(ConfigError):
+            config_mod.validate(tiny_raw(train={"landscape": bad}))
+
+
+# ------------------------------------------------------------------ probes change nothing
+
+def _run(tmp_path, name, every, epochs=2, resume=None, **model):
+    raw = tiny_raw(data={"train_size": 192, "test_size": 32, "augment": "crop_flip"},
+                   model={"dropout": 0.3, **model}, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9},
+                   train={"epochs": epochs, "batch_size": 32, "landscape": {"every": every, "scales": [0.5, 2.0]}})
+    cfg = config_mod.validate(raw)
+    if resume is not None:
+        return engine.fit(cfg, resume=resume).run_dir
+    return engine.fit(cfg, run_dir=tmp_path / name).run_dir
+
+
+def _metrics(run):
+    return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in rundir.read_csv(run / "metrics.csv")]
+
+
+def _final_state(run):
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+
+
+def _same_state(a, b, where="state"):
+    """Equal, bit for bit, through nested dicts, lists and tensors."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_state(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def _strip_times(state):
+    state = dict(state)
+    state["history"] = [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in state["history"]]
+    state["scheduler"] = {k: v for k, v in state["scheduler"].items() if k != "_step_count"}  # resume bumps
+    # this warning counter once (engine._restore re-takes the last scheduler step); the lr is unaffected
+    state["config"] = {**state["config"], "train": {k: v for k, v in state["config"]["train"].items()
+                                                    if k != "landscape"}}
+    return state
+
+
+def test_probes_change_nothing_about_training_even_across_a_resume(tmp_path):
+    off = _run(tmp_path, "off", every=0)
+    on = _run(tmp_path, "on", every=3)
+    assert _metrics(on) == _metrics(off)
+    # Weights, BN running statistics, optimizer state and every RNG state, bit for bit.
+    _same_state(_strip_times(_final_state(on)), _strip_times(_final_state(off)))
+    rows = rundir.read_csv(on / rundir.LANDSCAPE_FILE)
+    steps = sorted({r["step"] for r in rows})
+    assert steps == list(range(0, 12, 3))  # 6 steps per epoch, 2 epochs
+    _check_measures(rows)
+    assert not (off / rundir.LANDSCAPE_FILE).exists()
+
+    # Stopped after epoch 1 and resumed: the same metrics and the same landscape.csv, byte for byte.
+    cut = _run(tmp_path, "cut", every=3, epochs=1)
+    with open(cut / rundir.LANDSCAPE_FILE, "a") as f:
+        f.write("999,2,conv1,,ics_")  # a kill mid-append leaves a cut line; resume drops it
+    _run(tmp_path, "cut", every=3, epochs=2, resume=cut)
+    assert _metrics(cut) == _metrics(off)
+    assert (cut / rundir.LANDSCAPE_FILE).read_bytes() == (on / rundir.LANDSCAPE_FILE).read_bytes()
+    _same_state(_strip_times(_final_state(cut)), _strip_times(_final_state(off)))
+
+
+def _check_measures(rows):
+    """landscape.csv holds every measure at every probe, consistently."""
+    at0 = [r for r in rows if r["step"] == 0]
+    per_scale = {(r["scale"], r["measure"]) for r in at0 if r["layer"] is None and r["scale"] is not None}
+    assert per_scale == {(c, m) for c in (0.5, 2.0) for m in landscape.SCALE_MEASURES}
+    summary = {r["measure"]: r["value"] for r in at0 if r["layer"] is None and r["scale"] is None}
+    assert set(summary) == set(landscape.SUMMARY_MEASURES)
+    losses = [r["value"] for r in at0 if r["measure"] == "loss" and r["scale"] is not None]
+    assert summary["loss_range"] == pytest.approx(max(losses) - min(losses))
+    assert summary["lr"] == 0.05
+    ics = {(r["layer"], r["measure"]) for r in at0 if r["layer"] is not None}
+    assert ics == {(n, m) for n in ("conv2", "conv3", "fc1", "fc2") for m in landscape.LAYER_MEASURES}
+    cos = [r["value"] for r in at0 if r["measure"] == "ics_cos"]
+    assert all(-1 <= c <= 1 for c in cos)
