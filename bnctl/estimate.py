@@ -54,7 +54,8 @@ class Estimate:
         parts = [f"{self.runs} runs", f"{self.finished} finished"]
         if self.partly_done:
             parts.append(f"{self.partly_done} partly done (continued from their checkpoints)")
-        parts.append(f"{self.to_run} to run with {self.jobs} job(s) on {self.device}")
+        parts.append(f"{self.to_run} to run with {self.jobs} job(s) on {self.device}" if self.to_run
+                     else "nothing left to run")
         text = ", ".join(parts)
         if self.to_run and self.seconds is not None:
             text += (f"; estimated {format_duration(self.seconds)} at this machine's current speed "

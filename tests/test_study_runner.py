@@ -179,5 +179,30 @@ def test_resume_reuses_the_recorded_jobs_and_counts_partly_done_runs(tmp_path, c
     assert f"{est.partly_done} partly done (continued from their checkpoints)" in resumed.output
     assert "to run with 2 job(s)" in resumed.output and "with 1 job(s)" not in resumed.output
     again = cli("study", "claims", "--resume", study_dir, "--jobs", "1")  # a given --jobs wins, and is recorded
-    assert again.exit_code == 0 and "5 finished, 0 to run with 1 job(s)" in again.output, again.output
+    assert again.exit_code == 0 and "study: 5 runs, 5 finished, nothing left to run" in again.output, again.output
     assert study.read(study_dir)["jobs"] == 1
+
+
+# ------------------------------------------------------------------ the laptop profile
+
+def test_laptop_profile_matches_its_documented_budget_and_power_calculation():
+    from math import comb
+
+    from bnctl import estimate
+
+    plans = study.plan("laptop", ["data.root=/nowhere"])  # planning reads no data
+    runs = {key: len(p.runs) for key, p in plans.items()}
+    assert runs == {"lr": 70, "init": 40, "regularization": 24, "small_batches": 72}  # docs/studies.md's table
+    assert study.PROFILES["laptop"]["sized_for"] == "cpu"
+    steps: dict[str, set] = {}
+    for key, p in plans.items():
+        for spec, cfg in p.configs():
+            assert cfg.data.name == "cifar10" and cfg.data.test_limit == 2000 and cfg.model.width == 0.5
+            steps.setdefault(key, set()).add((cfg.train.batch_size, estimate.run_work(cfg).steps))
+    assert steps["lr"] == steps["init"] == {(32, 468)} and steps["regularization"] == {(32, 920)}
+    assert steps["small_batches"] == {(2, 3000), (4, 1500), (16, 374), (64, 92)}
+    # Section 1's rank test: with n seeds per norm the smallest two-sided p is 2 / C(2n, n); Holm's first
+    # step over five sections needs it below 0.01, which 5 seeds reach (0.008) and 4 do not (0.029).
+    n = len(plans["lr"].seeds)
+    assert 2 / comb(2 * n, n) < 0.05 / 5 and (n - 1 < 1 or 2 / comb(2 * (n - 1), n - 1) > 0.05 / 5)
+    assert [len(plans[k].seeds) for k in ("init", "regularization", "small_batches")] == [4, 6, 6]

@@ -21,8 +21,9 @@ def claims(
     overrides: Optional[List[str]] = typer.Argument(
         None, metavar="KEY=VALUE", help="Fixed overrides for every sweep, e.g. data.name=cifar10 data.root=./data"),
     profile: Optional[str] = typer.Option(None, "--profile", "-p",
-                                          help="quick (default: synthetic data, 118 runs, about 5 min on an idle 2-core CPU "
-                                               "with --jobs 2) or full (CIFAR-10-sized budget, for a GPU)."),
+                                          help="quick (default: synthetic data, 134 runs, about 6 min on an idle 2-core CPU "
+                                               "with --jobs 2), laptop (CIFAR-10 or an image folder, 206 runs, "
+                                               "about 14 min there) or full (CIFAR-10-sized budget, for a GPU)."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1,
                                        help="Runs at once (CPU threads are divided between them); default 1, "
                                             "or with --resume the study's own."),
