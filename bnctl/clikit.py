@@ -359,7 +359,7 @@ class SweepProgress:
         self.diverged += outcome == "diverged"
         style = {"completed": "green", "diverged": "yellow", "failed": "red"}.get(outcome, "dim")
         detail = (f"test acc {cell(row['final_test_acc'], '.2f')}%  best {cell(row['best_test_acc'], '.2f')}%  "
-                  f"{cell(row['wall_time_s'], '.1f')}s")
+                  f"wall time {cell(row['wall_time_s'], '.1f')}s")
         if outcome in ("failed", "diverged") and row.get("error"):
             detail += f"  {str(row['error']).splitlines()[0][:160]}"
         elif outcome == "busy":

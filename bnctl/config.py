@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from bnctl import normspec
 from bnctl.errors import ConfigError
 
 # Names accepted by each registry. The registries themselves live next to the
@@ -38,8 +39,7 @@ DistBN = Literal["broadcast", "reduce", "none"]
 # train.tensorboard only adds a view of the same numbers (and older checkpoints predate the key).
 RESUMABLE_KEYS = frozenset({"train.epochs", "device", "train.tensorboard"})
 
-# Norms that normalize with batch statistics: they cannot train on one sample.
-BATCH_STAT_NORMS = frozenset({"batch", "batch_manual", "ghost", "noisy_batch"})
+BATCH_STAT_NORMS = normspec.BATCH_STAT_NORMS  # norms that normalize with batch statistics
 
 PositiveFloat = Field(gt=0)
 
@@ -56,6 +56,15 @@ MODEL_SPECIFIC_KEYS: dict[tuple[str, str], frozenset[str]] = {
     ("model", "fc_norm"): frozenset({"seed_cnn"}),
     ("model", "shortcut"): frozenset({"resnet20"}),
 }
+
+# Every key that is read only for some values of another (model-specific keys, and normspec's keys of
+# norms, inits, optimizers and schedules): dotted key -> (the deciding key, the values that read it).
+KEY_APPLIES: dict[str, tuple[str, frozenset[str]]] = {
+    **{f"{section}.{key}": ("model.name", models) for (section, key), models in MODEL_SPECIFIC_KEYS.items()},
+    **normspec.KEY_APPLIES,
+}
+_CHOICE_NOUN = {"model.name": "model", "model.norm": "norm", "model.init": "initialization",
+                "optimizer.name": "optimizer", "scheduler.name": "schedule"}
 
 
 class _Section(BaseModel):
@@ -158,6 +167,11 @@ class TrainConfig(_Section):
     precision: Precision = "fp32"  # bf16: autocast on CPU or CUDA; fp16: CUDA only, with a gradient scaler
     channels_last: bool = True  # NHWC memory layout: 1.4x faster CPU training at batch 4 (bench/RESULTS.md)
     compile: bool = False  # torch.compile the model (slow first epoch, faster after)
+    # CUDA only (the CPU ignores both; run.json records what was in force):
+    cudnn_benchmark: bool = False  # let cuDNN time its kernels per shape: faster at fixed shapes, but the chosen
+    #                                kernels (and the last bits of every number) may differ from run to run
+    tf32: bool = False  # TensorFloat-32 matmuls/convolutions on Ampere+: ~2-8x faster fp32 work, ~1e-3 relative
+    #                     error; false keeps "fp32" meaning fp32, as on the CPU
     eval_train: bool = False  # add a clean eval-mode pass over the training set (clean_train_* columns)
     diagnostics: bool = False  # record BN statistics to diagnostics.csv
     diagnostics_every: int = Field(50, ge=1)  # steps between diagnostic samples
@@ -195,14 +209,12 @@ class Config(_Section):
         return v
 
     @model_validator(mode="after")
-    def _model_specific_keys(self) -> "Config":
-        for (section, key), models in MODEL_SPECIFIC_KEYS.items():
-            part = getattr(self, section)
-            value, default = getattr(part, key), type(part).model_fields[key].default
-            if self.model.name not in models and value != default:
-                raise ValueError(
-                    f"{section}.{key}={value!r} does not apply to model.name={self.model.name} (only to "
-                    f"{', '.join(sorted(models))}) and would be ignored; remove it or choose such a model")
+    def _keys_apply(self) -> "Config":
+        for key, value, choice, chosen, applies in not_applying(self):
+            raise ValueError(
+                f"{key}={value!r} does not apply to {choice}={chosen} (only to {', '.join(sorted(applies))}) and "
+                f"would be ignored; remove it or choose such a{'n' if _CHOICE_NOUN[choice][0] in 'aeiou' else ''} "
+                f"{_CHOICE_NOUN[choice]}")
         return self
 
     @model_validator(mode="after")
@@ -213,11 +225,6 @@ class Config(_Section):
                 "estimates each channel's mean and variance from the batch, and one sample has no variance "
                 "at the fully connected layer. Use batch_size >= 2 or a per-sample norm (group, layer)."
             )
-        noise = {k: getattr(self.model, k) for k in ("bn_noise_mean", "bn_noise_std")
-                 if getattr(self.model, k) != ModelConfig.model_fields[k].default}
-        if noise and self.model.norm != "noisy_batch":
-            raise ValueError(f"{', '.join('model.' + k for k in noise)} apply only to model.norm=noisy_batch "
-                             f"and would be ignored with model.norm={self.model.norm}")
         if self.model.norm == "ghost" and self.model.virtual_batch_size >= self.train.batch_size:
             raise ValueError(
                 f"model.norm=ghost with model.virtual_batch_size={self.model.virtual_batch_size} >= "
@@ -244,6 +251,26 @@ class Config(_Section):
             if self.device != "auto":
                 raise ValueError("train.precision=fp16 needs a CUDA device; use bf16 on CPU")
         return self
+
+
+def not_applying(cfg: Config) -> list[tuple[str, Any, str, Any, frozenset[str]]]:
+    """Keys set to something other than their default that this config never reads:
+    (key, value, the deciding key, its value, the values that would read it) each."""
+    out = []
+    for key, (choice, applies) in KEY_APPLIES.items():
+        chosen = _get(cfg, choice)
+        if chosen not in applies:
+            section, leaf = key.split(".")
+            part = getattr(cfg, section)
+            value = getattr(part, leaf)
+            if value != type(part).model_fields[leaf].default:
+                out.append((key, value, choice, chosen, applies))
+    return out
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    section, leaf = dotted.split(".")
+    return getattr(getattr(cfg, section), leaf)
 
 
 def batch_stats_at_eval(cfg: Config) -> bool:
@@ -526,13 +553,38 @@ def upgrade_stored(raw: Any) -> Any:
         return raw
     if model.get("name") == "resnet20" and "shortcut" not in model:
         model["shortcut"] = "projection"  # resnet20's only shortcut before model.shortcut existed
-    name = model.get("name", ModelConfig.model_fields["name"].default)
-    for (section, key), models in MODEL_SPECIFIC_KEYS.items():
-        part = raw.get(section)
-        if name not in models and isinstance(part, dict) and key in part:
-            # Older versions accepted the key and ignored it for this model: its default builds the same model.
-            part[key] = getattr(Config.model_fields[section].default, key)
+    # Older versions accepted keys that do not apply (model.depth for seed_cnn, optimizer.momentum for
+    # adam) and ignored them: their defaults build and train the same run.
+    reset_not_applying(raw)
     return raw
+
+
+def reset_not_applying(raw: dict[str, Any], keep: collections.abc.Container[str] = ()) -> list[str]:
+    """Set every key of a raw config that this config would not read back to its default (keys in keep
+    excepted; validation refuses those); returns the keys reset. A sweep's fixed key that applies to
+    some cells only is dropped this way from the others, so that their stored config claims nothing."""
+    reset = []
+    for key, (choice, applies) in KEY_APPLIES.items():
+        section, leaf = key.split(".")
+        part = raw.get(section)
+        if key in keep or not isinstance(part, dict) or leaf not in part:
+            continue
+        choice_section, choice_leaf = choice.split(".")
+        chosen = raw.get(choice_section)
+        chosen = chosen.get(choice_leaf, default_of(choice)) if isinstance(chosen, dict) else default_of(choice)
+        default = default_of(key)
+        value = list(part[leaf]) if isinstance(part[leaf], (list, tuple)) else part[leaf]
+        if isinstance(chosen, str) and chosen not in applies and value != (
+                list(default) if isinstance(default, tuple) else default):
+            part[leaf] = default
+            reset.append(key)
+    return reset
+
+
+def default_of(dotted: str) -> Any:
+    """The default value of a dotted section.key."""
+    section, leaf = dotted.split(".")
+    return getattr(Config.model_fields[section].default, leaf)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -63,17 +63,20 @@ def get(name: str | Path) -> Path:
 def resolve(ref: str | Path, relative_to: Path | None = None) -> Path:
     """A config or sweep file given by path (next to ``relative_to``, else from the working directory) or by built-in name.
 
-    An existing path wins over a built-in of the same name. The error of a reference that is
+    An existing file wins over a built-in of the same name. The error of a reference that is
     neither names both places looked in and lists the built-in names.
     """
     path = Path(ref)
     candidates = ([relative_to / path] if relative_to is not None and not path.is_absolute() else []) + [path]
     for candidate in candidates:
-        if candidate.exists():
+        if candidate.is_file():
             return candidate
     packaged = builtin(ref)
     if packaged is not None:
-        return packaged
+        return packaged  # a folder named like a built-in (runs/quickstart/) does not hide it
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate  # a folder or special file: reading it gives the precise error
     where = f" (looked next to {relative_to} and in the working directory)" if relative_to is not None else ""
     raise ConfigError(f"config file not found: {ref}{where}; nor is it a built-in config "
                       f"(bnctl config list: {', '.join(names())})")

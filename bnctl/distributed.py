@@ -40,7 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnctl.elastic import attempt_store
 from bnctl.errors import BnctlError, ConfigError
-from bnctl.norms import ManualBatchNorm, uses_batch_stats
+from bnctl.norms import SYNC_TYPES, SYNCHRONIZABLE_TYPES, SyncBatchNorm, uses_batch_stats
 
 TIMEOUT_ENV = "BNCTL_DIST_TIMEOUT"  # seconds a collective may wait for the other processes
 DEFAULT_TIMEOUT_S = 600  # longer than any checkpoint write rank 0 does while the others wait
@@ -225,96 +225,6 @@ def process_group(device_name: str) -> Iterator[Dist]:
 # ------------------------------------------------------------------ synchronized BN
 
 
-class _SyncBNFunction(torch.autograd.Function):
-    """Batch normalization with statistics over every rank's batch.
-
-    Forward all-reduces each channel's count, sum and sum of squares; backward
-    all-reduces the two gradient sums Σdy and Σdy·x̂ that the input gradient needs.
-    Both reductions are done in float64.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, group):  # noqa: D102
-        import torch.distributed as td
-
-        dims = [0, *range(2, x.dim())]
-        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
-        count = torch.full((1,), x.numel() // x.shape[1], dtype=torch.float64, device=x.device)
-        xd = x.to(torch.float64)
-        stats = torch.cat([count, xd.sum(dims), (xd * xd).sum(dims)])
-        td.all_reduce(stats, group=group)
-        total, (s, sq) = stats[0], stats[1:].chunk(2)
-        if total < 2:
-            raise ValueError(f"synchronized BN needs more than 1 value per channel over all ranks, got {int(total)}")
-        mean = s / total
-        var = (sq / total - mean * mean).clamp_min(0)  # biased: what normalization uses
-        invstd = torch.rsqrt(var + eps)
-        ct = torch.promote_types(x.dtype, torch.float32)
-        x_hat = (x.to(ct) - mean.to(ct).view(shape)) * invstd.to(ct).view(shape)
-        y = x_hat * weight.to(ct).view(shape) + bias.to(ct).view(shape) if weight is not None else x_hat
-        ctx.save_for_backward(x_hat, invstd, weight)
-        ctx.total, ctx.group, ctx.dims, ctx.shape = total, group, dims, shape
-        unbiased = var * (total / (total - 1))
-        ctx.mark_non_differentiable(mean, unbiased)
-        return y.to(x.dtype), mean, unbiased
-
-    @staticmethod
-    def backward(ctx, dy, _mean, _var):  # noqa: D102
-        import torch.distributed as td
-
-        x_hat, invstd, weight = ctx.saved_tensors
-        dims, shape = ctx.dims, ctx.shape
-        dyc = dy.to(x_hat.dtype)
-        local = torch.cat([dyc.sum(dims, dtype=torch.float64), (dyc * x_hat).sum(dims, dtype=torch.float64)])
-        # Every rank reduces, whatever it needs: the ranks' collectives must match one for one.
-        sums = local.clone()
-        td.all_reduce(sums, group=ctx.group)
-        sum_dy, sum_dy_xhat = (sums / ctx.total).chunk(2)
-        scale = invstd if weight is None else invstd * weight.to(torch.float64)
-        ct = x_hat.dtype
-        dx = (dyc - sum_dy.to(ct).view(shape) - x_hat * sum_dy_xhat.to(ct).view(shape)) * scale.to(ct).view(shape)
-        # Parameter gradients stay local: DDP averages them over ranks like every other gradient.
-        local_dy, local_dy_xhat = local.chunk(2)
-        grad_w = local_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_b = local_dy.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
-        return dx.to(dy.dtype), grad_w, grad_b, None, None
-
-
-class SyncBatchNorm(_BatchNorm):
-    """BatchNorm over the global batch of a process group, on any device (bnctl's, for gloo/CPU).
-
-    Same parameters, buffers and momentum rules as torch's BatchNorm (state_dicts load
-    either way); running statistics are updated from the global batch's mean and
-    unbiased variance. Eval mode needs no communication.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, group=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats)
-        self.group = group
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"SyncBatchNorm expected input shaped (N, C) or (N, C, H, W), got {tuple(x.shape)}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
-        if not self.training:  # running statistics (or, untracked, this batch's): nothing to share
-            use_batch = self.running_mean is None
-            return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                            use_batch, 0.0, self.eps)
-        y, mean, unbiased = _SyncBNFunction.apply(x, self.weight, self.bias, self.eps, self.group)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
-                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
-        return y
-
-
-SYNC_TYPES = (SyncBatchNorm, nn.SyncBatchNorm)
-_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, ManualBatchNorm)  # exact types: ghost BN is left alone
 
 
 def convert_sync_bn(module: nn.Module, cuda: bool) -> nn.Module:
@@ -324,7 +234,7 @@ def convert_sync_bn(module: nn.Module, cuda: bool) -> nn.Module:
     bnctl's. Ghost BN keeps its per-virtual-batch statistics and is not converted.
     """
     for name, child in module.named_children():
-        if type(child) in _CONVERTIBLE:
+        if type(child) in SYNCHRONIZABLE_TYPES:  # exact types (normspec's synchronizable norms)
             cls = nn.SyncBatchNorm if cuda and isinstance(child, _BatchNorm) else SyncBatchNorm
             new = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
             if child.affine:

@@ -3,7 +3,9 @@
 ``NORMS`` maps each ``model.norm`` name to a builder ``(cfg, num_features, dim)``
 where ``dim=2`` means convolutional features (N, C, H, W) and ``dim=1`` fully
 connected features (N, C). Models call :func:`make_norm` and never pick a layer
-class themselves, so every norm is configured the same way everywhere.
+class themselves, so every norm is configured the same way everywhere. What each
+norm is (batch statistics, synchronizable, the keys it reads) is bnctl/normspec.py's
+table; the synchronized BN that data-parallel training swaps in lives here too.
 """
 
 from __future__ import annotations
@@ -15,10 +17,73 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from bnctl import normspec
 from bnctl.config import ModelConfig
 from bnctl.errors import ConfigError
 
 NormBuilder = Callable[[ModelConfig, int, int], nn.Module]
+
+
+def count_batch(module: nn.Module) -> int:
+    """Add one to module.num_batches_tracked and return the new count, without reading the device per step.
+
+    The cumulative average (momentum=None) weighs the k-th batch 1/k, and torch reads k back
+    from the device for that in every BN layer at every step, which stalls a GPU. The count
+    is kept on the host beside the buffer and trusted while the buffer's version counter shows
+    that only this function changed it; after anything else (load_state_dict, reset, a copy)
+    it is read once. The factor is then the same Python float torch computes.
+    """
+    tracked = module.num_batches_tracked
+    known = module.__dict__.get("_host_count")
+    tracked.add_(1)
+    try:
+        version = tracked._version
+    except RuntimeError:  # an inference tensor has no version counter: read every time
+        version = None
+    if known is not None and version is not None and known[0] is tracked and known[1] == version - 1:
+        count = known[2] + 1
+    else:
+        count = int(tracked)
+    module.__dict__["_host_count"] = (tracked, version, count)  # plain attribute: not a buffer, not saved
+    return count
+
+
+class _HostCountedBatchNorm(_BatchNorm):
+    """torch's BatchNorm whose cumulative average (momentum=None) takes its count from count_batch.
+
+    With a momentum it is torch's layer unchanged; state_dicts and numbers are torch's either way.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.momentum is not None or not (self.training and self.track_running_stats):
+            return super().forward(x)
+        self._check_input_dim(x)
+        factor = 1.0 / count_batch(self)  # exactly torch's 1.0 / float(num_batches_tracked)
+        return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                        True, factor, self.eps)
+
+
+class CumulativeBatchNorm2d(_HostCountedBatchNorm, nn.BatchNorm2d):
+    """BatchNorm2d for bn_momentum=None without a per-step device read (see count_batch)."""
+
+
+class CumulativeBatchNorm1d(_HostCountedBatchNorm, nn.BatchNorm1d):
+    """BatchNorm1d for bn_momentum=None without a per-step device read (see count_batch)."""
+
+
+@torch.no_grad()
+def update_running_stats(layer: nn.Module, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+    """Blend one batch's per-channel mean and unbiased variance into a BN layer's running estimates
+    (PyTorch's momentum convention), as torch's BatchNorm does; bnctl's own BN layers all use this."""
+    # momentum=None: cumulative average, the k-th batch weighted 1/k so all batches count equally.
+    if layer.momentum is None:
+        factor = 1.0 / count_batch(layer)  # counted on the host: no device read per layer per step
+    else:
+        layer.num_batches_tracked.add_(1)
+        factor = layer.momentum
+    # running = (1 - factor) * running + factor * batch, kept in the buffers' own dtype.
+    layer.running_mean.mul_(1 - factor).add_(mean.to(layer.running_mean.dtype), alpha=factor)
+    layer.running_var.mul_(1 - factor).add_(unbiased_var.to(layer.running_var.dtype), alpha=factor)
 
 
 class ManualBatchNorm(nn.Module):
@@ -112,15 +177,9 @@ class ManualBatchNorm(nn.Module):
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, biased_var: torch.Tensor, m: int) -> None:
         """Blend one mini-batch's statistics into the running estimates used in eval mode."""
-        self.num_batches_tracked.add_(1)
-        # momentum=None: cumulative average, the k-th batch weighted 1/k so all batches count equally.
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         # Inference estimates the population variance, so it gets the unbiased m/(m-1) correction;
         # normalization above used the biased one, as the paper's Algorithm 1 does.
-        unbiased_var = biased_var * (m / (m - 1))
-        # running = (1 - factor) * running + factor * batch, kept in the buffers' own dtype.
-        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
-        self.running_var.mul_(1 - factor).add_(unbiased_var.to(self.running_var.dtype), alpha=factor)
+        update_running_stats(self, mean, biased_var * (m / (m - 1)))
 
     def extra_repr(self) -> str:
         return (
@@ -129,7 +188,7 @@ class ManualBatchNorm(nn.Module):
         )
 
 
-class GhostBatchNorm(_BatchNorm):
+class GhostBatchNorm(_HostCountedBatchNorm):
     """Ghost Batch Normalization (Hoffer et al. 2017): BatchNorm over small virtual batches.
 
     In training the batch is cut into consecutive virtual batches of
@@ -172,7 +231,7 @@ class GhostBatchNorm(_BatchNorm):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
 
-class NoisyBatchNorm(_BatchNorm):
+class NoisyBatchNorm(_HostCountedBatchNorm):
     """BatchNorm followed by noise that shifts every channel's distribution anew at each training step.
 
     Santurkar et al. 2018, section 2.1: if BN helped by keeping layer inputs' distributions stable,
@@ -212,6 +271,98 @@ class NoisyBatchNorm(_BatchNorm):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, noise_mean={self.noise_mean}, noise_std={self.noise_std}"
 
+# ---------------------------------------------------------------- synchronized BN
+
+class _SyncBNFunction(torch.autograd.Function):
+    """Batch normalization with statistics over every rank's batch.
+
+    Forward all-reduces each channel's count, sum and sum of squares; backward
+    all-reduces the two gradient sums Σdy and Σdy·x̂ that the input gradient needs.
+    Both reductions are done in float64.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, group):  # noqa: D102
+        import torch.distributed as td
+
+        dims = [0, *range(2, x.dim())]
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        count = torch.full((1,), x.numel() // x.shape[1], dtype=torch.float64, device=x.device)
+        xd = x.to(torch.float64)
+        stats = torch.cat([count, xd.sum(dims), (xd * xd).sum(dims)])
+        td.all_reduce(stats, group=group)
+        total, (s, sq) = stats[0], stats[1:].chunk(2)
+        if x.device.type == "cpu":  # reading the count is free here; on a GPU it would stall every layer
+            if total < 2:
+                raise ValueError(f"synchronized BN needs more than 1 value per channel over all ranks, got {int(total)}")
+        else:  # checked on the device, asynchronously: a failure surfaces at the next synchronization
+            torch._assert_async(total >= 2, "synchronized BN needs more than 1 value per channel over all ranks")
+        mean = s / total
+        var = (sq / total - mean * mean).clamp_min(0)  # biased: what normalization uses
+        invstd = torch.rsqrt(var + eps)
+        ct = torch.promote_types(x.dtype, torch.float32)
+        x_hat = (x.to(ct) - mean.to(ct).view(shape)) * invstd.to(ct).view(shape)
+        y = x_hat * weight.to(ct).view(shape) + bias.to(ct).view(shape) if weight is not None else x_hat
+        ctx.save_for_backward(x_hat, invstd, weight)
+        ctx.total, ctx.group, ctx.dims, ctx.shape = total, group, dims, shape
+        unbiased = var * (total / (total - 1))
+        ctx.mark_non_differentiable(mean, unbiased)
+        return y.to(x.dtype), mean, unbiased
+
+    @staticmethod
+    def backward(ctx, dy, _mean, _var):  # noqa: D102
+        import torch.distributed as td
+
+        x_hat, invstd, weight = ctx.saved_tensors
+        dims, shape = ctx.dims, ctx.shape
+        dyc = dy.to(x_hat.dtype)
+        local = torch.cat([dyc.sum(dims, dtype=torch.float64), (dyc * x_hat).sum(dims, dtype=torch.float64)])
+        # Every rank reduces, whatever it needs: the ranks' collectives must match one for one.
+        sums = local.clone()
+        td.all_reduce(sums, group=ctx.group)
+        sum_dy, sum_dy_xhat = (sums / ctx.total).chunk(2)
+        scale = invstd if weight is None else invstd * weight.to(torch.float64)
+        ct = x_hat.dtype
+        dx = (dyc - sum_dy.to(ct).view(shape) - x_hat * sum_dy_xhat.to(ct).view(shape)) * scale.to(ct).view(shape)
+        # Parameter gradients stay local: DDP averages them over ranks like every other gradient.
+        local_dy, local_dy_xhat = local.chunk(2)
+        grad_w = local_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = local_dy.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        return dx.to(dy.dtype), grad_w, grad_b, None, None
+
+
+class SyncBatchNorm(_BatchNorm):
+    """BatchNorm over the global batch of a process group, on any device (bnctl's, for gloo/CPU).
+
+    Same parameters, buffers and momentum rules as torch's BatchNorm (state_dicts load
+    either way); running statistics are updated from the global batch's mean and
+    unbiased variance. Eval mode needs no communication.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, group=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.group = group
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"SyncBatchNorm expected input shaped (N, C) or (N, C, H, W), got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if not self.training:  # running statistics (or, untracked, this batch's): nothing to share
+            use_batch = self.running_mean is None
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                            use_batch, 0.0, self.eps)
+        y, mean, unbiased = _SyncBNFunction.apply(x, self.weight, self.bias, self.eps, self.group)
+        if self.track_running_stats:
+            with torch.no_grad():
+                update_running_stats(self, mean, unbiased)
+        return y
+
+
+SYNC_TYPES = (SyncBatchNorm, nn.SyncBatchNorm)
+
 
 # ---------------------------------------------------------------- builders
 
@@ -227,7 +378,10 @@ def _batch_stat_kwargs(cfg: ModelConfig) -> dict:
 
 def _batch(cfg: ModelConfig, num_features: int, dim: int) -> nn.Module:
     """torch's BatchNorm2d for conv features, BatchNorm1d for fully connected ones."""
-    cls = nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d
+    if cfg.bn_momentum is None:  # the same layer, minus a device read per step (count_batch)
+        cls = CumulativeBatchNorm2d if dim == 2 else CumulativeBatchNorm1d
+    else:
+        cls = nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d
     return cls(num_features, **_batch_stat_kwargs(cfg))
 
 
@@ -297,6 +451,24 @@ NORMS: dict[str, NormBuilder] = {
     "instance": _instance,
     "none": _none,
 }
+
+# The exact layer types each builder returns; normspec says what they do (batch statistics, synchronized).
+LAYER_TYPES: dict[str, tuple[type, ...]] = {
+    "batch": (nn.BatchNorm1d, nn.BatchNorm2d, CumulativeBatchNorm1d, CumulativeBatchNorm2d),  # the latter: bn_momentum null
+    "batch_manual": (ManualBatchNorm,),
+    "ghost": (GhostBatchNorm,),
+    "noisy_batch": (NoisyBatchNorm,),
+    "group": (nn.GroupNorm,),
+    "layer": (nn.GroupNorm,),
+    "instance": (nn.InstanceNorm2d,),
+    "none": (nn.Identity,),
+}
+if not set(NORMS) == set(LAYER_TYPES) == set(normspec.NORMS):  # a norm added in one place only
+    raise ImportError(f"norms.NORMS {sorted(NORMS)}, norms.LAYER_TYPES {sorted(LAYER_TYPES)} and normspec.NORMS "
+                      f"{sorted(normspec.NORMS)} must name the same norms")
+# Layers that data-parallel training replaces by synchronized BN (distributed.convert_sync_bn).
+SYNCHRONIZABLE_TYPES = tuple(t for name, types in LAYER_TYPES.items() if normspec.NORMS[name].synchronizable
+                             for t in types)
 
 
 def make_norm(cfg: ModelConfig, num_features: int, dim: int) -> nn.Module:

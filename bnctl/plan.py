@@ -170,9 +170,12 @@ class Plan:
     base_config: str | None = None
     runs: list[RunSpec] = field(default_factory=list)
     created: str = ""
+    unread: list[str] = field(default_factory=list)  # fixed keys no cell reads (dropped from all), set by configs()
     # {"rule": "linear"|"sqrt", "reference_batch": B0}: each cell's optimizer.lr is the base lr times
     # (batch/B0) or its square root, so that batch sizes compare at equal noise scale, not equal lr.
     lr_scaling: dict[str, Any] | None = None
+    # The sweep file's slurm: section, kept so that `sweep --resume DIR --launcher slurm` submits as the first did.
+    slurm: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.runs:
@@ -192,10 +195,17 @@ class Plan:
 
     def config_for(self, spec: RunSpec) -> Config:
         """The validated config of one run (base, then its cell's overrides, its seed and name)."""
+        return self._cell_config(spec)[0]
+
+    def _cell_config(self, spec: RunSpec) -> tuple[Config, list[str]]:
+        """config_for, and the fixed keys dropped from this cell because it does not read them."""
         raw = config_mod.apply_overrides(copy.deepcopy(self.config), dict(spec.overrides))
+        # A fixed key that applies to some cells only (optimizer.momentum while optimizer.name is swept)
+        # goes back to its default in the others: they do not fail, and their config claims nothing.
+        dropped = config_mod.reset_not_applying(raw, keep=spec.overrides)
         raw["seed"], raw["name"] = spec.seed, spec.name
         try:
-            return config_mod.validate(raw, f"of cell {spec.cell}")
+            return config_mod.validate(raw, f"of cell {spec.cell}"), dropped
         except ConfigError as err:
             swept = ", ".join(f"{k}={_value_label(v)}" for k, v in spec.overrides.items())
             raise ConfigError(f"{err}\n  (cell {spec.cell}: {swept})" if swept else str(err)) from None
@@ -203,12 +213,26 @@ class Plan:
     def configs(self) -> list[tuple[RunSpec, Config]]:
         """Every run's validated config; the first bad cell raises ConfigError naming the cell and key."""
         by_cell: dict[str, Config] = {}
+        dropped_in: dict[str, set[str]] = {}
         out = []
         for spec in self.runs:
             if spec.cell not in by_cell:  # cells differ; seeds cannot make a config invalid
-                by_cell[spec.cell] = self.config_for(spec)
+                by_cell[spec.cell], dropped = self._cell_config(spec)
+                dropped_in[spec.cell] = set(dropped)
             out.append((spec, by_cell[spec.cell].model_copy(update={"seed": spec.seed, "name": spec.name})))
+        self.unread = sorted(set.intersection(*dropped_in.values()) if dropped_in else set())
         return out
+
+    def refuse_unread(self) -> "Plan":
+        """A fixed key that no cell reads is a mistake, as it is in a single run (a study's overrides,
+        shared by sweeps of different grids, are the exception: study.py does not call this)."""
+        if self.unread:
+            key = self.unread[0]
+            choice, applies = config_mod.KEY_APPLIES[key]
+            section, leaf = key.split(".")
+            raise ConfigError(f"{key}={_value_label(self.config[section][leaf])} applies to no cell of this sweep "
+                              f"(only to {choice}={', '.join(sorted(applies))}) and would be ignored; remove it")
+        return self
 
     def validate(self) -> "Plan":
         self.configs()
@@ -227,6 +251,7 @@ class Plan:
         return {"format": FORMAT, "name": self.name, "created": self.created, "base_config": self.base_config,
                 "config": self.config, "fixed": self.fixed, "grid": self.grid, "seeds": self.seeds,
                 **({"lr_scaling": self.lr_scaling} if self.lr_scaling else {}),
+                **({"slurm": self.slurm} if self.slurm else {}),
                 "runs": [r.to_dict() for r in self.runs]}
 
     @classmethod
@@ -235,7 +260,7 @@ class Plan:
         return cls(name=d["name"], config=d["config"], fixed=dict(d.get("fixed") or {}),
                    grid={k: list(v) for k, v in (d.get("grid") or {}).items()}, seeds=list(d["seeds"]),
                    base_config=d.get("base_config"), runs=runs, created=d.get("created", ""),
-                   lr_scaling=d.get("lr_scaling"))
+                   lr_scaling=d.get("lr_scaling"), slurm=dict(d.get("slurm") or {}))
 
 
 def _resolve_base(raw: dict[str, Any], fixed: dict[str, Any], grid: dict[str, list[Any]],
@@ -249,14 +274,22 @@ def _resolve_base(raw: dict[str, Any], fixed: dict[str, Any], grid: dict[str, li
     if "seed" in fixed:
         raise ConfigError("the sweep sets each run's seed; give seeds with --seeds (or seeds: in a sweep file)")
     merged = config_mod.apply_overrides(copy.deepcopy(raw), dict(fixed))
+    # Keys that only some cells read (optimizer.momentum with a swept optimizer.name) are checked per
+    # cell (Plan.configs); here they are set aside and put back as given.
+    readable = copy.deepcopy(merged)
+    aside = config_mod.reset_not_applying(readable)
     try:
-        resolved = config_mod.validate(merged, source, origins=origins)
+        resolved = config_mod.validate(readable, source, origins=origins)
     except ConfigError:
         # Some settings are only valid with the swept values (ghost norm and a swept batch size):
         # resolve with the first cell's values; every cell overrides them again.
-        first = {k: v[0] for k, v in grid.items()}
-        resolved = config_mod.validate(config_mod.apply_overrides(merged, first), source, origins=origins)
+        first = config_mod.apply_overrides(copy.deepcopy(merged), {k: v[0] for k, v in grid.items()})
+        aside = config_mod.reset_not_applying(first)
+        resolved = config_mod.validate(first, source, origins=origins)
     out = config_mod.to_dict(resolved)
+    for key in aside:
+        section, leaf = key.split(".")
+        out[section][leaf] = merged[section][leaf]
     out.pop("seed", None)
     return out
 
@@ -289,13 +322,23 @@ def plan_inline(config_path: Path | None, overrides: Sequence[str], seeds: int |
     if not isinstance(raw, dict):
         raise ConfigError(f"config {config_path} must be a mapping of sections")
     fixed, grid = parse_sweep_overrides(overrides)
+    return plan_from_parts(raw, fixed, grid, seeds, name, str(config_path) if config_path is not None else None,
+                           config_mod.command_line_origins(list(overrides)))
+
+
+def plan_from_parts(raw: dict[str, Any], fixed: dict[str, Any], grid: dict[str, Any],
+                    seeds: int | str | Sequence[int] | None = None, name: str | None = None,
+                    base_config: str | None = None, origins: dict[str, str] | None = None) -> Plan:
+    """A plan from a raw base config mapping, fixed {key: value} and swept {key: [values]}; every cell validated.
+
+    ``origins``: where each override came from, for error messages (see config.validate)."""
     grid = _check_grid(grid, "overrides")
     if seeds is None:
         seeds = [int(raw.get("seed", 0))]
-    config = _resolve_base(raw, fixed, grid, str(config_path or ""), config_mod.command_line_origins(list(overrides)))
-    plan = Plan(name=_sweep_name(name, config), config=config, fixed=fixed, grid=grid, seeds=parse_seeds(seeds),
-                base_config=str(config_path) if config_path is not None else None)
-    return plan.validate()
+    config = _resolve_base(copy.deepcopy(raw), fixed, grid, base_config or "", origins)
+    plan = Plan(name=_sweep_name(name, config), config=config, fixed=dict(fixed), grid=grid, seeds=parse_seeds(seeds),
+                base_config=base_config)
+    return plan.validate().refuse_unread()
 
 
 # slurm: read by bnctl.launchers; study: the claim and estimand a study section declares (bnctl.studyspec)
@@ -329,7 +372,7 @@ def _check_lr_scaling(raw: Any, grid: dict[str, list[Any]], fixed: dict[str, Any
     return {"rule": raw["rule"], "reference_batch": ref}
 
 
-def plan_from_file(path: Path, extra_overrides: Sequence[str] = ()) -> Plan:
+def plan_from_file(path: Path, extra_overrides: Sequence[str] = (), shared: bool = False) -> Plan:
     """A plan from a sweep file (name, base, fixed, grid, seeds); extra KEY=v overrides add to fixed.
 
     ``base`` is a config path (relative to the sweep file, else to the working directory), a
@@ -381,6 +424,11 @@ def plan_from_file(path: Path, extra_overrides: Sequence[str] = ()) -> Plan:
     config = _resolve_base(raw, fixed, grid, str(base_path or path), origins)
     plan = Plan(name=_sweep_name(spec.get("name"), config), config=config, fixed=fixed, grid=grid,
                 seeds=parse_seeds(spec.get("seeds", 1)), base_config=base_path, lr_scaling=lr_scaling)
-    return plan.validate()
+    slurm = spec.get("slurm") or {}
+    if not isinstance(slurm, dict):
+        raise ConfigError(f"sweep file {path}: slurm must be a mapping of settings (partition: ..., time_min: ...)")
+    plan.slurm = dict(slurm)
+    plan.validate()
+    return plan if shared else plan.refuse_unread()  # shared: one of a study's sweeps
 
 

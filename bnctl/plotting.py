@@ -5,6 +5,7 @@ Imports neither torch nor the engine, so `bnctl plot` is quick and works anywher
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -12,33 +13,99 @@ from typing import Any
 
 from bnctl import config as config_mod, rundir
 from bnctl.errors import BnctlError
+from bnctl.normspec import BATCH_STAT_NORMS
 
 TRAIN_COLOR, TEST_COLOR, CLEAN_COLOR = "#1f77b4", "#d62728", "#2ca02c"
 
 
-def _pyplot():
+# The house style of every figure, applied to bnctl's figures only: a notebook's own plots keep theirs.
+STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+         "axes.spines.right": False, "legend.frameon": False, "font.size": 10}
+
+
+def new_figure(**kwargs):
+    """A matplotlib Figure outside pyplot: no backend, no window, nothing shown twice in a notebook,
+    freed when dropped. Build it inside ``styled()``; it draws in a notebook (inline) or saves to a file."""
+    return _figure_class()(**kwargs)
+
+
+@functools.cache
+def _figure_class():
+    from matplotlib.figure import Figure
+
+    class NotebookFigure(Figure):
+        """A Figure that Jupyter shows as its PNG, also where pyplot (and with it the inline backend's
+        display hook) was never imported."""
+
+        def _repr_png_(self) -> bytes:
+            import io
+
+            buffer = io.BytesIO()
+            with styled():
+                self.savefig(buffer, format="png", bbox_inches="tight")
+            return buffer.getvalue()
+
+    return NotebookFigure
+
+
+def styled():
+    """The house style while a figure is built (rcParams are read when artists are created)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only: never needs a display
-    import matplotlib.pyplot as plt
+    return matplotlib.rc_context(STYLE)
 
-    plt.rcParams.update({
-        "figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-        "axes.spines.right": False, "legend.frameon": False, "font.size": 10,
-    })
-    return plt
+
+def _styled(build):
+    """Build a figure under the house style (a decorator, so the builders read at one indentation)."""
+    import functools
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        with styled():
+            return build(*args, **kwargs)
+    return wrapper
+
+
+class _Figures:
+    """What the figure code uses of pyplot (subplots, get_cmap, close), for figures outside pyplot."""
+
+    @staticmethod
+    def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, layout=None, squeeze: bool = True, **kwargs):
+        with styled():
+            fig = new_figure(figsize=figsize, layout=layout)
+            axes = fig.subplots(nrows, ncols, squeeze=squeeze, **kwargs)
+            for ax in fig.axes:  # ticks are created lazily, after the style's context: fix the grid's look now
+                ax.grid(True, alpha=STYLE["grid.alpha"])
+        return fig, axes
+
+    @staticmethod
+    def get_cmap(name: str):
+        import matplotlib
+
+        return matplotlib.colormaps[name]
+
+    @staticmethod
+    def close(fig) -> None:
+        """Nothing to release: a figure outside pyplot is freed with its last reference."""
+
+
+def _pyplot() -> _Figures:
+    return _Figures()
 
 
 def _save(fig, path: Path) -> Path:
-    """Save a figure atomically and release it."""
-    import matplotlib.pyplot as plt
-
-    try:
-        with rundir.atomic_write(path, "wb") as f:
-            fig.savefig(f, format="png", bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    """Save a figure atomically."""
+    # A legend made after subplots() returned, outside the style's context, gets the style's frameless look.
+    for legend in [ax.get_legend() for ax in fig.axes] + list(fig.legends):
+        if legend is not None:
+            legend.set_frame_on(STYLE["legend.frameon"])
+    with styled(), rundir.atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", bbox_inches="tight")
     return Path(path)
+
+
+# Shared with the other figure modules (landscape_plot.py): one style, one way to save.
+pyplot, save_figure = _pyplot, _save
 
 
 def _run_info(run_dir: Path) -> dict[str, Any]:
@@ -52,40 +119,21 @@ def _run_info(run_dir: Path) -> dict[str, Any]:
 # Keys that never change what a run learns or measures: bookkeeping, speed, extra outputs.
 NON_EXPERIMENT_KEYS = {"name", "device", "data.download", "train.channels_last", "train.compile",
                        "train.diagnostics", "train.diagnostics_every", "train.tensorboard", "train.eval_train"}
-_BATCH_STAT_NORMS = ("batch", "batch_manual", "ghost", "noisy_batch")
 _synthetic = lambda c: c.get("data.name", "synthetic") == "synthetic"  # noqa: E731
 # Keys that matter only for some settings (the rest of the time any value gives the same run).
 APPLIES = {
     "data.root": lambda c: not _synthetic(c),
     "data.train_size": _synthetic, "data.test_size": _synthetic, "data.synthetic_seed": _synthetic,
     "data.image_size": lambda c: c.get("data.name") == "imagefolder",
-    "model.depth": lambda c: c.get("model.name") in ("vgg", "resnet20"),
-    "model.fc_norm": lambda c: c.get("model.name", "seed_cnn") == "seed_cnn",
-    "model.virtual_batch_size": lambda c: c.get("model.norm") == "ghost",
-    "model.groups": lambda c: c.get("model.norm") == "group",
-    "model.bn_noise_mean": lambda c: c.get("model.norm") == "noisy_batch",
-    "model.bn_noise_std": lambda c: c.get("model.norm") == "noisy_batch",
-    "model.bn_momentum": lambda c: c.get("model.norm", "batch") in _BATCH_STAT_NORMS,
-    "model.bn_track_running_stats": lambda c: c.get("model.norm", "batch") in _BATCH_STAT_NORMS,
-    "model.bn_eps": lambda c: c.get("model.norm") != "none",
-    "model.bn_affine": lambda c: c.get("model.norm") != "none",
-    "model.init_std": lambda c: c.get("model.init") == "normal",
-    "optimizer.momentum": lambda c: c.get("optimizer.name") == "sgd",
-    "optimizer.nesterov": lambda c: c.get("optimizer.name") == "sgd",
-    "optimizer.betas": lambda c: c.get("optimizer.name", "adam") in ("adam", "adamw"),
-    "scheduler.step_size": lambda c: c.get("scheduler.name") == "step",
-    "scheduler.gamma": lambda c: c.get("scheduler.name") == "step",
-    "scheduler.warmup_pct": lambda c: c.get("scheduler.name") == "onecycle",
-    "scheduler.min_lr": lambda c: c.get("scheduler.name") == "cosine",
     # Evaluation batches matter only where eval mode still normalizes with batch statistics.
-    "train.eval_batch_size": lambda c: (c.get("model.norm", "batch") in _BATCH_STAT_NORMS
+    "train.eval_batch_size": lambda c: (c.get("model.norm", "batch") in BATCH_STAT_NORMS
                                         and c.get("model.bn_track_running_stats") is False),
 }
 
 
-# The model-specific keys config validation knows (model.depth, model.shortcut...), from the one list there.
-APPLIES.update({f"{section}.{key}": (lambda c, models=models: c.get("model.name", "seed_cnn") in models)
-                for (section, key), models in getattr(config_mod, "MODEL_SPECIFIC_KEYS", {}).items()})
+# The keys only some models, norms, inits, optimizers or schedules read, from config's one table.
+APPLIES.update({key: (lambda c, choice=choice, applies=applies: c.get(choice, config_mod.default_of(choice)) in applies)
+                for key, (choice, applies) in config_mod.KEY_APPLIES.items()})
 
 
 def experiment_key(key: str, flat: dict[str, Any]) -> bool:
@@ -125,6 +173,11 @@ def run_title(raw: dict[str, Any], fallback: str, width: int = 120) -> str:
     extra = [f"{short(k)}={_fmt_value(v)}" for k, v in flat.items()
              if k not in _TITLE_KEYS and k in defaults and experiment_key(k, flat) and not _same(v, defaults[k])]
     return "\n".join(textwrap.wrap(", ".join([head] + extra), width=width, break_long_words=False))
+
+
+def run_dir_title(run_dir: Path, width: int = 120) -> str:
+    """A figure title naming the run: its config name and the settings that differ from the defaults."""
+    return _run_title(run_dir, width)
 
 
 def _run_title(run_dir: Path, width: int = 120) -> str:
@@ -172,8 +225,9 @@ def integer_axis(ax, values: list[int]) -> None:
         ax.set_xlim(min(values) - 0.5, max(values) + 0.5)
 
 
-def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
-    """The two-panel loss and accuracy figure (train and test per epoch) -> curves.png."""
+@_styled
+def curves_figure(run_dir: Path):
+    """The two-panel loss and accuracy figure (train and test per epoch), from metrics.csv."""
     run_dir = Path(run_dir)
     rows = rundir.read_csv(run_dir / rundir.METRICS_FILE)
     if not rows:
@@ -216,17 +270,31 @@ def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
         integer_axis(ax, epochs)
     fig.suptitle(_run_title(run_dir), fontsize=10)
     fig.tight_layout()
-    return _save(fig, out or run_dir / "curves.png")
+    return fig
+
+
+def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
+    """curves_figure -> curves.png (or out)."""
+    return _save(curves_figure(run_dir), out or Path(run_dir) / "curves.png")
 
 
 def plot_confusion(eval_json: Path, out: Path | None = None) -> Path:
-    """Row-normalized confusion matrix (percent of each true class) from an eval.json."""
+    """Row-normalized confusion matrix (percent of each true class) from an eval.json -> its PNG."""
     eval_json = Path(eval_json)
     try:
         result = rundir.read_json(eval_json)
-        classes, matrix = result["classes"], result["confusion"]
+        result["classes"], result["confusion"]
     except (ValueError, KeyError, TypeError):  # a file of another kind, or cut short
         raise BnctlError(f"{eval_json} is not a bnctl eval result (JSON with classes and confusion)") from None
+    # eval/running.json -> eval/running.png; a legacy eval.json keeps its confusion.png
+    default = eval_json.with_name("confusion.png") if eval_json.name == "eval.json" else eval_json.with_suffix(".png")
+    return _save(confusion_figure(result), out or default)
+
+
+@_styled
+def confusion_figure(result: dict[str, Any]):
+    """Row-normalized confusion matrix (percent of each true class) of an evaluation result."""
+    classes, matrix = result["classes"], result["confusion"]
     plt = _pyplot()
     k = len(classes)
     pct = [[100.0 * v / max(1, sum(row)) for v in row] for row in matrix]
@@ -251,13 +319,18 @@ def plot_confusion(eval_json: Path, out: Path | None = None) -> Path:
     ax.set_title(f"Confusion (% of each true class)\n{epoch}accuracy {result['acc']:.2f}%, {mode}", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    # eval/running.json -> eval/running.png; a legacy eval.json keeps its confusion.png
-    default = eval_json.with_name("confusion.png") if eval_json.name == "eval.json" else eval_json.with_suffix(".png")
-    return _save(fig, out or default)
+    return fig
 
 
 def plot_diagnostics(run_dir: Path, out: Path | None = None) -> Path | None:
-    """Per-layer BN statistics over training (diagnostics.csv) -> diagnostics.png; None without samples."""
+    """diagnostics_figure -> diagnostics.png (or out); None without samples."""
+    fig = diagnostics_figure(run_dir)
+    return None if fig is None else _save(fig, out or Path(run_dir) / "diagnostics.png")
+
+
+@_styled
+def diagnostics_figure(run_dir: Path):
+    """Per-layer BN statistics over training, from diagnostics.csv; None without samples."""
     run_dir = Path(run_dir)
     path = run_dir / rundir.DIAGNOSTICS_FILE
     if not path.is_file():
@@ -330,7 +403,7 @@ def plot_diagnostics(run_dir: Path, out: Path | None = None) -> Path | None:
                    title="layer", title_fontsize=8.5)
     fig.suptitle(f"Normalization diagnostics (train mode; dashed lines: epoch boundaries)\n{_run_title(run_dir)}",
                  fontsize=10)
-    return _save(fig, out or run_dir / "diagnostics.png")
+    return fig
 
 
 # (stat name in diagnostics.csv, panel title, reference line or None), in display order.
@@ -366,6 +439,11 @@ def plot_run(run_dir: Path) -> list[Path]:
         drawn = []
     if diag is not None:
         drawn.append(diag)
+    from bnctl import landscape_plot  # torch-free, like this module
+
+    landscape = landscape_plot.plot_run(run_dir)
+    if landscape is not None:
+        drawn.append(landscape)
     legacy = run_dir / "eval.json"  # written by bnctl before results were kept under eval/
     for eval_json in ([legacy] if legacy.is_file() else []) + sorted((run_dir / rundir.EVAL_DIR).glob("*.json")):
         drawn.append(plot_confusion(eval_json))
@@ -445,14 +523,26 @@ def compare_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "status": rundir.effective_status(run["dir"], run["summary"]) if run["summary"] else "unknown",
             "epochs": len(rows), "epochs_planned": run["config"].get("train.epochs"),
             "final_train_acc": last.get("train_acc"), "final_test_acc": last.get("test_acc"),
+            # train.eval_train's eval-mode train accuracy: the fair side of the train-test gap
+            "final_clean_train_acc": last.get("clean_train_acc"),
+            "final_gap": (None if last.get("clean_train_acc") is None or last.get("test_acc") is None
+                          else last["clean_train_acc"] - last["test_acc"]),
             "final_train_loss": last.get("train_loss"), "final_test_loss": last.get("test_loss"),
             "best_test_acc": best.get("test_acc"), "best_epoch": best.get("epoch"),
-            "wall_time_s": run["summary"].get("wall_time_s", sum(r.get("epoch_time_s") or 0 for r in rows)),
+            "wall_time_s": run["summary"].get("wall_time_s"),  # the run's time has one definition: summary.json's
         })
     return table
 
 
 def plot_compare(runs: list[dict[str, Any]], out: Path) -> Path:
+    """compare_figure -> a PNG at out."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return _save(compare_figure(runs), out)
+
+
+@_styled
+def compare_figure(runs: list[dict[str, Any]]):
     """Overlay several runs' loss and accuracy curves (solid: test, dashed: train) in one figure."""
     plt = _pyplot()
     keys = differing_keys(runs)
@@ -466,6 +556,9 @@ def plot_compare(runs: list[dict[str, Any]], out: Path) -> Path:
             ax.plot(epochs, [r[f"test_{metric}"] for r in rows], color=color, lw=1.8, marker=marker, ms=3.5,
                     label=label)
             ax.plot(epochs, [r[f"train_{metric}"] for r in rows], color=color, lw=1.2, ls="--", alpha=0.7)
+            if any(r.get(f"clean_train_{metric}") is not None for r in rows):  # train.eval_train
+                ax.plot(epochs, [r.get(f"clean_train_{metric}") for r in rows], color=color, lw=1.2, ls="-.",
+                        alpha=0.85)
     losses = [r[k] for run in runs for r in run["rows"] for k in ("train_loss", "test_loss")
               if r.get(k) is not None and math.isfinite(r[k])]
     # One run far above the others (a diverging one) would squash every other curve on a linear axis.
@@ -481,11 +574,13 @@ def plot_compare(runs: list[dict[str, Any]], out: Path) -> Path:
         ax_loss.yaxis.set_minor_formatter(ticker.NullFormatter())
     classes = {num_classes(Path(run["dir"])) for run in runs}
     chance = 100.0 / classes.pop() if len(classes) == 1 and None not in classes else None
-    accuracy_axis(ax_acc, [r[k] for run in runs for r in run["rows"] for k in ("train_acc", "test_acc")], chance)
-    ax_loss.set(title="Loss (solid: test, dashed: train" + ("; log scale)" if log_loss else ")"),
-                xlabel="epoch", ylabel="cross-entropy")
-    ax_acc.set(title="Accuracy (solid: test, dashed: train; dotted: chance)" if chance else
-               "Accuracy (solid: test, dashed: train)", xlabel="epoch", ylabel="accuracy (%)")
+    accuracy_axis(ax_acc, [r[k] for run in runs for r in run["rows"] for k in ("train_acc", "test_acc", "clean_train_acc")
+                           if r.get(k) is not None], chance)
+    clean = any(r.get("clean_train_acc") is not None for run in runs for r in run["rows"])
+    lines = "solid: test, dashed: train" + (", dash-dot: train in eval mode" if clean else "")
+    ax_loss.set(title=f"Loss ({lines}" + ("; log scale)" if log_loss else ")"), xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title=f"Accuracy ({lines}" + ("; dotted: chance)" if chance else ")"), xlabel="epoch",
+               ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
         integer_axis(ax, [r["epoch"] for run in runs for r in run["rows"]])
     handles, labels = ax_loss.get_legend_handles_labels()  # the runs only (the chance line is on ax_acc)
@@ -495,6 +590,4 @@ def plot_compare(runs: list[dict[str, Any]], out: Path) -> Path:
 
     fig.suptitle("\n".join(textwrap.wrap("Runs differ in: " + (", ".join(keys) if keys else "nothing that changes "
                                           "the experiment"), width=130)), fontsize=10)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return _save(fig, out)
+    return fig

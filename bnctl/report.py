@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from bnctl import rundir, stats
 from bnctl.errors import ConfigError
 
 SWEEP_FILE, RESULTS_FILE = "sweep.yaml", "results.csv"
-REPORT_FILE, SUMMARY_CSV = "report.md", "summary.csv"
+REPORT_FILE, SUMMARY_CSV, DIFFERENCES_CSV = "report.md", "summary.csv", "differences.csv"
 
 # Per-run metrics summarized over seeds: (results.csv column or derived name, label, decimals).
 METRICS = [
@@ -146,6 +147,137 @@ def write_summary_csv(data: SweepData, all_cells: list[Cell], path: Path) -> Pat
         out.writerow(row)
     rundir.atomic_write_text(path, buf.getvalue())
     return path
+
+
+# ------------------------------------------------------------------ differences between levels
+
+# Metrics whose level differences the report gives (best_test_acc is a maximum over epochs: biased upwards).
+DIFFERENCE_METRICS = ("final_test_acc", "gap")
+# The level every other one is compared against when the sweep varies this key and includes it: the
+# control of a normalization study. Other keys: the first value listed in the grid.
+DEFAULT_REFERENCE = {"model.norm": "none"}
+
+
+@dataclass
+class LevelDifference:
+    """One level of a swept key minus the reference level, at fixed values of the other swept keys."""
+
+    key: str
+    level: Any
+    reference: Any
+    at: dict[str, Any]  # the other swept keys' values
+    metric: str
+    diff: stats.Difference | None  # Welch; None with fewer than 2 completed runs on a side
+    n: tuple[int, int]  # completed runs with a value: (level, reference)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Grid values as the plan holds them and as typed or read back from CSV (0.001, '1e-3')."""
+    if a == b or str(a) == str(b):
+        return True
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def reference_level(key: str, levels: list, chosen: dict[str, Any] | None = None) -> Any:
+    """The level of `key` that the others are compared against: chosen[key], else DEFAULT_REFERENCE's, else the first."""
+    if chosen and key in chosen:
+        match = [v for v in levels if _same_value(v, chosen[key])]
+        if not match:
+            raise ConfigError(f"--reference {key}={chosen[key]}: not a level of the sweep "
+                              f"(its levels: {', '.join(map(str, levels))})")
+        return match[0]
+    default = DEFAULT_REFERENCE.get(key)
+    return default if default in levels else levels[0]
+
+
+def level_differences(data: SweepData, all_cells: list[Cell], reference: dict[str, Any] | None = None,
+                      metrics: tuple[str, ...] = DIFFERENCE_METRICS) -> list[LevelDifference]:
+    """For every swept key with two or more levels: each level minus the reference level, at every combination
+    of the other swept keys, over completed runs (diverged ones are left out, as in the per-cell table)."""
+    unknown = set(reference or {}) - set(data.grid)
+    if unknown:
+        raise ConfigError(f"--reference {', '.join(sorted(unknown))}: not a swept key of this sweep "
+                          f"(swept: {', '.join(data.grid) or 'none'})")
+    overrides = {r["cell"]: dict(r.get("overrides") or {}) for r in data.plan.get("runs") or []}
+
+    def find(values: dict[str, Any]) -> Cell | None:
+        for c in all_cells:
+            mine = overrides.get(c.name, c.values)
+            if all(_same_value(mine.get(k), v) for k, v in values.items()):
+                return c
+        return None
+
+    def completed(cell: Cell | None, metric: str) -> list[float]:
+        if cell is None:
+            return []
+        return [float(r[metric]) for r in cell.runs if r["status"] == "completed" and _is_number(r.get(metric))
+                and math.isfinite(float(r[metric]))]
+
+    out = []
+    for key, levels in data.grid.items():
+        if len(levels) < 2:
+            continue
+        ref = reference_level(key, levels, reference)
+        others = [k for k in data.grid if k != key]
+        for combo in itertools.product(*(data.grid[k] for k in others)):
+            at = dict(zip(others, combo))
+            base = find({**at, key: ref})
+            for level in [v for v in levels if not _same_value(v, ref)]:
+                cell = find({**at, key: level})
+                for metric in metrics:
+                    a, b = completed(cell, metric), completed(base, metric)
+                    if a or b:
+                        out.append(LevelDifference(key, level, ref, at, metric, stats.welch(a, b), (len(a), len(b))))
+    return out
+
+
+def fmt_difference(d: LevelDifference, digits: int = 2) -> str:
+    n = f"n={d.n[0]}/{d.n[1]}"
+    if d.diff is None:
+        return f"- ({n})"
+    e = d.diff
+    return f"{e.effect:+.{digits}f} [{e.lo:+.{digits}f}, {e.hi:+.{digits}f}] ({n})"
+
+
+def difference_rows(diffs: list[LevelDifference]) -> tuple[list[str], list[list[str]]]:
+    """The differences as a table: one row per (key, level, other keys' values), one column per metric."""
+    metrics = list(dict.fromkeys(d.metric for d in diffs))
+    labels = dict((m, lab) for m, lab, _ in METRICS)
+    header = ["swept key", "difference", "at", *(labels[m] for m in metrics)]
+    rows: dict[tuple, dict[str, str]] = {}
+    for d in diffs:
+        short = d.key.rsplit(".", 1)[-1]
+        where = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in d.at.items()) or "-"
+        rows.setdefault((d.key, f"{short}={d.level} minus {short}={d.reference}", where), {})[d.metric] = \
+            fmt_difference(d)
+    return header, [[*k, *(v.get(m, "-") for m in metrics)] for k, v in rows.items()]
+
+
+def write_differences_csv(diffs: list[LevelDifference], path: Path) -> Path:
+    """differences.csv: one row per level difference and metric, with the Welch interval and both n."""
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(["key", "level", "reference", "at", "metric", "difference", "ci_lo", "ci_hi", "n_level",
+                  "n_reference", "p", "method"])
+    for d in diffs:
+        e = d.diff
+        out.writerow([d.key, d.level, d.reference, ";".join(f"{k}={v}" for k, v in d.at.items()), d.metric,
+                      *(("", "", "") if e is None else (repr(e.effect), repr(e.lo), repr(e.hi))), *d.n,
+                      "" if e is None or e.p is None else repr(e.p), "" if e is None else "Welch"])
+    rundir.atomic_write_text(path, buf.getvalue())
+    return path
+
+
+DIFFERENCES_TEXT = ("Each row: a level of one swept key minus the reference level (`model.norm=none` when "
+                    "the sweep includes it, else the key's first value; `bnctl report --reference KEY=VALUE` "
+                    "chooses), with the other swept keys held at the values in `at`. Mean difference over "
+                    "completed seeds with Welch's 95% interval (`scipy.stats.ttest_ind`, `equal_var=False`); "
+                    "n = completed runs of the level/of the reference; `-` below 2 on a side. Diverged runs "
+                    "are left out, as in the table above. Each interval holds for its own row: with many rows, "
+                    "some exclude 0 by chance alone.")
 
 
 # ------------------------------------------------------------------ figures
@@ -312,6 +444,7 @@ class Report:
     body: list[list[str]]
     files: list[Path]
     missing: list[dict[str, Any]]
+    differences: list[LevelDifference] = field(default_factory=list)
 
 
 def missing_lines(missing: list[dict[str, Any]]) -> list[str]:
@@ -319,14 +452,18 @@ def missing_lines(missing: list[dict[str, Any]]) -> list[str]:
     return [f"{r['run']}: {r['status']}" + (f" ({r['error']})" if r.get("error") else "") for r in missing]
 
 
-def build(sweep_dir: Path, out_dir: Path | None = None) -> Report:
-    """Aggregate a sweep over seeds and write summary.csv, report.md and figures into out_dir (the sweep dir)."""
+def build(sweep_dir: Path, out_dir: Path | None = None, reference: dict[str, Any] | None = None) -> Report:
+    """Aggregate a sweep over seeds and write summary.csv, differences.csv, report.md and figures into out_dir
+    (the sweep dir). ``reference``: swept key -> the level the others are compared against."""
     data = load(sweep_dir)
+    all_cells = cells(data)
+    diffs = level_differences(data, all_cells, reference)  # a bad --reference fails before anything is written
     out_dir = Path(out_dir or data.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    all_cells = cells(data)
     header, body = table_rows(data, all_cells)
     files = [write_summary_csv(data, all_cells, out_dir / SUMMARY_CSV)]
+    if diffs:
+        files.append(write_differences_csv(diffs, out_dir / DIFFERENCES_CSV))
     figures = []
     metrics = [m for m in ("final_test_acc", "gap") if any(c.stats[m].n for c in all_cells)]
     for key in numeric_keys(data):
@@ -339,11 +476,12 @@ def build(sweep_dir: Path, out_dir: Path | None = None) -> Report:
     if curves:
         figures.append(curves)
     missing = [r for c in all_cells for r in c.missing]
-    files.append(_write_markdown(data, all_cells, header, body, figures, missing, out_dir / REPORT_FILE))
-    return Report(data, all_cells, header, body, files + figures, missing)
+    files.append(_write_markdown(data, all_cells, header, body, figures, missing, out_dir / REPORT_FILE, diffs))
+    return Report(data, all_cells, header, body, files + figures, missing, diffs)
 
 
-def _write_markdown(data: SweepData, all_cells: list[Cell], header, body, figures, missing, path: Path) -> Path:
+def _write_markdown(data: SweepData, all_cells: list[Cell], header, body, figures, missing, path: Path,
+                    diffs: list[LevelDifference] = ()) -> Path:
     counts = {s: sum(r["status"] == s for r in data.rows) for s in dict.fromkeys(r["status"] for r in data.rows)}
     fixed = data.plan.get("fixed") or {}
     lines = [f"# Sweep report: {data.name}", "",
@@ -356,6 +494,8 @@ def _write_markdown(data: SweepData, all_cells: list[Cell], header, body, figure
               "n = completed/planned. Diverged runs are counted, not averaged. The gap is eval-mode "
               "train accuracy minus test accuracy (needs `train.eval_train`).", "",
               md_table(header, body), ""]
+    if diffs:
+        lines += ["## Differences between levels", "", DIFFERENCES_TEXT, "", md_table(*difference_rows(diffs)), ""]
     if missing:
         lines += [f"**Incomplete:** {len(missing)} of {len(data.rows)} runs are not results yet; "
                   "the statistics above use only the finished ones.", ""]

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as td
 from torch import nn
 
-from bnctl.distributed import AgreedError, SyncBatchNorm, process_group, reconcile_running_stats
+from bnctl.distributed import AgreedError, process_group, reconcile_running_stats
+from bnctl.norms import SyncBatchNorm
 from bnctl.errors import DataError
 
 STEPS, GLOBAL_BATCH = 4, 8

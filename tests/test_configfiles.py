@@ -50,6 +50,10 @@ def test_a_users_file_wins_over_the_built_in_of_the_same_name(elsewhere):
     (elsewhere / "sub").mkdir()
     (elsewhere / "sub" / "seed.yaml").write_text("name: next_to_it\n")
     assert configfiles.resolve("seed.yaml", relative_to=elsewhere / "sub") == elsewhere / "sub" / "seed.yaml"
+    (elsewhere / "seed_nobn").mkdir()  # a folder is not a config file: the built-in is meant
+    assert configfiles.resolve("seed_nobn") == configfiles.CONFIG_DIR / "seed_nobn.yaml"
+    with pytest.raises(ConfigError, match="is a directory"):
+        C.load(configfiles.resolve("sub"))
 
 
 @pytest.mark.parametrize("ref", ["nope", "../configs/quickstart", "/quickstart", "studies/quick", ""])

@@ -20,11 +20,13 @@ from torch import nn
 from bnctl import config as config_mod, distributed, rundir
 from bnctl.config import ModelConfig
 from bnctl.data import Batches
-from bnctl.distributed import Dist, SyncBatchNorm
+from bnctl.distributed import Dist
 from bnctl.errors import ConfigError
 from bnctl.experiment import setup
-from bnctl.norms import GhostBatchNorm, ManualBatchNorm
+from bnctl.norms import GhostBatchNorm, ManualBatchNorm, SyncBatchNorm
 from conftest import tiny_raw, write_config
+
+pytestmark = pytest.mark.slow  # several processes (ranks) per test
 
 REPO = Path(__file__).resolve().parent.parent
 TIMING = {"epoch_time_s", "train_time_s", "eval_time_s", "images_per_s"}

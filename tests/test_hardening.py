@@ -88,6 +88,7 @@ def no_running_stats_run(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------ 1. test order under batch statistics
 
+@pytest.mark.slow
 def test_1_batch_mode_eval_is_the_same_on_class_sorted_files(bn_run, monkeypatch):
     best = bn_run / "checkpoints" / "best.pt"
     running = evaluation.evaluate_checkpoint(best)["acc"]
@@ -106,6 +107,7 @@ def test_1_batch_mode_eval_is_the_same_on_class_sorted_files(bn_run, monkeypatch
     assert other["order_seed"] == 5 and other["loss"] != ordered["loss"]  # the seed does choose the batches
 
 
+@pytest.mark.slow
 def test_1_without_running_stats_training_evaluates_class_mixed_batches(monkeypatch, tmp_path):
     sort_test_split(monkeypatch)
     cfg = config_mod.validate(tiny_raw(seed=3, model={"bn_track_running_stats": False}, train={"eval_batch_size": 16}))
@@ -147,6 +149,7 @@ def _fp16_copy(bn_run: Path, dest: Path) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_2_fp16_checkpoint_evaluates_on_cpu_in_fp32_and_says_so(bn_run, tmp_path):
     run = _fp16_copy(bn_run, tmp_path / "run")
     result = invoke("eval", run / "checkpoints" / "best.pt", "--device", "cpu", "--json")
@@ -160,6 +163,7 @@ def test_2_fp16_checkpoint_evaluates_on_cpu_in_fp32_and_says_so(bn_run, tmp_path
     assert "note:" in table.output and "fp16 -> fp32" in table.output
 
 
+@pytest.mark.slow
 def test_2_fp16_run_resumes_on_cpu_and_records_the_change(bn_run, tmp_path):
     run = _fp16_copy(bn_run, tmp_path / "run")
     result = invoke("train", "--resume", run, "device=cpu", "train.epochs=3")
@@ -205,6 +209,7 @@ def _assert_consistent(run: Path) -> None:
     assert checkpoint.load(run / "checkpoints" / "best.pt")["epoch"] == summary["best"]["epoch"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
 def test_3_a_stop_at_any_checkpoint_write_leaves_consistent_files(tmp_path, monkeypatch, stop):
     calls = _saves_of_a_clean_run(tmp_path)
@@ -234,6 +239,7 @@ def test_3_a_stop_at_any_checkpoint_write_leaves_consistent_files(tmp_path, monk
         assert checkpoint.load(run / "checkpoints" / "best.pt")["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_3_a_kill_between_last_and_best_is_repaired_on_resume(tmp_path):
     """SIGKILL-like: the process dies between writing last.pt and best.pt, and no handler runs."""
     run = tmp_path / "run"
@@ -261,6 +267,7 @@ def test_3_a_kill_between_last_and_best_is_repaired_on_resume(tmp_path):
 
 # ------------------------------------------------------------------ 4. eval batches of one without running stats
 
+@pytest.mark.slow
 def test_4_no_running_stats_with_eval_batches_of_one_is_refused_before_training(tmp_path, no_running_stats_run):
     with pytest.raises(ConfigError, match="eval_batch_size=1 cannot evaluate"):
         config_mod.validate(tiny_raw(model={"bn_track_running_stats": False}, train={"eval_batch_size": 1}))
@@ -277,6 +284,7 @@ def test_4_no_running_stats_with_eval_batches_of_one_is_refused_before_training(
 
 # ------------------------------------------------------------------ 5. recalibration without a training batch
 
+@pytest.mark.slow
 def test_5_recalibrate_without_a_whole_training_batch_is_an_error(bn_run, tmp_path):
     ckpt = tmp_path / "few.pt"
     shutil.copy(bn_run / "checkpoints" / "best.pt", ckpt)
@@ -516,6 +524,7 @@ def test_resnet20_has_the_papers_parameter_free_shortcuts():
     assert torch.equal(out[:, 8:24], x[:, :, ::2, ::2]) and not out[:, :8].any() and not out[:, 24:].any()
 
 
+@pytest.mark.slow
 def test_resnet20_checkpoints_from_before_the_shortcut_key_load_as_projection(tmp_path):
     cfg = config_mod.validate(tiny_raw(model={"name": "resnet20", "width": 0.25, "shortcut": "projection"},
                                        data={"train_size": 64, "test_size": 32}, train={"epochs": 1}))
@@ -536,6 +545,7 @@ def _as_written_before_this_version(raw: dict) -> None:
     raw["model"]["depth"] = 13  # accepted then, and ignored by seed_cnn
 
 
+@pytest.mark.slow
 def test_runs_written_before_model_specific_keys_evaluate_and_resume(tmp_path):
     cfg = config_mod.validate(tiny_raw(data={"train_size": 64, "test_size": 32}, train={"epochs": 1}))
     run = engine.fit(cfg, run_dir=tmp_path / "run").run_dir

@@ -236,3 +236,118 @@ def _check_measures(rows):
     assert ics == {(n, m) for n in ("conv2", "conv3", "fc1", "fc2") for m in landscape.LAYER_MEASURES}
     cos = [r["value"] for r in at0 if r["measure"] == "ics_cos"]
     assert all(-1 <= c <= 1 for c in cos)
+
+
+# ------------------------------------------------------------------ figures from landscape.csv alone
+
+def _write_landscape(run, rows):
+    lines = [",".join(landscape.COLUMNS)] + [",".join("" if v is None else str(v) for v in r) for r in rows]
+    (run / rundir.LANDSCAPE_FILE).write_text("\n".join(lines) + "\n")
+
+
+def _fake_rows(shift=0.0):
+    rows = []
+    for step, epoch in ((0, 1), (10, 1), (20, 2)):
+        losses = {0.5: 2.0 - step / 100 + shift, 2.0: 1.5 - step / 100 + shift}
+        for c, loss in losses.items():
+            rows += [(step, epoch, None, c, "loss", loss), (step, epoch, None, c, "grad_change", c),
+                     (step, epoch, None, c, "beta", 3.0), (step, epoch, None, c, "curvature", 1.0)]
+        rows += [(step, epoch, None, None, "loss_min", min(losses.values())),
+                 (step, epoch, None, None, "loss_max", max(losses.values())),
+                 (step, epoch, None, None, "loss_here", 2.1), (step, epoch, None, None, "beta_max", 3.0 + step)]
+        for layer in ("conv2", "fc1"):
+            rows += [(step, epoch, layer, None, "ics_l2", 0.1 * (1 + step)), (step, epoch, layer, None, "ics_cos", 0.9)]
+    return rows
+
+
+def test_landscape_figures_come_from_the_file_alone(tmp_path):
+    from bnctl import landscape_plot
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_landscape(run, _fake_rows())
+    with open(run / rundir.LANDSCAPE_FILE, "a") as f:
+        f.write("30,2,fc1,,ics_")  # a cut last line is not a row
+    data = landscape_plot.read(run)
+    assert data["layers"] == ["conv2", "fc1"]
+    assert data["per_scale"]["grad_change"][10] == [0.5, 2.0]
+    assert data["summary"]["beta_max"] == {0: 3.0, 10: 13.0, 20: 23.0}
+    assert data["ics"]["ics_l2"]["fc1"][20] == pytest.approx(2.1)
+    assert 30 not in data["ics"]["ics_l2"]["fc1"]
+    assert landscape_plot.plot_run(run) == run / "landscape.png" and (run / "landscape.png").stat().st_size > 10_000
+    assert landscape_plot.read(tmp_path) is None and landscape_plot.plot_run(tmp_path) is None
+    other = tmp_path / "other"
+    other.mkdir()
+    _write_landscape(other, _fake_rows(shift=0.5))
+    out = landscape_plot.plot_compare([("bn", run), ("none", other), ("no file", tmp_path)], tmp_path / "c.png")
+    assert out == tmp_path / "c.png" and out.stat().st_size > 10_000
+    assert landscape_plot.plot_compare([("no file", tmp_path)], tmp_path / "d.png") is None
+
+
+def _fake_run(path, shift, norm):
+    path.mkdir()
+    _write_landscape(path, _fake_rows(shift))
+    rows = [[str(e), "1.5", "40.0", "1.4", "45.0", "0.001", "1.0", "0.8", "0.2", "900"] for e in (1, 2)]
+    (path / rundir.METRICS_FILE).write_text("\n".join([",".join(engine.METRIC_COLUMNS), *(",".join(r) for r in rows)])
+                                            + "\n")
+    (path / rundir.CONFIG_FILE).write_text(f"name: {path.name}\nmodel:\n  norm: {norm}\n")
+    return path
+
+
+def test_bnctl_compare_overlays_the_landscapes(tmp_path, cli):
+    bn, plain = _fake_run(tmp_path / "bn", 0.0, "batch"), _fake_run(tmp_path / "plain", 0.5, "none")
+    out = tmp_path / "figs" / "cmp.png"
+    result = cli("compare", bn, plain, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and (tmp_path / "figs" / "cmp-landscape.png").stat().st_size > 10_000
+    assert "cmp-landscape.png" in result.output.replace("\n", "")
+    assert "landscape at matched training loss: not comparable (fewer than 5 probes in a run)" in result.output
+
+
+def test_bnctl_plot_draws_the_landscape_without_torch(tmp_path):
+    import subprocess
+    import sys
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_landscape(run, _fake_rows())
+    rows = [[str(e), "1.5", "40.0", "1.4", "45.0", "0.001", "1.0", "0.8", "0.2", "900"] for e in (1, 2)]
+    (run / rundir.METRICS_FILE).write_text("\n".join([",".join(engine.METRIC_COLUMNS), *(",".join(r) for r in rows)])
+                                           + "\n")
+    code = ("import sys\nfrom bnctl.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\nprint(' '.join(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, "plot", str(run)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (run / "landscape.png").is_file()
+    assert "torch" not in out.stdout.strip().splitlines()[-1].split()
+
+
+def _series(losses, betas):
+    return {"summary": {"loss_here": dict(enumerate(losses)), "beta_max": dict(enumerate(betas)),
+                        "loss_range": dict(enumerate(betas)), "grad_change_max": dict(enumerate(betas))}}
+
+
+def test_matched_loss_compares_runs_only_where_their_losses_overlap():
+    from bnctl import landscape_plot
+    # A learns from 2.3 to 1.0; B sits on its plateau at 2.3 and then descends to 1.8.
+    a = _series([2.3 - 0.1 * i for i in range(14)], [10.0 + i for i in range(14)])
+    b = _series([2.3] * 10 + [2.2, 2.1, 2.0, 1.9, 1.8] * 2, [1.0] * 20)
+    m = landscape_plot.matched_loss(a, b, min_probes=3)
+    # Window: the overlap of the central 10-90% loss ranges: A's [1.13, 2.17] and B's [1.89, 2.3].
+    assert m["window"] == (pytest.approx(1.89), pytest.approx(2.17))
+    assert m["n"] == (3, 6)  # A at 2.1, 2.0, 1.9; B twice each: B's plateau at 2.3 is left out
+    assert m["medians"]["beta_max"] == (pytest.approx(13.0), 1.0)  # A's probes at those losses, not its later ones
+    # B never leaves the plateau: no overlap with A's descent, so no comparison.
+    c = _series([2.3] * 10, [1.0] * 10)
+    a2 = _series([2.0 - 0.1 * i for i in range(10)], [5.0] * 10)
+    assert landscape_plot.matched_loss(a2, c)["medians"] is None
+    assert "do not overlap" in landscape_plot.matched_loss(a2, c)["reason"]
+    few = landscape_plot.matched_loss(a, b, min_probes=4)
+    assert few["medians"] is None and "fewer than 4" in few["reason"]
+
+
+def test_probes_leave_noisy_bn_noise_where_it_was(tmp_path):
+    # noisy_batch draws its noise from torch's global generator at every step, as dropout does: a probe's
+    # own passes (which draw noise too) must not move that generator.
+    off = _run(tmp_path, "off", every=0, epochs=1, norm="noisy_batch")
+    on = _run(tmp_path, "on", every=2, epochs=1, norm="noisy_batch")
+    assert _metrics(on) == _metrics(off)
+    _same_state(_strip_times(_final_state(on)), _strip_times(_final_state(off)))

@@ -264,8 +264,11 @@ def _served_sizes(n: int, size: int) -> list[int]:
 # ---------------------------------------------------------------- learning-rate schedules
 
 def _cfg(name: str, *, epochs: int, lr: float = 0.1, **scheduler) -> config_mod.Config:
+    from bnctl.normspec import SCHEDULER_KEYS
+
+    read = {k: v for k, v in scheduler.items() if k in SCHEDULER_KEYS[name]}  # a key the schedule ignores is refused
     return config_mod.validate({"train": {"epochs": epochs}, "optimizer": {"name": "sgd", "lr": lr},
-                                "scheduler": {"name": name, **scheduler}})
+                                "scheduler": {"name": name, **read}})
 
 
 def _curve(cfg: config_mod.Config, spe: int, extra: int = 0) -> list[float]:

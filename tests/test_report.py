@@ -65,6 +65,7 @@ def test_build_writes_summary_markdown_and_figures(sweep):
     assert report._log_axis("train.batch_size", [2, 64])
 
 
+@pytest.mark.slow
 def test_report_cli_prints_the_table_without_importing_torch(sweep):
     code = ("import sys\nfrom bnctl.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n"
             "    assert not e.code, e.code\nprint(' '.join(sys.modules))")
@@ -168,3 +169,69 @@ def test_figures_within_range_carry_no_cut_note(tmp_path, monkeypatch):
     figs = _keep_figures(monkeypatch)
     report.build(make_sweep(tmp_path, GRID, [0, 1, 2], result))
     assert len(figs) == 3 and not any("cut at" in t.get_text() for fig in figs.values() for ax in fig.axes for t in ax.texts)
+
+
+def _scipy_welch(a, b):
+    from scipy import stats as st
+
+    ci = st.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    return sum(a) / len(a) - sum(b) / len(b), ci.low, ci.high
+
+
+def test_report_gives_the_difference_between_levels_with_welch_intervals_and_n(sweep):
+    rep = report.build(sweep)
+    diffs = {(d.key, d.level, tuple(d.at.values()), d.metric): d for d in rep.differences}
+    # BN minus none at each learning rate; none is the reference even though batch is listed first.
+    d = diffs["model.norm", "batch", (0.001,), "final_test_acc"]
+    assert (d.reference, d.n) == ("none", (3, 2))  # none's seed 2 has not run
+    effect, lo, hi = _scipy_welch([80.0, 82.0, 84.0], [70.0, 75.0])
+    assert (d.diff.effect, d.diff.lo, d.diff.hi) == pytest.approx((effect, lo, hi)) and effect == pytest.approx(9.5)
+    high = diffs["model.norm", "batch", (0.01,), "final_test_acc"]
+    assert high.n == (2, 2) and high.diff.effect == pytest.approx(75.5)  # failed and diverged runs left out
+    # The other swept key: each learning rate minus the first one listed, per norm.
+    lr = diffs["optimizer.lr", 0.01, ("none",), "final_test_acc"]
+    assert (lr.reference, lr.n, lr.diff.effect) == (0.001, (2, 2), pytest.approx(10.0 - 72.5))
+    text = (sweep / "report.md").read_text()
+    assert "## Differences between levels" in text
+    assert "| model.norm | norm=batch minus norm=none | lr=0.001 | +9.50 [" in text and "(n=3/2) |" in text
+    rows = rundir.read_csv(sweep / "differences.csv")
+    row = next(r for r in rows if r["key"] == "model.norm" and r["at"] == "optimizer.lr=0.001"
+               and r["metric"] == "final_test_acc")
+    assert (row["level"], row["reference"], row["n_level"], row["n_reference"], row["method"]) == (
+        "batch", "none", 3, 2, "Welch")
+    assert (row["ci_lo"], row["ci_hi"]) == pytest.approx((lo, hi))
+
+
+def test_a_side_with_fewer_than_two_runs_gets_no_interval(tmp_path):
+    def result(o, seed):
+        if o["model.norm"] == "none" and seed == 1:
+            return None
+        return {"status": "completed", "epochs": 1, "final_test_acc": 50.0 + seed + (o["model.norm"] == "batch")}
+
+    rep = report.build(make_sweep(tmp_path, GRID, [0, 1], result))
+    d = next(d for d in rep.differences if d.key == "model.norm")
+    assert d.diff is None and d.n == (2, 1) and report.fmt_difference(d) == "- (n=2/1)"
+
+
+def test_the_reference_level_can_be_chosen_and_flips_the_sign(sweep, cli):
+    default = {(d.key, tuple(d.at.values())): d.diff.effect for d in report.build(sweep).differences
+               if d.metric == "final_test_acc" and d.diff}
+    flipped = report.build(sweep, reference={"model.norm": "batch", "optimizer.lr": "1e-2"}).differences
+    for d in flipped:
+        if d.metric == "final_test_acc" and d.diff:
+            assert d.diff.effect == pytest.approx(-default[d.key, tuple(d.at.values())])
+    out = cli("report", sweep, "--reference", "model.norm=batch")
+    assert out.exit_code == 0 and "norm=none minus norm=batch" in out.output, out.output
+    bad = cli("report", sweep, "--reference", "model.norm=group")
+    assert bad.exit_code == 2 and "not a level of the sweep (its levels: batch, none)" in bad.output
+    assert cli("report", sweep, "--reference", "lr=0.1").exit_code == 2
+
+
+def test_a_sweep_of_one_key_at_one_level_has_no_differences(tmp_path):
+    def result(o, seed):
+        return {"status": "completed", "epochs": 1, "final_test_acc": 50.0 + seed}
+
+    sweep = make_sweep(tmp_path, {"model.norm": ["batch"]}, [0, 1], result)
+    rep = report.build(sweep)
+    assert rep.differences == [] and not (sweep / "differences.csv").exists()
+    assert "Differences between levels" not in (sweep / "report.md").read_text()

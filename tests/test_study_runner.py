@@ -72,6 +72,7 @@ def wait_for_epochs(root: Path, count: int, proc: subprocess.Popen, timeout: flo
 
 # ------------------------------------------------------------------ SIGTERM
 
+@pytest.mark.slow  # subprocesses, and a study that must be mid-run when the signal lands
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_sigterm_stops_a_study_like_ctrl_c(tmp_path, jobs):
     # A long first section, so that the signal lands mid-run; `kill PID` reaches the study process alone.
@@ -91,6 +92,7 @@ def test_sigterm_stops_a_study_like_ctrl_c(tmp_path, jobs):
 
 # ------------------------------------------------------------------ size and time before the start
 
+@pytest.mark.slow  # trains a tiny study end to end
 def test_study_prints_its_size_and_estimated_time_before_it_starts(tmp_path, cli):
     result = cli("study", "claims", "--studies", studies(tmp_path), "--root", tmp_path / "out")
     assert result.exit_code == 0, result.output
@@ -163,6 +165,7 @@ class _StopAfterFirstEpoch:
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow  # worker processes, then a resumed study end to end
 def test_resume_reuses_the_recorded_jobs_and_counts_partly_done_runs(tmp_path, cli):
     from bnctl.errors import InterruptedRun
 
