@@ -24,7 +24,7 @@ from bnctl.config import Config
 from bnctl.data import Batches, ImageData
 from bnctl.distributed import SINGLE, Dist
 from bnctl.errors import CheckpointError, ConfigError, DataError, DivergedError, InterruptedRun
-from bnctl.experiment import Experiment, Precision, _check_fits, _sum_dtype, cpu_threads_for, setup, training_threads
+from bnctl.experiment import Experiment, Precision, _check_fits, _sum_dtype, cpu_threads_for, setup
 from bnctl.models import count_parameters
 from bnctl.norms import set_bn_batch_mode
 
@@ -53,8 +53,13 @@ class SilentReporter:
 
 def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, scheduler,
                     precision: Precision, epoch: int, reporter: Reporter = SilentReporter(),
-                    probe=None, first_step: int = 0, dist: Dist = SINGLE, step_log=None) -> dict[str, float]:
+                    probe=None, first_step: int = 0, dist: Dist = SINGLE, step_log=None,
+                    lagged: bool | None = None, threads: int | None = None) -> dict[str, float]:
     """One pass over the training batches; returns running train loss and accuracy.
+
+    ``lagged`` (default: on CUDA without DDP) reads the running loss back only at progress
+    updates, one update late (LaggedRead), so no step waits for the device; otherwise the
+    CPU checks every step, as reading there costs nothing.
 
     Under data parallelism each rank trains on its share of every batch and the returned
     numbers are summed over ranks: the same as one process training on whole batches.
@@ -64,11 +69,17 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     loss_sum = torch.zeros((), device=device, dtype=_sum_dtype(device))
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
-    report_every = max(1, len(batches) // 50)  # progress updates cost a sync; ~50 per epoch is plenty
-    # Reading a number back is nearly free on CPU but stalls a GPU's queue, so there the
-    # finiteness check waits for the progress updates (a NaN or inf stays in the running sum).
+    report_every = max(1, len(batches) // 50)  # progress updates cost a read; ~50 per epoch is plenty
+    # Reading a number back is nearly free on CPU but stalls a GPU's queue, so there the finiteness
+    # check waits for the progress updates and reads the running sum one update late (LaggedRead):
+    # the step itself never waits for the device. A NaN or inf stays in the running sum.
+    if lagged is None:  # DDP's check is an all-reduce that every rank takes at the same step: not lagged
+        lagged = device.type == "cuda" and not dist.enabled
     check_every = 1 if device.type == "cpu" else report_every
-    with cpu_threads_for(batches):
+    reader = LaggedRead() if lagged else None
+    if lagged:  # the host may run up to read_every steps ahead of the device, never more
+        report_every = max(report_every, LAGGED_READ_EVERY)
+    with cpu_threads_for(batches, threads):
         for i, (x, y) in enumerate(batches):
             if probe is not None:
                 probe.start_step(first_step + i, epoch)
@@ -76,8 +87,10 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)
             loss_sum += loss.detach() * len(y)
-            # Under DDP the check is on the sum over ranks, so every rank stops at the same step.
-            if (i + 1) % check_every == 0:
+            if reader is not None:
+                if (i + 1) % report_every == 0:
+                    _check_lagged(reader.push(loss_sum, (i + 1, seen + len(y))), epoch, reporter)
+            elif (i + 1) % check_every == 0:  # under DDP the sum over ranks, so every rank stops at the same step
                 _check_step(loss_sum, loss, dist, epoch, i + 1)
             optimizer.zero_grad(set_to_none=True)
             precision.scaler.scale(loss).backward()
@@ -90,7 +103,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
             scheduler.step()
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            if (i + 1) % report_every == 0:
+            if reader is None and (i + 1) % report_every == 0:
                 reporter.step(i + 1, (loss_sum / seen).item())
     if seen == 0:
         raise DataError(f"no complete training batch: {len(batches.y)} images < batch_size {batches.batch_size}")
@@ -115,6 +128,50 @@ def _check_step(loss_sum: torch.Tensor, loss: torch.Tensor, dist: Dist, epoch: i
         raise KeyboardInterrupt(why)  # the Ctrl-C path: status interrupted, last checkpoint kept
     if not math.isfinite(total):
         raise DivergedError(f"loss became {loss.item()} at epoch {epoch}, step {step}", epoch, step)
+
+
+LAGGED_READ_EVERY = 10  # lagged reads: at most one per this many steps (a GPU queue some steps deep)
+
+
+class LaggedRead:
+    """Read a device scalar back one request late, so that reading never waits for the step just queued.
+
+    push() starts an asynchronous copy of the value into pinned host memory and returns the
+    previous push's value (with its tag), whose copy finished long ago: the device keeps the
+    steps in between queued and never drains. Off CUDA the copy is immediate (same logic, for tests).
+    """
+
+    def __init__(self) -> None:
+        self.pending: tuple[torch.Tensor, Any, Any] | None = None
+
+    def push(self, value: torch.Tensor, tag: Any) -> tuple[float, Any] | None:
+        previous = self.pending
+        cuda = value.device.type == "cuda"
+        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=cuda)
+        host.copy_(value.detach(), non_blocking=cuda)
+        done = None
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+        self.pending = (host, done, tag)
+        if previous is None:
+            return None
+        if previous[1] is not None:
+            previous[1].synchronize()  # recorded report_every steps ago: normally long complete
+        return previous[0].item(), previous[2]
+
+
+def _check_lagged(read: tuple[float, Any] | None, epoch: int, reporter: Reporter) -> None:
+    """The GPU's check and progress update from a lagged read of the running loss sum (see LaggedRead)."""
+    why = stopping.reason(stopping.flags())  # host-side flags: no device read needed
+    if why is not None:
+        raise KeyboardInterrupt(why)
+    if read is None:
+        return
+    total, (step, seen) = read
+    if not math.isfinite(total):
+        raise DivergedError(f"the running loss became {total} by epoch {epoch}, step {step}", epoch, step)
+    reporter.step(step, total / seen)
 
 
 def evaluate(model: nn.Module, batches: Batches, precision: Precision,
@@ -248,22 +305,26 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
     columns = METRIC_COLUMNS + (CLEAN_TRAIN_COLUMNS if cfg.train.eval_train else [])
     parallel = {"world_size": dist.world_size, "backend": dist.backend,
                 "sync_bn": distributed.count_sync_layers(exp.model) > 0}
+    if resuming and exp.device.type == "cpu":
+        _keep_threads(exp, run_dir)
     if resuming and main:
         rundir.remove_temp_files(run_dir)  # left by a run killed mid-write
         # A kill between last.pt and best.pt leaves best.pt an epoch behind (or missing).
         checkpoint.repair_best(run_dir / rundir.CHECKPOINT_DIR, start - 1, best["epoch"])
         rundir.atomic_write_text(run_dir / rundir.CONFIG_FILE, config_mod.to_yaml(cfg))
         rundir.record_resume(run_dir, {"from_epoch": start - 1, "epochs": cfg.train.epochs, "device": str(exp.device),
-                                       "threads": training_threads(exp.device, cfg.train.batch_size),
+                                       "threads": exp.threads, "threads_reason": exp.threads_reason,
                                        "precision": cfg.train.precision, "notes": exp.notes, **parallel,
+                                       **exp.backend,
                                        **elastic.run_info()})
     elif main:
         rundir.record_provenance(run_dir, config_mod.to_yaml(cfg), {
             "device": str(exp.device), "seed": cfg.seed,
-            "threads": training_threads(exp.device, cfg.train.batch_size),
+            "threads": exp.threads, "threads_reason": exp.threads_reason,
             "num_classes": exp.num_classes, "classes": list(exp.data.classes),
             "train_images": len(exp.data.train_y), "steps_per_epoch": len(exp.train_batches),
             "test_images": len(exp.data.test_y), "eval_order_seed": exp.eval_order_seed, **parallel,
+            **exp.backend,
             **elastic.run_info()})
     on_run_dir(run_dir)
     # DDP once the weights are final (it broadcasts rank 0's at construction); evaluation skips it.
@@ -361,7 +422,7 @@ def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
     t0 = time.perf_counter()
     train = train_one_epoch(exp.forward, exp.train_batches, exp.optimizer, exp.scheduler, exp.precision,
                             epoch, reporter, probe, first_step=(epoch - 1) * steps, dist=exp.dist,
-                            step_log=step_log)
+                            step_log=step_log, threads=exp.threads)
     # Unsynchronized BN leaves each rank its own running statistics: make them one model's (train.dist_bn).
     distributed.reconcile_running_stats(exp.model, exp.dist, exp.cfg.train.dist_bn)
     t1 = time.perf_counter()
@@ -377,6 +438,17 @@ def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
     t2 = time.perf_counter()
     return row | {"epoch_time_s": t2 - t0, "train_time_s": t1 - t0, "eval_time_s": t2 - t1,
                   "images_per_s": train["images"] / (t1 - t0)}
+
+
+def _keep_threads(exp: Experiment, run_dir: Path) -> None:
+    """A resumed CPU run trains with the thread count it started with: the count changes the order of float
+    sums, so a different one would make the continuation differ from an uninterrupted run."""
+    try:
+        recorded = rundir.read_json(run_dir / rundir.RUN_INFO_FILE).get("threads")
+    except (OSError, ValueError):
+        return
+    if isinstance(recorded, int) and 1 <= recorded <= torch.get_num_threads() and recorded != exp.threads:
+        exp.threads, exp.threads_reason = recorded, f"kept from the run's start ({recorded})"
 
 
 def _restore(exp: Experiment, run_dir: Path) -> tuple[list[dict], dict[str, Any], int]:

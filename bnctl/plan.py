@@ -170,6 +170,7 @@ class Plan:
     base_config: str | None = None
     runs: list[RunSpec] = field(default_factory=list)
     created: str = ""
+    unread: list[str] = field(default_factory=list)  # fixed keys no cell reads (dropped from all), set by configs()
     # {"rule": "linear"|"sqrt", "reference_batch": B0}: each cell's optimizer.lr is the base lr times
     # (batch/B0) or its square root, so that batch sizes compare at equal noise scale, not equal lr.
     lr_scaling: dict[str, Any] | None = None
@@ -219,14 +220,19 @@ class Plan:
                 by_cell[spec.cell], dropped = self._cell_config(spec)
                 dropped_in[spec.cell] = set(dropped)
             out.append((spec, by_cell[spec.cell].model_copy(update={"seed": spec.seed, "name": spec.name})))
-        unread = set.intersection(*dropped_in.values()) if dropped_in else set()
-        if unread:  # a setting no run of the sweep reads is a mistake, as it is in a single run
-            key = sorted(unread)[0]
+        self.unread = sorted(set.intersection(*dropped_in.values()) if dropped_in else set())
+        return out
+
+    def refuse_unread(self) -> "Plan":
+        """A fixed key that no cell reads is a mistake, as it is in a single run (a study's overrides,
+        shared by sweeps of different grids, are the exception: study.py does not call this)."""
+        if self.unread:
+            key = self.unread[0]
             choice, applies = config_mod.KEY_APPLIES[key]
             section, leaf = key.split(".")
             raise ConfigError(f"{key}={_value_label(self.config[section][leaf])} applies to no cell of this sweep "
                               f"(only to {choice}={', '.join(sorted(applies))}) and would be ignored; remove it")
-        return out
+        return self
 
     def validate(self) -> "Plan":
         self.configs()
@@ -316,13 +322,23 @@ def plan_inline(config_path: Path | None, overrides: Sequence[str], seeds: int |
     if not isinstance(raw, dict):
         raise ConfigError(f"config {config_path} must be a mapping of sections")
     fixed, grid = parse_sweep_overrides(overrides)
+    return plan_from_parts(raw, fixed, grid, seeds, name, str(config_path) if config_path is not None else None,
+                           config_mod.command_line_origins(list(overrides)))
+
+
+def plan_from_parts(raw: dict[str, Any], fixed: dict[str, Any], grid: dict[str, Any],
+                    seeds: int | str | Sequence[int] | None = None, name: str | None = None,
+                    base_config: str | None = None, origins: dict[str, str] | None = None) -> Plan:
+    """A plan from a raw base config mapping, fixed {key: value} and swept {key: [values]}; every cell validated.
+
+    ``origins``: where each override came from, for error messages (see config.validate)."""
     grid = _check_grid(grid, "overrides")
     if seeds is None:
         seeds = [int(raw.get("seed", 0))]
-    config = _resolve_base(raw, fixed, grid, str(config_path or ""), config_mod.command_line_origins(list(overrides)))
-    plan = Plan(name=_sweep_name(name, config), config=config, fixed=fixed, grid=grid, seeds=parse_seeds(seeds),
-                base_config=str(config_path) if config_path is not None else None)
-    return plan.validate()
+    config = _resolve_base(copy.deepcopy(raw), fixed, grid, base_config or "", origins)
+    plan = Plan(name=_sweep_name(name, config), config=config, fixed=dict(fixed), grid=grid, seeds=parse_seeds(seeds),
+                base_config=base_config)
+    return plan.validate().refuse_unread()
 
 
 # slurm: read by bnctl.launchers; study: the claim and estimand a study section declares (bnctl.studyspec)
@@ -356,7 +372,7 @@ def _check_lr_scaling(raw: Any, grid: dict[str, list[Any]], fixed: dict[str, Any
     return {"rule": raw["rule"], "reference_batch": ref}
 
 
-def plan_from_file(path: Path, extra_overrides: Sequence[str] = ()) -> Plan:
+def plan_from_file(path: Path, extra_overrides: Sequence[str] = (), shared: bool = False) -> Plan:
     """A plan from a sweep file (name, base, fixed, grid, seeds); extra KEY=v overrides add to fixed.
 
     ``base`` is a config path (relative to the sweep file, else to the working directory), a
@@ -412,6 +428,7 @@ def plan_from_file(path: Path, extra_overrides: Sequence[str] = ()) -> Plan:
     if not isinstance(slurm, dict):
         raise ConfigError(f"sweep file {path}: slurm must be a mapping of settings (partition: ..., time_min: ...)")
     plan.slurm = dict(slurm)
-    return plan.validate()
+    plan.validate()
+    return plan if shared else plan.refuse_unread()  # shared: one of a study's sweeps
 
 

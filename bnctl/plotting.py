@@ -5,6 +5,7 @@ Imports neither torch nor the engine, so `bnctl plot` is quick and works anywher
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -17,28 +18,89 @@ from bnctl.normspec import BATCH_STAT_NORMS
 TRAIN_COLOR, TEST_COLOR, CLEAN_COLOR = "#1f77b4", "#d62728", "#2ca02c"
 
 
-def _pyplot():
+# The house style of every figure, applied to bnctl's figures only: a notebook's own plots keep theirs.
+STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+         "axes.spines.right": False, "legend.frameon": False, "font.size": 10}
+
+
+def new_figure(**kwargs):
+    """A matplotlib Figure outside pyplot: no backend, no window, nothing shown twice in a notebook,
+    freed when dropped. Build it inside ``styled()``; it draws in a notebook (inline) or saves to a file."""
+    return _figure_class()(**kwargs)
+
+
+@functools.cache
+def _figure_class():
+    from matplotlib.figure import Figure
+
+    class NotebookFigure(Figure):
+        """A Figure that Jupyter shows as its PNG, also where pyplot (and with it the inline backend's
+        display hook) was never imported."""
+
+        def _repr_png_(self) -> bytes:
+            import io
+
+            buffer = io.BytesIO()
+            with styled():
+                self.savefig(buffer, format="png", bbox_inches="tight")
+            return buffer.getvalue()
+
+    return NotebookFigure
+
+
+def styled():
+    """The house style while a figure is built (rcParams are read when artists are created)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only: never needs a display
-    import matplotlib.pyplot as plt
+    return matplotlib.rc_context(STYLE)
 
-    plt.rcParams.update({
-        "figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-        "axes.spines.right": False, "legend.frameon": False, "font.size": 10,
-    })
-    return plt
+
+def _styled(build):
+    """Build a figure under the house style (a decorator, so the builders read at one indentation)."""
+    import functools
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        with styled():
+            return build(*args, **kwargs)
+    return wrapper
+
+
+class _Figures:
+    """What the figure code uses of pyplot (subplots, get_cmap, close), for figures outside pyplot."""
+
+    @staticmethod
+    def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, layout=None, squeeze: bool = True, **kwargs):
+        with styled():
+            fig = new_figure(figsize=figsize, layout=layout)
+            axes = fig.subplots(nrows, ncols, squeeze=squeeze, **kwargs)
+            for ax in fig.axes:  # ticks are created lazily, after the style's context: fix the grid's look now
+                ax.grid(True, alpha=STYLE["grid.alpha"])
+        return fig, axes
+
+    @staticmethod
+    def get_cmap(name: str):
+        import matplotlib
+
+        return matplotlib.colormaps[name]
+
+    @staticmethod
+    def close(fig) -> None:
+        """Nothing to release: a figure outside pyplot is freed with its last reference."""
+
+
+def _pyplot() -> _Figures:
+    return _Figures()
 
 
 def _save(fig, path: Path) -> Path:
-    """Save a figure atomically and release it."""
-    import matplotlib.pyplot as plt
-
-    try:
-        with rundir.atomic_write(path, "wb") as f:
-            fig.savefig(f, format="png", bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    """Save a figure atomically."""
+    # A legend made after subplots() returned, outside the style's context, gets the style's frameless look.
+    for legend in [ax.get_legend() for ax in fig.axes] + list(fig.legends):
+        if legend is not None:
+            legend.set_frame_on(STYLE["legend.frameon"])
+    with styled(), rundir.atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", bbox_inches="tight")
     return Path(path)
 
 
@@ -163,8 +225,9 @@ def integer_axis(ax, values: list[int]) -> None:
         ax.set_xlim(min(values) - 0.5, max(values) + 0.5)
 
 
-def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
-    """The two-panel loss and accuracy figure (train and test per epoch) -> curves.png."""
+@_styled
+def curves_figure(run_dir: Path):
+    """The two-panel loss and accuracy figure (train and test per epoch), from metrics.csv."""
     run_dir = Path(run_dir)
     rows = rundir.read_csv(run_dir / rundir.METRICS_FILE)
     if not rows:
@@ -207,17 +270,31 @@ def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
         integer_axis(ax, epochs)
     fig.suptitle(_run_title(run_dir), fontsize=10)
     fig.tight_layout()
-    return _save(fig, out or run_dir / "curves.png")
+    return fig
+
+
+def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
+    """curves_figure -> curves.png (or out)."""
+    return _save(curves_figure(run_dir), out or Path(run_dir) / "curves.png")
 
 
 def plot_confusion(eval_json: Path, out: Path | None = None) -> Path:
-    """Row-normalized confusion matrix (percent of each true class) from an eval.json."""
+    """Row-normalized confusion matrix (percent of each true class) from an eval.json -> its PNG."""
     eval_json = Path(eval_json)
     try:
         result = rundir.read_json(eval_json)
-        classes, matrix = result["classes"], result["confusion"]
+        result["classes"], result["confusion"]
     except (ValueError, KeyError, TypeError):  # a file of another kind, or cut short
         raise BnctlError(f"{eval_json} is not a bnctl eval result (JSON with classes and confusion)") from None
+    # eval/running.json -> eval/running.png; a legacy eval.json keeps its confusion.png
+    default = eval_json.with_name("confusion.png") if eval_json.name == "eval.json" else eval_json.with_suffix(".png")
+    return _save(confusion_figure(result), out or default)
+
+
+@_styled
+def confusion_figure(result: dict[str, Any]):
+    """Row-normalized confusion matrix (percent of each true class) of an evaluation result."""
+    classes, matrix = result["classes"], result["confusion"]
     plt = _pyplot()
     k = len(classes)
     pct = [[100.0 * v / max(1, sum(row)) for v in row] for row in matrix]
@@ -242,13 +319,18 @@ def plot_confusion(eval_json: Path, out: Path | None = None) -> Path:
     ax.set_title(f"Confusion (% of each true class)\n{epoch}accuracy {result['acc']:.2f}%, {mode}", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    # eval/running.json -> eval/running.png; a legacy eval.json keeps its confusion.png
-    default = eval_json.with_name("confusion.png") if eval_json.name == "eval.json" else eval_json.with_suffix(".png")
-    return _save(fig, out or default)
+    return fig
 
 
 def plot_diagnostics(run_dir: Path, out: Path | None = None) -> Path | None:
-    """Per-layer BN statistics over training (diagnostics.csv) -> diagnostics.png; None without samples."""
+    """diagnostics_figure -> diagnostics.png (or out); None without samples."""
+    fig = diagnostics_figure(run_dir)
+    return None if fig is None else _save(fig, out or Path(run_dir) / "diagnostics.png")
+
+
+@_styled
+def diagnostics_figure(run_dir: Path):
+    """Per-layer BN statistics over training, from diagnostics.csv; None without samples."""
     run_dir = Path(run_dir)
     path = run_dir / rundir.DIAGNOSTICS_FILE
     if not path.is_file():
@@ -321,7 +403,7 @@ def plot_diagnostics(run_dir: Path, out: Path | None = None) -> Path | None:
                    title="layer", title_fontsize=8.5)
     fig.suptitle(f"Normalization diagnostics (train mode; dashed lines: epoch boundaries)\n{_run_title(run_dir)}",
                  fontsize=10)
-    return _save(fig, out or run_dir / "diagnostics.png")
+    return fig
 
 
 # (stat name in diagnostics.csv, panel title, reference line or None), in display order.
@@ -453,6 +535,14 @@ def compare_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot_compare(runs: list[dict[str, Any]], out: Path) -> Path:
+    """compare_figure -> a PNG at out."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return _save(compare_figure(runs), out)
+
+
+@_styled
+def compare_figure(runs: list[dict[str, Any]]):
     """Overlay several runs' loss and accuracy curves (solid: test, dashed: train) in one figure."""
     plt = _pyplot()
     keys = differing_keys(runs)
@@ -500,6 +590,4 @@ def plot_compare(runs: list[dict[str, Any]], out: Path) -> Path:
 
     fig.suptitle("\n".join(textwrap.wrap("Runs differ in: " + (", ".join(keys) if keys else "nothing that changes "
                                           "the experiment"), width=130)), fontsize=10)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return _save(fig, out)
+    return fig

@@ -22,9 +22,10 @@ from bnctl.errors import ConfigError, InterruptedRun
 
 STUDY_FILE, REPORT_FILE, EVAL_FILE, SWEEPS_DIR, FIGURES_DIR = (
     "study.json", "REPORT.md", "notebook_eval.csv", "sweeps", "figures")
-PROFILES = {  # profile -> images used to recalibrate BN in section 5 (the rest lives in the sweep files)
-    "quick": {"recalibrate": 2000},
-    "full": {"recalibrate": 10000},
+PROFILES = {  # profile -> images used to recalibrate BN in section 5, and the hardware its budget is sized for
+    "quick": {"recalibrate": 2000, "sized_for": "cpu"},  # synthetic shapes, ~5 min on 2 idle cores
+    "laptop": {"recalibrate": 2000, "sized_for": "cpu"},  # CIFAR-10 (or an image folder), ~20 min on 2 idle cores
+    "full": {"recalibrate": 10000, "sized_for": "gpu"},
 }
 NOTEBOOK = {"train.batch_size": 4, "model.norm": "batch"}  # section 5 evaluates the BN runs at the notebook's batch
 EVAL_BATCH = 4  # the notebook's test batch size
@@ -73,7 +74,7 @@ def plan(profile: str, overrides: Sequence[str], studies: Path | None = None) ->
 
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
-    return {s.key: sweep.plan_from_file(sweep_file(profile, s.key, studies), list(overrides)) for s in SECTIONS}
+    return {s.key: sweep.plan_from_file(sweep_file(profile, s.key, studies), list(overrides), shared=True) for s in SECTIONS}
 
 
 def create(profile: str, overrides: Sequence[str], root: Path = Path("runs/studies"),
@@ -188,6 +189,7 @@ def run(study_dir: Path, *, jobs: int = 1, reporter_factory: Callable[[], Any] |
     info = read(study_dir)
     started = time.monotonic()
     failed: dict[str, str] = {}
+    _record(study_dir, jobs=jobs)  # a resume without --jobs reuses it
     try:
         for section in SECTIONS:
             on_event(f"{section.title}: {info['sweeps'][section.key]}")
@@ -312,6 +314,8 @@ def _lr_text(data: report.SweepData) -> str:
 def budget(data: report.SweepData, facts: RunFacts) -> str:
     """One sentence: images, epochs, batch sizes and steps, optimizer and lr as configured, seeds."""
     cfg = data.plan.get("config") or {}
+    if not cfg:
+        return "not recorded (the sweep holds no resolved config)."
     train, dat = cfg.get("train", {}), cfg.get("data", {})
     images = facts.train_images or dat.get("train_limit") or (dat.get("train_size") if dat.get("name") == "synthetic"
                                                               else None)
@@ -335,7 +339,7 @@ FIGURE_KEYS = {"lr": ("optimizer.lr", ["final_test_acc"]), "init": ("model.init_
 
 
 def _section_figure(key: str, data: report.SweepData, cells: list[report.Cell], out: Path,
-                    chance: float) -> Path | None:
+                    chance: float, trains_at: float | None = None) -> Path | None:
     from bnctl.plotting import _pyplot, _save
 
     x, metrics = FIGURE_KEYS[key]
@@ -347,6 +351,8 @@ def _section_figure(key: str, data: report.SweepData, cells: list[report.Cell], 
         ns = sorted({c.stats[metric].n for c in cells if c.stats[metric].n})
         if metric == "final_test_acc":  # the level a network that learned nothing reaches
             ax.axhline(chance, color="0.5", ls=":", lw=1, label=f"chance ({chance:g}%)")
+            if trains_at is not None:  # section 1's criterion: a run at or above this line "trains"
+                ax.axhline(trains_at, color="0.3", ls="--", lw=1, label=f"trains (>= {trains_at:g}%)")
         drawn |= report.draw_metric_vs_key(ax, data, cells, x, metric,
                                            title=f"{label}, mean of n={'/'.join(map(str, ns)) or 0} seeds, "
                                                  "bars: 95% t-interval")
@@ -387,7 +393,7 @@ def _verdict_md(v: verdicts.Verdict) -> list[str]:
                   f"{v.mde_text()}. Smallest effect that matters (declared): {v.smallest:g} {v.unit}.", ""]
     if v.caveats:
         lines += ["**Caveats.**", ""] + [f"- {c}" for c in v.caveats] + [""]
-    lines += [f"- {d}" for d in v.details] + ([""] if v.details else [])
+    lines += (["**Numbers.**", ""] + [f"- {d}" for d in v.details] + [""]) if v.details else []
     lines += [f"*Test:* {v.rule}", ""] if v.rule else []
     return lines
 
@@ -433,7 +439,9 @@ def write_report(study_dir: Path) -> StudyResult:
         if section.key == "small_batches":
             small_data, small_facts = data, facts
         results[section.key] = RULES[section.key](data, facts, specs)
-        fig = _section_figure(section.key, data, cells, study_dir / FIGURES_DIR / f"{section.key}.png", facts.chance)
+        lr_spec = _spec(specs, "lr", "lr_tolerance") if section.key == "lr" else None
+        fig = _section_figure(section.key, data, cells, study_dir / FIGURES_DIR / f"{section.key}.png", facts.chance,
+                              facts.chance + lr_spec.trains_above_chance if lr_spec else None)
         only = ["final_test_acc", "gap"] if section.key == "regularization" else ["final_test_acc"]
         header, body = report.table_rows(data, cells, only)
         if section.key != "regularization" and any(c.count("diverged") for c in cells):
@@ -496,7 +504,7 @@ def write_report(study_dir: Path) -> StudyResult:
                              "minimum detectable effect (80% power)"], rows), "",
             "**How to read a verdict.** Each section estimates one effect, declared in its sweep file before any run, "
             "signed so that **positive is what the claim predicts**. **Supported** / **contradicted**: its p-value, "
-            f"Holm-adjusted across the {sum(v.p_adjusted is not None for v in results.values())} tested sections, is "
+            f"Holm-adjusted across the sections tested ({sum(v.p_adjusted is not None for v in results.values())} here), is "
             "below 0.05 and its 95% interval lies on the claim's side / the other side (the chance that any section of "
             "a study without real effects comes out decisive is at most 5%). **No effect larger than X**: the 90% "
             "interval lies within +-X, the smallest effect the sweep file declares to matter. **Inconclusive**: "
@@ -537,6 +545,27 @@ def _p_cell(v: verdicts.Verdict) -> str:
 
 def notebook_eval_rows(study_dir: Path) -> list[dict[str, Any]]:
     return list(_read_evals(Path(study_dir) / EVAL_FILE).values())
+
+
+def _record(study_dir: Path, **values: Any) -> None:
+    path = Path(study_dir) / STUDY_FILE
+    rundir.write_json(path, rundir.read_json(path) | values)
+
+
+def preflight(study_dir: Path, jobs: int, timed: bool = True) -> tuple[Any, str | None]:
+    """Before a study (re)starts: its size and estimated time (bnctl.estimate), and a warning when its
+    profile is sized for a GPU that is not in use."""
+    from bnctl import estimate
+
+    info = read(study_dir)
+    est = estimate.estimate([info["sweeps"][s.key] for s in SECTIONS], jobs, timed=timed)
+    warning = None
+    if PROFILES.get(info["profile"], {}).get("sized_for") == "gpu" and est.device == "cpu" and est.to_run:
+        cpu_choice = [p for p, v in PROFILES.items() if v.get("sized_for") == "cpu"]
+        warning = (f"the {info['profile']} profile is sized for a GPU and these runs will use the CPU"
+                   + (f" ({estimate.format_duration(est.seconds)} estimated)" if est.seconds else "")
+                   + f"; on a CPU use --profile {' or '.join(cpu_choice)}")
+    return est, warning
 
 
 def resume_check(study_dir: Path, profile: str | None, overrides: Sequence[str]) -> None:

@@ -356,6 +356,9 @@ def gap_reduction(rows: Sequence[dict], spec: studyspec.GapReduction, quantum: f
     if any(len(gap[c]) < 2 for c in compared):
         v.status, v.reason = NOT_TESTABLE, "here: a compared arm has fewer than 2 finished runs with a gap"
         return decide_all([v])[0]
+    control = stats.welch(gap[(ctl, 0.0)], gap[(ctl, d)], floor)
+    v.details.append(f"dropout {d:g} shrinks {ctl}'s gap by {control.effect:+.1f} points, 95% interval "
+                     f"[{control.lo:+.1f}, {control.hi:+.1f}] (Welch)")
     unfit = [f"{cells[c]} reached {_mean(train[c]):.1f}% train accuracy" for c in compared
              if _mean(train[c]) < spec.fit_level]
     if unfit:
@@ -363,10 +366,10 @@ def gap_reduction(rows: Sequence[dict], spec: studyspec.GapReduction, quantum: f
         v.reason = (f"at this budget: an arm did not fit its training set to {spec.fit_level:g}% "
                     f"({'; '.join(unfit)}); train longer or on fewer images")
         v.caveats += [f"did not fit its training set: {u}" for u in unfit]
+        if not control.lo90 > 0:
+            v.caveats.append(f"dropout {d:g}, the positive control, did not shrink {ctl}'s gap detectably either "
+                             f"({control.effect:+.1f} points, 90% interval [{control.lo90:+.1f}, {control.hi90:+.1f}])")
         return decide_all([v])[0]
-    control = stats.welch(gap[(ctl, 0.0)], gap[(ctl, d)], floor)
-    v.details.append(f"dropout {d:g} shrinks {ctl}'s gap by {control.effect:+.1f} points, 95% interval "
-                     f"[{control.lo:+.1f}, {control.hi:+.1f}] (Welch)")
     if not control.lo90 > 0:
         v.status = NOT_TESTABLE
         v.reason = (f"at this budget: dropout {d:g}, the positive control, did not shrink {ctl}'s gap "

@@ -187,7 +187,7 @@ def test_regularization_an_arm_that_underfits_is_not_testable():
     found = _kinds(lambda r: _reg(r, train, test))
     assert found[NOT_TESTABLE] == 100
     v = _reg(np.random.default_rng(0), train, test)
-    assert "batch (no dropout) reached 3" in v.reason and "did not fit its training set" in v.caveats[-1]
+    assert "batch (no dropout) reached 3" in v.reason and "did not fit its training set" in v.caveats[0]
 
 
 def test_regularization_without_a_working_positive_control_is_not_testable():

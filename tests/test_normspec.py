@@ -155,6 +155,14 @@ def test_a_fixed_key_read_by_no_cell_is_refused(tmp_path):
         plan.plan_inline(base, ["optimizer.name=adam,adamw", "optimizer.momentum=0.5"], seeds=1)
     with pytest.raises(ConfigError, match=r"(?s)cell groups-4.*model.groups=4 does not apply to model.norm=batch"):
         plan.plan_inline(base, ["model.groups=4,8"], seeds=1)  # a swept key is each cell's own: refused
+    # A study's overrides are shared by sweeps of different grids: there it is dropped from every cell.
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(yaml.safe_dump({"name": "s", "base": str(base), "fixed": {"model.groups": 4},
+                                          "grid": {"model.norm": ["batch", "none"]}, "seeds": 1}))
+    with pytest.raises(ConfigError, match="applies to no cell"):
+        plan.plan_from_file(sweep_file)
+    shared = plan.plan_from_file(sweep_file, shared=True)
+    assert shared.unread == ["model.groups"] and {cfg.model.groups for _, cfg in shared.configs()} == {8}
 
 
 def test_each_runs_stored_config_claims_only_what_it_read(tmp_path):

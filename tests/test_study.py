@@ -124,7 +124,7 @@ def test_an_unfinished_study_is_incomplete_where_runs_are_missing(tmp_path):
     assert "| 4. Small batches | incomplete | 15 of 18 runs finished; rerun with --resume to finish |" in text
     assert "2 of 3 BN checkpoints at batch 4 evaluated" in text
     # Holm counts the three tested sections only.
-    assert "Holm-adjusted across the 3 tested sections" in text
+    assert "Holm-adjusted across the sections tested (3 here)" in text
 
 
 @pytest.mark.slow
@@ -168,3 +168,23 @@ def test_study_runs_evaluates_and_resumes_without_rerunning(tmp_path, cli):
     assert study.read(study_dir)["wall_time_s"] > info["wall_time_s"]
     clash = cli("study", "claims", "--resume", study_dir, "train.epochs=3")
     assert clash.exit_code == 2 and "give none" in clash.output
+
+
+def test_the_budget_is_read_from_the_config_not_assumed(tmp_path):
+    """Review 8: section 5 always said "(Adam, lr 0.001: the notebook's settings)", even for an SGD study."""
+    from bnctl import report
+
+    plan = {"config": {"data": {"name": "synthetic", "train_size": 3000, "test_size": 500},
+                       "train": {"epochs": 3, "batch_size": 32},
+                       "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "scheduler": {"name": "cosine"}},
+            "grid": {"model.norm": ["batch", "group"], "train.batch_size": [2, 64]}, "seeds": [0, 1, 2, 3],
+            "lr_scaling": {"rule": "linear", "reference_batch": 64}}
+    data = report.SweepData(tmp_path, plan, [])
+    facts = study.RunFacts(test_images=500, train_images=3000, steps_per_epoch={2: 1500, 64: 46})
+    assert study.budget(data, facts) == (
+        "synthetic data, 3,000 training and 500 test images; 3 epochs; 4,500 steps at batch 2; 138 steps at batch 64; "
+        "SGD (momentum 0.9), lr 0.05 x batch/64 (0.0015625 at 2, 0.05 at 64), cosine schedule; 4 seeds per cell.")
+    assert study._lr_text_at(data, 2) == "SGD (momentum 0.9), lr 0.0015625"
+    adam = report.SweepData(tmp_path, plan | {"config": plan["config"] | {"optimizer": {"name": "adam", "lr": 3e-4}},
+                                              "lr_scaling": None}, [])
+    assert "Adam, lr 0.0003, cosine schedule;" in study.budget(adam, facts)
