@@ -71,7 +71,8 @@ def one_thread():
 # Module fixtures that train whole runs for a file's tests: a test using one is end-to-end, and so slow.
 # With the multi-process and subprocess tests (marked @pytest.mark.slow, or a whole module with
 # pytestmark) they are left out of the quick loop, `python -m pytest -q -m "not slow"` (docs/development.md).
-SLOW_FIXTURES = {"run_copy", "trained", "runs", "layer_runs", "killed_and_resumed", "bn_run", "diagnostics_run"}
+SLOW_FIXTURES = {"run_copy", "trained", "trained_run", "runs", "layer_runs", "killed_and_resumed", "bn_run",
+                 "diagnostics_run"}
 
 
 def pytest_collection_modifyitems(items):

@@ -337,3 +337,18 @@ def test_study_claims_errors(tmp_path):
         bnctl.study_claims(report_only=True)
     with pytest.raises(BnctlError, match="not a study directory"):
         bnctl.study_claims(resume=tmp_path)
+
+
+def test_the_api_reporters_take_what_the_library_passes_them():
+    """Fast guard: the sweep and epoch protocols may grow a parameter; the API's reporters must follow."""
+    import inspect
+
+    from bnctl import api, engine, sweep
+
+    def params(fn):
+        return [p.name for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+
+    for mine, protocol in ((api._SweepProgress, sweep.SweepReporter), (api._EpochProgress, engine.Reporter)):
+        for name, fn in inspect.getmembers(protocol, inspect.isfunction):
+            if not name.startswith("_") and hasattr(mine, name):
+                assert params(getattr(mine, name)) == params(fn), (mine.__name__, name)

@@ -128,6 +128,7 @@ def test_small_batches_uses_every_batch_size_and_gets_surer_only_when_right():
     assert v.effect.n == (4,) * 8 and "from batch 64 to 4" in " ".join(v.details)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seeds", [3, 5, 10])
 def test_lr_same_limits_with_bn_more_accurate_is_not_a_higher_tolerance(seeds):
     """Review 3: both norms train at exactly the same lrs, BN 5 points better. Before: "supported" in 13-75%."""
