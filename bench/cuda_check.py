@@ -1,22 +1,24 @@
 """Check bnctl's CUDA path on this machine's GPU(s) in one go, and print one table.
 
-    python bench/cuda_check.py                 # about 5-10 minutes on one GPU (torch.compile dominates)
-    python bench/cuda_check.py --quick         # smaller data, no compile: about a minute
+    python bench/cuda_check.py                 # eager fp32/bf16/fp16 x channels_last, seed_cnn: ~1-2 minutes
+    python bench/cuda_check.py --full          # resnet20, 3 epochs, eager + torch.compile: 12 runs, 10+ minutes
     python bench/cuda_check.py --cifar-root ./data   # real CIFAR-10 instead of the synthetic shapes
     python bench/cuda_check.py --out cuda_check.json # also keep the rows as JSON
 
-For every precision (fp32, bf16, fp16), memory layout (channels_last on/off) and execution mode
-(eager, torch.compile) it trains the same short run through bnctl's own engine (`engine.fit`, a
-real run directory under a temporary folder) and reports training images/s of the last epoch
-(the first pays for compilation and cuDNN autotuning), the first epoch's seconds, the final test
-accuracy and the peak GPU memory. With two or more GPUs it also trains the fp32 run data-parallel
-under torchrun with nccl (2 processes, synchronized BN) and compares it with the one-GPU run.
+For every precision (fp32, bf16, fp16), memory layout (channels_last on/off) and, with --full or
+--compile, execution mode (eager, torch.compile) it trains the same short run through bnctl's own
+engine (`engine.fit`, a real run directory under a temporary folder) and reports training images/s
+of the last epoch (the first pays for cuDNN autotuning and compilation), the first epoch's seconds,
+the final test accuracy and the peak GPU memory. A row is "ok" only when the run finished, its test
+accuracy reaches --acc-floor and it lies within --max-spread points of every other finished row
+(precisions and layouts must agree: a broken autocast or layout would show here). With two or more
+GPUs it also trains the fp32 run data-parallel under torchrun with nccl and compares it.
 
-Each configuration runs in its own process with a time limit, so a crash, a compiler error or an
-out-of-memory in one of them is reported in its row and the others still run. Without a GPU the
-script says so and exits with status 0 (``--allow-cpu --no-compile`` runs the same harness on the
-CPU, small and without fp16, in a few minutes, to check the script itself; the exit status is 1 when
-any configuration failed).
+Each configuration runs in its own process with a time limit (--timeout each, --budget for all:
+configurations not started within the budget are reported as skipped), so a crash, a compiler error
+or an out-of-memory in one of them is reported in its row and the others still run. Without a GPU
+the script says so and exits with status 0 (``--allow-cpu`` runs the same harness on the CPU, small
+and without fp16, to check the script itself; the exit status is 1 when any row is not ok).
 """
 
 from __future__ import annotations
@@ -120,15 +122,22 @@ def print_table(rows: list[dict], header: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="small data, eager only: about a minute")
-    parser.add_argument("--model", default="resnet20")
-    parser.add_argument("--epochs", type=int, default=None, help="default 3 (2 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="small data (5000 images), eager only")
+    parser.add_argument("--full", action="store_true", help="resnet20, 3 epochs of 20000 images, eager + compile")
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile rows")
+    parser.add_argument("--model", default=None, help="default seed_cnn (resnet20 with --full)")
+    parser.add_argument("--epochs", type=int, default=None, help="default 2 (3 with --full)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--train-size", type=int, default=None, help="synthetic images (default 20000; 5000 quick)")
+    parser.add_argument("--train-size", type=int, default=None, help="synthetic images (default 10000; 20000 "
+                                                                      "--full; 5000 --quick)")
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--cifar-root", default=None, help="folder holding cifar-10-batches-py/")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds each configuration may take")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (even with --full)")
+    parser.add_argument("--timeout", type=float, default=150, help="seconds each configuration may take")
+    parser.add_argument("--budget", type=float, default=480, help="seconds for all configurations together")
+    parser.add_argument("--acc-floor", type=float, default=30.0, help="test accuracy (%%) every row must reach")
+    parser.add_argument("--max-spread", type=float, default=5.0,
+                        help="most test-accuracy points between any two finished rows")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     parser.add_argument("--allow-cpu", action="store_true", help="no GPU: run the harness on the CPU (small)")
     args = parser.parse_args()
@@ -144,12 +153,13 @@ def main() -> int:
               f"torch {torch.__version__}); nothing to check. Run it on a machine with a GPU.")
         return 0
     device = "cuda" if gpus else "cpu"
-    quick = args.quick or device == "cpu"
-    args.epochs = args.epochs or (2 if quick else 3)
-    args.train_size = args.train_size or (5000 if args.quick else 1000 if device == "cpu" else 20000)
+    args.model = args.model or ("resnet20" if args.full else "seed_cnn")
+    args.epochs = args.epochs or (3 if args.full else 2)
+    args.train_size = args.train_size or (5000 if args.quick else 20000 if args.full else 10000)
     if device == "cpu":
+        args.train_size = min(args.train_size, 1000)
         args.test_size, args.batch_size, args.model = min(args.test_size, 500), min(args.batch_size, 64), "seed_cnn"
-    modes = [False] if (args.quick or args.no_compile) else [False, True]
+    modes = [False, True] if (args.full or args.compile) and not (args.quick or args.no_compile) else [False]
     precisions = [p for p in PRECISIONS if device == "cuda" or p != "fp16"]  # fp16 is CUDA-only in bnctl
 
     name = torch.cuda.get_device_name(0) if gpus else "CPU (harness check only)"
@@ -165,16 +175,21 @@ def main() -> int:
             for precision in precisions:
                 for channels_last in (True, False):
                     label = f"{precision}{' cl' if channels_last else ''}{' compiled' if compile_ else ''}"
+                    row = {"label": "1 GPU" if gpus else "CPU", "precision": precision,
+                           "channels_last": channels_last, "mode": "compile" if compile_ else "eager"}
+                    left = args.budget - (time.time() - started)
+                    if left < 10:
+                        rows.append({**row, "status": f"skipped: the {args.budget:.0f}s budget is spent"})
+                        continue
                     print(f"... {label}", file=sys.stderr, flush=True)
                     spec = {"overrides": _overrides(args, device, precision, channels_last, compile_),
                             "root": str(Path(tmp) / label.replace(" ", "_"))}
-                    rows.append({"label": "1 GPU" if gpus else "CPU", "precision": precision,
-                                 "channels_last": channels_last, "mode": "compile" if compile_ else "eager",
-                                 **run_child(spec, args.timeout)})
+                    rows.append({**row, **run_child(spec, min(args.timeout, left))})
         if gpus >= 2:
             print("... DDP nccl x2", file=sys.stderr, flush=True)
             rows.append({"label": "2 GPUs DDP nccl, sync BN", "precision": "fp32", "channels_last": True,
                          "mode": "eager", **run_ddp(args, Path(tmp) / "ddp", args.timeout)})
+    agreement = judge_accuracy(rows, args.acc_floor, args.max_spread)  # before the table: it can fail rows
     print_table(rows, header)
     if gpus < 2:
         print("\nDDP with nccl: not checked (needs 2 GPUs; this machine has "
@@ -186,12 +201,30 @@ def main() -> int:
             print(f"\nDDP vs 1 GPU (fp32, same global batch): test acc {ddp['test_acc']:.2f}% vs "
                   f"{single['test_acc']:.2f}% (synchronized BN: equal up to float reduction order), "
                   f"{ddp['images_per_s'] / single['images_per_s']:.2f}x the images/s; backend {ddp.get('backend')}")
+    print(f"\n{agreement}")
     failed = [r for r in rows if r["status"] != "ok"]
-    print(f"\n{len(rows) - len(failed)}/{len(rows)} configurations ran in {time.time() - started:.0f}s"
-          + (f"; {len(failed)} failed (see the status column)" if failed else ""))
+    print(f"{len(rows) - len(failed)}/{len(rows)} configurations ok in {time.time() - started:.0f}s"
+          + (f"; {len(failed)} not (see the status column)" if failed else ""))
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        args.out.write_text(json.dumps({"rows": rows, "accuracy": agreement, "acc_floor": args.acc_floor,
+                                        "max_spread": args.max_spread}, indent=2) + "\n")
     return 1 if failed else 0
+
+
+def judge_accuracy(rows: list[dict], floor: float, spread: float) -> str:
+    """Mark finished rows below the floor, or outside the spread of the others, as not ok; say what was found."""
+    done = [r for r in rows if r["status"] == "ok"]
+    if not done:
+        return "accuracy: no run finished"
+    median = sorted(r["test_acc"] for r in done)[len(done) // 2]
+    for r in done:
+        if r["test_acc"] < floor:
+            r["status"] = f"accuracy {r['test_acc']:.2f}% below the floor {floor:g}%"
+        elif abs(r["test_acc"] - median) > spread / 2:
+            r["status"] = f"accuracy {r['test_acc']:.2f}% is {r['test_acc'] - median:+.2f} from the median"
+    accs = [r["test_acc"] for r in done]
+    return (f"accuracy: {min(accs):.2f}-{max(accs):.2f}% over {len(done)} finished runs (spread "
+            f"{max(accs) - min(accs):.2f}, allowed {spread:g}; floor {floor:g}%)")
 
 
 if __name__ == "__main__":

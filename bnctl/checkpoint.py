@@ -70,8 +70,7 @@ def checkpoint_for(path: Path) -> Path:
     return path
 
 
-def eval_output_name(result: dict[str, Any], requested_recalibration: int | None = None,
-                     recalibrate_batch_size: int | None = None) -> str:
+def eval_output_name(result: dict[str, Any], recalibrate_batch_size: int | None = None) -> str:
     """The stem of an evaluation's files under RUN/eval/, named by what was measured.
 
     running, batch-bs4, recal-2000 (recal-2000-bs32 with an explicit recalibration batch size);

@@ -156,8 +156,12 @@ def compare_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "status": rundir.effective_status(run["dir"], run["summary"]) if run["summary"] else "unknown",
             "epochs": len(rows), "epochs_planned": run["config"].get("train.epochs"),
             "final_train_acc": last.get("train_acc"), "final_test_acc": last.get("test_acc"),
+            # train.eval_train's eval-mode train accuracy: the fair side of the train-test gap
+            "final_clean_train_acc": last.get("clean_train_acc"),
+            "final_gap": (None if last.get("clean_train_acc") is None or last.get("test_acc") is None
+                          else last["clean_train_acc"] - last["test_acc"]),
             "final_train_loss": last.get("train_loss"), "final_test_loss": last.get("test_loss"),
             "best_test_acc": best.get("test_acc"), "best_epoch": best.get("epoch"),
-            "wall_time_s": run["summary"].get("wall_time_s", sum(r.get("epoch_time_s") or 0 for r in rows)),
+            "wall_time_s": run["summary"].get("wall_time_s"),  # the run's time has one definition: summary.json's
         })
     return table

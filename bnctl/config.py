@@ -85,6 +85,7 @@ class DataConfig(_Section):
     test_size: int = Field(1000, ge=10)  # synthetic only: images generated for testing
     synthetic_seed: Seed = 0  # synthetic only: the dataset's own seed, independent of the run's seed
     train_limit: Optional[int] = Field(None, ge=1)  # train on a fixed random subset of N images (seeded, not the first N)
+    test_limit: Optional[int] = Field(None, ge=1)  # evaluate on a fixed random subset of N test images (as train_limit)
     image_size: int = Field(32, ge=8)  # imagefolder: images are resized to this square size
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalization, on the 0..1 scale
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -169,6 +170,11 @@ class TrainConfig(_Section):
     precision: Precision = "fp32"  # bf16: autocast on CPU or CUDA; fp16: CUDA only, with a gradient scaler
     channels_last: bool = True  # NHWC memory layout: 1.4x faster CPU training at batch 4 (bench/RESULTS.md)
     compile: bool = False  # torch.compile the model (slow first epoch, faster after)
+    # CUDA only (the CPU ignores both; run.json records what was in force):
+    cudnn_benchmark: bool = False  # let cuDNN time its kernels per shape: faster at fixed shapes, but the chosen
+    #                                kernels (and the last bits of every number) may differ from run to run
+    tf32: bool = False  # TensorFloat-32 matmuls/convolutions on Ampere+: ~2-8x faster fp32 work, ~1e-3 relative
+    #                     error; false keeps "fp32" meaning fp32, as on the CPU
     eval_train: bool = False  # add a clean eval-mode pass over the training set (clean_train_* columns)
     diagnostics: bool = False  # record BN statistics to diagnostics.csv
     diagnostics_every: int = Field(50, ge=1)  # steps between diagnostic samples

@@ -237,6 +237,33 @@ def load_cifar10(cfg: DataConfig) -> ImageData:
     return ImageData(cat(train, 0), cat(train, 1), cat(test, 0), cat(test, 1), list(CIFAR_CLASSES))
 
 
+def write_cifar_format(root: Path, per_batch: int = 10000, test_images: int | None = None,
+                       seed: int = 0) -> Path:
+    """Write random images in CIFAR-10's own file format under root/cifar-10-batches-py; returns that folder.
+
+    For tests and timings where the real files cannot be fetched: five data_batch files of
+    per_batch images each and a test_batch (per_batch images unless test_images says), pickled
+    exactly as the official 'python version' (uint8 N x 3072 rows, a list of labels). The default
+    size is CIFAR-10's own (50,000 + 10,000 images, ~180 MB). The pixels are noise, so a network
+    trained on them stays at chance: such data measure time and memory, never accuracy.
+    """
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / CIFAR_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CIFAR_TRAIN_FILES + CIFAR_TEST_FILES:
+        n = per_batch if name in CIFAR_TRAIN_FILES or test_images is None else test_images
+        x = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        y = [int(v) for v in rng.integers(0, len(CIFAR_CLASSES), n)]
+        entry = {"batch_label": name, "labels": y, "data": x, "filenames": [f"{i}.png" for i in range(n)]}
+        tmp = folder / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(entry, f)  # the highest protocol: bytes stored as they are (~31 MB a file, as the real ones)
+        tmp.replace(folder / name)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}, f)
+    return folder
+
+
 # ------------------------------------------------------------------ image folders
 
 def _read_image_folder(split_dir: Path, size: int, limit: int | None = None
@@ -308,13 +335,16 @@ DATASETS: dict[str, Callable[[DataConfig], ImageData]] = {
 
 
 def load_dataset(cfg: DataConfig) -> ImageData:
-    """Load the configured dataset as uint8 tensors, applying data.train_limit."""
+    """Load the configured dataset as uint8 tensors, applying data.train_limit and data.test_limit."""
     if cfg.name not in DATASETS:
         raise DataError(f"unknown dataset '{cfg.name}'; choose one of {', '.join(DATASETS)}")
     data = DATASETS[cfg.name](cfg)
     if cfg.train_limit is not None and cfg.train_limit < len(data.train_y):  # loaders that did not apply it
         keep = limit_indices(len(data.train_y), cfg.train_limit)
         data.train_x, data.train_y = data.train_x[keep], data.train_y[keep]
+    if cfg.test_limit is not None and cfg.test_limit < len(data.test_y):  # the same fixed subset for every run
+        keep = limit_indices(len(data.test_y), cfg.test_limit)
+        data.test_x, data.test_y = data.test_x[keep], data.test_y[keep]
     return data
 
 
@@ -335,19 +365,48 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4,
     batch does, and x gets its positions' share: a data-parallel rank augments its
     slice exactly as a single process would.
     """
-    n, c, h, w = x.shape
+    n = len(x)
     start, total = within if within is not None else (0, n)
+    dy, dx, flip = crop_flip_draw(generator, total, pad)
     mine = slice(start, start + n)
+    return crop_flip_apply(x, dy[mine].to(x.device), dx[mine].to(x.device), flip[mine].to(x.device), pad)
+
+
+def crop_flip_draw(generator: torch.Generator, total: int, pad: int = 4) -> tuple[torch.Tensor, ...]:
+    """crop_flip's randomness for a batch of ``total`` images: row and column offsets, flips (CPU tensors)."""
+    dy = torch.randint(0, 2 * pad + 1, (total,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (total,), generator=generator)
+    flip = torch.rand(total, generator=generator) < 0.5
+    return dy, dx, flip
+
+
+def crop_flip_apply(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
+                    pad: int = 4) -> torch.Tensor:
+    """Pad x by ``pad`` pixels, crop each image at (dy, dx) and mirror those with flip; all on x's device."""
+    n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (total,), generator=generator)[mine].to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (total,), generator=generator)[mine].to(x.device)
-    flip = (torch.rand(total, generator=generator) < 0.5)[mine].to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (n,1,h,1)
     cols = dx[:, None] + torch.arange(w, device=x.device)  # (n,w)
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]  # flipping = reading columns backwards
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     chans = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, chans, rows, cols]
+
+
+@dataclass
+class EpochPlan:
+    """An epoch's randomness, drawn before its first batch and moved to the device in one copy.
+
+    The draws are those the batches would make one by one (the permutation, then each
+    batch's crop_flip offsets and flips, in order), so the numbers, the generator's state
+    afterwards and hence exact resume are unchanged; a GPU step then never waits for a
+    host-to-device copy of a few random numbers.
+    """
+
+    order: torch.Tensor | None  # (n,) permutation, or None without shuffling
+    dy: torch.Tensor | None  # (sum of batch sizes,) per-image offsets, all batches concatenated; None without crop_flip
+    dx: torch.Tensor | None
+    flip: torch.Tensor | None
 
 
 class Batches:
@@ -384,20 +443,44 @@ class Batches:
         # (train mode, --bn-mode batch, bn_track_running_stats=false) cannot handle one sample.
         return max(1, n // size) if n % size == 1 else -(-n // size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _bounds(self) -> list[tuple[int, int]]:
+        """Each batch's (start, end) positions in the epoch's order."""
         n, count = len(self.y), len(self)
-        order = torch.randperm(n, generator=self.generator).to(self.x.device) if self.shuffle else None
-        for i in range(count):
-            end = n if (i == count - 1 and not self.drop_last) else (i + 1) * self.batch_size
-            sl = slice(i * self.batch_size, end)
-            rank, world = self.part
-            total = end - sl.start
+        return [(i * self.batch_size, n if (i == count - 1 and not self.drop_last) else (i + 1) * self.batch_size)
+                for i in range(count)]
+
+    def plan_epoch(self) -> EpochPlan:
+        """Draw the coming epoch's permutation and augmentation (see EpochPlan); one transfer to the device."""
+        order = torch.randperm(len(self.y), generator=self.generator) if self.shuffle else None
+        draws = [crop_flip_draw(self.generator, end - start) for start, end in self._bounds()] \
+            if self.augment == "crop_flip" else []
+        parts = [order] if order is not None else []
+        if draws:
+            parts += [torch.cat(column).to(torch.int64) for column in zip(*draws)]  # dy, dx, flip
+        if not parts:
+            return EpochPlan(None, None, None, None)
+        flat = torch.cat(parts)
+        cuda = self.x.device.type == "cuda"
+        if cuda:  # from pinned memory the copy is asynchronous: the host goes on queueing work
+            flat = flat.pin_memory()
+        pieces = list(flat.to(self.x.device, non_blocking=cuda).split([len(p) for p in parts]))
+        order_d = pieces.pop(0) if order is not None else None
+        if not draws:
+            return EpochPlan(order_d, None, None, None)
+        dy, dx, flip = pieces
+        return EpochPlan(order_d, dy, dx, flip.bool())
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        plan = self.plan_epoch()
+        rank, world = self.part
+        for start_pos, end in self._bounds():
+            total = end - start_pos
             start = rank * total // world  # this rank's contiguous share of the (global) batch
-            mine = slice(sl.start + start, sl.start + (rank + 1) * total // world)
-            idx = order[mine] if order is not None else mine
+            mine = slice(start_pos + start, start_pos + (rank + 1) * total // world)
+            idx = plan.order[mine] if plan.order is not None else mine
             xb = self.x[idx]
-            if self.augment == "crop_flip":
-                xb = crop_flip(xb, self.generator, within=(start, total))
+            if plan.dy is not None:  # the drawn offsets are laid out like the epoch's positions
+                xb = crop_flip_apply(xb, plan.dy[mine], plan.dx[mine], plan.flip[mine])
             # Change layout while the batch is still 1 byte per value; the float result keeps it.
             xb = xb.contiguous(memory_format=self.memory_format)
             yield torch.addcmul(self.shift, xb.float(), self.scale), self.y[idx]

@@ -3,6 +3,11 @@
 The same code runs on CPU, CUDA or MPS; only the device differs. Data stays on
 the device as uint8 (see data.Batches); evaluation is always eval mode under
 inference mode, because BN's behaviour depends on it.
+
+Over 350 lines: train_one_epoch carries two ways of watching the loss (the CPU checks every step;
+CUDA reads it one progress update late, LaggedRead, so that no step waits for the device), and fit
+claims and locks the run directory for single runs, sweeps and restarted torchrun groups alike. What a
+run keeps on disk is bnctl/recorder.py's and bnctl/checkpoint.py's.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from bnctl.config import Config
 from bnctl.data import Batches, ImageData
 from bnctl.distributed import SINGLE, Dist
 from bnctl.errors import ConfigError, DataError, DivergedError, InterruptedRun
-from bnctl.experiment import Experiment, Precision, check_fits, cpu_threads_for, setup, sum_dtype, training_threads
+from bnctl.experiment import Experiment, Precision, check_fits, cpu_threads_for, setup, sum_dtype
 from bnctl.norms import set_bn_batch_mode
 from bnctl.recorder import RunRecorder
 
@@ -49,8 +54,13 @@ class SilentReporter:
 
 def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, scheduler,
                     precision: Precision, epoch: int, reporter: Reporter = SilentReporter(),
-                    probe=None, first_step: int = 0, dist: Dist = SINGLE, step_log=None) -> dict[str, float]:
+                    probe=None, first_step: int = 0, dist: Dist = SINGLE, step_log=None,
+                    lagged: bool | None = None, threads: int | None = None) -> dict[str, float]:
     """One pass over the training batches; returns running train loss and accuracy.
+
+    ``lagged`` (default: on CUDA without DDP) reads the running loss back only at progress
+    updates, one update late (LaggedRead), so no step waits for the device; otherwise the
+    CPU checks every step, as reading there costs nothing.
 
     Under data parallelism each rank trains on its share of every batch and the returned
     numbers are summed over ranks: the same as one process training on whole batches.
@@ -60,11 +70,17 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     loss_sum = torch.zeros((), device=device, dtype=sum_dtype(device))
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
-    report_every = max(1, len(batches) // 50)  # progress updates cost a sync; ~50 per epoch is plenty
-    # Reading a number back is nearly free on CPU but stalls a GPU's queue, so there the
-    # finiteness check waits for the progress updates (a NaN or inf stays in the running sum).
+    report_every = max(1, len(batches) // 50)  # progress updates cost a read; ~50 per epoch is plenty
+    # Reading a number back is nearly free on CPU but stalls a GPU's queue, so there the finiteness
+    # check waits for the progress updates and reads the running sum one update late (LaggedRead):
+    # the step itself never waits for the device. A NaN or inf stays in the running sum.
+    if lagged is None:  # DDP's check is an all-reduce that every rank takes at the same step: not lagged
+        lagged = device.type == "cuda" and not dist.enabled
     check_every = 1 if device.type == "cpu" else report_every
-    with cpu_threads_for(batches):
+    reader = LaggedRead() if lagged else None
+    if lagged:  # the host may run up to read_every steps ahead of the device, never more
+        report_every = max(report_every, LAGGED_READ_EVERY)
+    with cpu_threads_for(batches, threads):
         for i, (x, y) in enumerate(batches):
             if probe is not None:
                 probe.start_step(first_step + i, epoch)
@@ -72,8 +88,10 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)
             loss_sum += loss.detach() * len(y)
-            # Under DDP the check is on the sum over ranks, so every rank stops at the same step.
-            if (i + 1) % check_every == 0:
+            if reader is not None:
+                if (i + 1) % report_every == 0:
+                    _check_lagged(reader.push(loss_sum, (i + 1, seen + len(y))), epoch, reporter)
+            elif (i + 1) % check_every == 0:  # under DDP the sum over ranks, so every rank stops at the same step
                 _check_step(loss_sum, loss, dist, epoch, i + 1)
             optimizer.zero_grad(set_to_none=True)
             precision.scaler.scale(loss).backward()
@@ -86,7 +104,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
             scheduler.step()
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            if (i + 1) % report_every == 0:
+            if reader is None and (i + 1) % report_every == 0:
                 reporter.step(i + 1, (loss_sum / seen).item())
     if seen == 0:
         raise DataError(f"no complete training batch: {len(batches.y)} images < batch_size {batches.batch_size}")
@@ -111,6 +129,50 @@ def _check_step(loss_sum: torch.Tensor, loss: torch.Tensor, dist: Dist, epoch: i
         raise KeyboardInterrupt(why)  # the Ctrl-C path: status interrupted, last checkpoint kept
     if not math.isfinite(total):
         raise DivergedError(f"loss became {loss.item()} at epoch {epoch}, step {step}", epoch, step)
+
+
+LAGGED_READ_EVERY = 10  # lagged reads: at most one per this many steps (a GPU queue some steps deep)
+
+
+class LaggedRead:
+    """Read a device scalar back one request late, so that reading never waits for the step just queued.
+
+    push() starts an asynchronous copy of the value into pinned host memory and returns the
+    previous push's value (with its tag), whose copy finished long ago: the device keeps the
+    steps in between queued and never drains. Off CUDA the copy is immediate (same logic, for tests).
+    """
+
+    def __init__(self) -> None:
+        self.pending: tuple[torch.Tensor, Any, Any] | None = None
+
+    def push(self, value: torch.Tensor, tag: Any) -> tuple[float, Any] | None:
+        previous = self.pending
+        cuda = value.device.type == "cuda"
+        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=cuda)
+        host.copy_(value.detach(), non_blocking=cuda)
+        done = None
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+        self.pending = (host, done, tag)
+        if previous is None:
+            return None
+        if previous[1] is not None:
+            previous[1].synchronize()  # recorded report_every steps ago: normally long complete
+        return previous[0].item(), previous[2]
+
+
+def _check_lagged(read: tuple[float, Any] | None, epoch: int, reporter: Reporter) -> None:
+    """The GPU's check and progress update from a lagged read of the running loss sum (see LaggedRead)."""
+    why = stopping.reason(stopping.flags())  # host-side flags: no device read needed
+    if why is not None:
+        raise KeyboardInterrupt(why)
+    if read is None:
+        return
+    total, (step, seen) = read
+    if not math.isfinite(total):
+        raise DivergedError(f"the running loss became {total} by epoch {epoch}, step {step}", epoch, step)
+    reporter.step(step, total / seen)
 
 
 def evaluate(model: nn.Module, batches: Batches, precision: Precision,
@@ -153,7 +215,8 @@ def evaluate(model: nn.Module, batches: Batches, precision: Precision,
 @dataclass
 class RunResult:
     run_dir: Path
-    summary: dict[str, Any]
+    summary: dict[str, Any]  # its wall_time_s is the run's time, over every session (see _Summary)
+    session_wall_time_s: float = 0.0  # this call of fit's share of it
 
 
 def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = None, resume: Path | None = None,
@@ -166,6 +229,7 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
     cfg.data (a sweep worker loads each dataset once and reuses it across runs). Under data
     parallelism (``dist``) every rank calls fit; rank 0 alone writes, reports and owns the run directory.
     """
+    started = time.time()  # the session's start: loading data and building the model count as the run's time
     if not dist.is_main:
         reporter, on_run_dir, probe_factory = SilentReporter(), lambda p: None, None
 
@@ -197,7 +261,7 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
         claimed, resuming = dist.agree(claim, share=True)  # rank 0 creates the folder; the others learn its path
         path = Path(claimed)
         try:
-            return _fit_in(exp, path, resuming, reporter, on_run_dir, probe_factory)
+            return _fit_in(exp, path, resuming, reporter, on_run_dir, probe_factory, started)
         except InterruptedRun as stop:
             if not dist.is_main or resuming or checkpoint.last_path(path).exists():
                 raise
@@ -213,7 +277,7 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
 
 
 def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
-            on_run_dir: Callable[[Path], None], probe_factory) -> RunResult:
+            on_run_dir: Callable[[Path], None], probe_factory, started: float | None = None) -> RunResult:
     """fit's body, once the run directory is chosen and locked: train, evaluate, record, each epoch."""
     cfg, dist = exp.cfg, exp.dist
 
@@ -229,8 +293,9 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
     history, best, start, probe = dist.agree(restore)
     clean_train = exp.eval_batches(exp.data.train_x, exp.data.train_y, cfg.train.eval_batch_size) \
         if cfg.train.eval_train else None
-    record = RunRecorder(exp, run_dir, history, best, start, resuming,
-                         threads=training_threads(exp.device, cfg.train.batch_size))
+    if resuming and exp.device.type == "cpu":
+        _keep_threads(exp, run_dir)
+    record = RunRecorder(exp, run_dir, history, best, start, resuming, started=started)
     on_run_dir(run_dir)
     # DDP once the weights are final (it broadcasts rank 0's at construction); evaluation skips it.
     exp.eval_forward, exp.forward = exp.forward, dist.wrap(exp.forward)
@@ -254,6 +319,8 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
                 probe.flush()
             reporter.epoch_end(row)
             record.summary("running")
+        # Inside the try: a stop that lands while the final status is written is handled below like any other.
+        final = record.summary("completed")
     except DivergedError as err:
         record.settle()
         record.summary("diverged", diverged={"epoch": err.epoch, "step": err.step, "message": str(err)})
@@ -265,6 +332,10 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
     except KeyboardInterrupt as err:
         record.settle()
         by = str(err) if str(err) in stopping.REASONS else None  # a signal's name when the CLI's handler sent it
+        if len(history) >= cfg.train.epochs:  # the stop came as the run finished: every epoch is kept
+            record.summary("completed")
+            raise InterruptedRun(f"stopped as the run finished: all {len(history)} epochs are kept and the run "
+                                 f"is complete ({run_dir}); nothing to resume", signal=by) from None
         # The epoch in progress is the one after the last checkpointed one (the loop may not have advanced yet).
         record.summary("interrupted", interrupted_in_epoch=len(history) + 1, **({"stopped_by": by} if by else {}))
         raise InterruptedRun(f"interrupted in epoch {len(history) + 1}; {len(history)} complete epoch(s) kept. "
@@ -278,7 +349,7 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
             probe.close()
         if tb is not None:
             tb.close()
-    return RunResult(run_dir, record.summary("completed"))
+    return RunResult(run_dir, final, final["wall_time_s"] - record.prior_wall)
 
 
 def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
@@ -289,7 +360,7 @@ def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
     t0 = time.perf_counter()
     train = train_one_epoch(exp.forward, exp.train_batches, exp.optimizer, exp.scheduler, exp.precision,
                             epoch, reporter, probe, first_step=(epoch - 1) * steps, dist=exp.dist,
-                            step_log=step_log)
+                            step_log=step_log, threads=exp.threads)
     # Unsynchronized BN leaves each rank its own running statistics: make them one model's (train.dist_bn).
     distributed.reconcile_running_stats(exp.model, exp.dist, exp.cfg.train.dist_bn)
     t1 = time.perf_counter()
@@ -305,3 +376,14 @@ def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
     t2 = time.perf_counter()
     return row | {"epoch_time_s": t2 - t0, "train_time_s": t1 - t0, "eval_time_s": t2 - t1,
                   "images_per_s": train["images"] / (t1 - t0)}
+
+
+def _keep_threads(exp: Experiment, run_dir: Path) -> None:
+    """A resumed CPU run trains with the thread count it started with: the count changes the order of float
+    sums, so a different one would make the continuation differ from an uninterrupted run."""
+    try:
+        recorded = rundir.read_json(run_dir / rundir.RUN_INFO_FILE).get("threads")
+    except (OSError, ValueError):
+        return
+    if isinstance(recorded, int) and 1 <= recorded <= torch.get_num_threads() and recorded != exp.threads:
+        exp.threads, exp.threads_reason = recorded, f"kept from the run's start ({recorded})"

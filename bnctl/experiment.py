@@ -67,27 +67,63 @@ class Precision:
 
 
 # Below this many images per step, splitting each tiny convolution across CPU threads gains
-# nothing (2 cores: equal at batch 8), and when another process holds a core every op waits
-# for the descheduled thread: 10-100x slower at batch 4. bench/RESULTS.md has the figures.
+# little when the cores are idle (~22% on 2 cores at batch 4), and when another process holds a core
+# every op waits for the descheduled thread: 10-100x slower at batch 4. So small batches take as
+# many threads as the machine has free cores, one when it is busy. bench/RESULTS.md has the figures.
 SMALL_CPU_BATCH = 16
+FREE_CORE = 0.75  # a core counts as free when the 1-minute load average leaves at least this much of it
+
+
+def choose_threads(device: torch.device, batch_size: int) -> tuple[int, str]:
+    """The intra-op thread count for training, and why (run.json records both).
+
+    Large batches and other devices keep torch's count; OMP_NUM_THREADS is the user's choice.
+    Batches below SMALL_CPU_BATCH get one thread per free core (cores minus the 1-minute load
+    average), at least one. The thread count changes the order of float sums, so two runs of one
+    seed can differ in their last bits when they chose differently; a resumed run keeps its count.
+    """
+    available = torch.get_num_threads()
+    if device.type != "cpu" or batch_size >= SMALL_CPU_BATCH:
+        return available, "torch's default"
+    if "OMP_NUM_THREADS" in os.environ:
+        return available, "OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float(cores)  # unknown: assume busy
+    free = int(cores - load + (1 - FREE_CORE))
+    threads = max(1, min(available, free))
+    return threads, f"batch {batch_size} < {SMALL_CPU_BATCH}: {max(0, free)} of {cores} cores free (1-min load {load:.2f})"
 
 
 def training_threads(device: torch.device, batch_size: int) -> int:
-    """The intra-op thread count train_one_epoch uses: one for small CPU batches unless OMP_NUM_THREADS is set."""
-    if device.type == "cpu" and batch_size < SMALL_CPU_BATCH and "OMP_NUM_THREADS" not in os.environ:
-        return 1
-    return torch.get_num_threads()
+    """The thread count choose_threads picks now."""
+    return choose_threads(device, batch_size)[0]
 
 
 @contextlib.contextmanager
-def cpu_threads_for(batches: Batches):
-    """Train with training_threads(...) threads, then restore the previous count."""
-    before, wanted = torch.get_num_threads(), training_threads(batches.x.device, batches.batch_size)
+def cpu_threads_for(batches: Batches, threads: int | None = None):
+    """Train with ``threads`` threads (default: training_threads now), then restore the previous count."""
+    before = torch.get_num_threads()
+    wanted = threads if threads is not None else training_threads(batches.x.device, batches.batch_size)
     torch.set_num_threads(wanted)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def apply_backend_settings(cfg: Config, device: torch.device) -> dict[str, Any]:
+    """Set cuDNN autotuning and TF32 as train.cudnn_benchmark / train.tf32 say; return what is in force (run.json).
+
+    torch's own defaults differ between matmuls (TF32 off) and convolutions (TF32 on), so an
+    unset "fp32" GPU run would be partly TF32; bnctl always sets both explicitly.
+    """
+    if device.type != "cuda":
+        return {"cudnn_benchmark": None, "tf32": None}  # CPU (and MPS): neither applies
+    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    return {"cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "tf32": torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32}
 
 
 def sum_dtype(device: torch.device) -> torch.dtype:
@@ -116,6 +152,9 @@ class Experiment:
     eval_order_seed: int | None = None  # evaluation batches are drawn in this seed's order when BN uses batch statistics at eval
     dist: Dist = SINGLE  # this process's place in a data-parallel group (SINGLE: one process)
     eval_forward: Any = None  # what evaluation calls when training calls a DDP wrapper (None: forward)
+    backend: dict[str, Any] = field(default_factory=dict)  # the CUDA settings in force (apply_backend_settings)
+    threads: int = 1  # intra-op threads for training, chosen once per run (choose_threads)
+    threads_reason: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -201,6 +240,8 @@ def setup(cfg: Config, data: ImageData | None = None, moved: bool = False, dist:
                           "or train.sync_bn=true")
     notes = [note] if moved and (note := adapt_precision(cfg, device)) else []
     precision = Precision(device, cfg.train.precision)
+    backend = apply_backend_settings(cfg, device)
+    threads, threads_reason = choose_threads(device, cfg.train.batch_size)
     data = data if data is not None else load_dataset(cfg.data)
     seed_everything(cfg.seed)
     try:
@@ -231,7 +272,8 @@ def setup(cfg: Config, data: ImageData | None = None, moved: bool = False, dist:
     optimizer = make_optimizer(model, cfg.optimizer, device)
     scheduler = make_scheduler(optimizer, cfg, max(1, len(train_batches)))  # eval needs no full training batch
     return Experiment(cfg, device, data, model, forward, precision, generator, train_batches, test_batches,
-                      optimizer, scheduler, notes, order_seed, dist)
+                      optimizer, scheduler, notes, order_seed, dist, backend=backend, threads=threads,
+                      threads_reason=threads_reason)
 
 
 def check_fits(exp: Experiment) -> None:

@@ -133,15 +133,15 @@ def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str) -> Path:
         _log_if_wide(ax, lo + hi)
         ax = axes[0][2]
         bsteps = sorted(s.get("beta_max", {}))
-        ax.plot(bsteps, [s["beta_max"][t] for t in bsteps], color=color, lw=1.2, marker="o" if len(bsteps) < 30 else None,
-                ms=2.5)
+        ax.plot(bsteps, [s["beta_max"][t] for t in bsteps], color=color, lw=1.2,
+                marker="o" if len(bsteps) < 30 and not several else None, ms=2.5)
         _log_if_wide(ax, list(s.get("beta_max", {}).values()))
         for j, layer in enumerate(layers):
             for row, measure in ((1, "ics_l2"), (2, "ics_cos")):
                 pts = sorted(data["ics"].get(measure, {}).get(layer, {}).items())
                 if pts:
                     axes[row][j].plot([p[0] for p in pts], [p[1] for p in pts], color=color, lw=1.1,
-                                      marker="o" if len(pts) < 30 else None, ms=2.5)
+                                      marker="o" if len(pts) < 30 and not several else None, ms=2.5)
     axes[0][0].set_title("loss along the step: range over step sizes\n(line: loss at the current weights)",
                          fontsize=9)
     axes[0][0].set_ylabel("cross-entropy", fontsize=8.5)

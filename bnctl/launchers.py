@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from bnctl import config as config_mod
 from bnctl.config import SlurmConfig
 from bnctl.errors import ConfigError, InterruptedRun
 
@@ -23,17 +22,14 @@ CLUSTER = "slurm"  # submitit's executor; tests set "local" (same submission, pr
 LOGS_DIR = "slurm"  # in the sweep directory: submitit's scripts, pickles and each task's stdout/stderr
 
 
-def slurm_settings(sweep_file: Path | None, options: dict[str, Any]) -> SlurmConfig:
-    """The job array's settings: the sweep file's ``slurm:`` section, then the command-line options given."""
+def slurm_settings(section: dict[str, Any] | None, options: dict[str, Any]) -> SlurmConfig:
+    """The job array's settings: the sweep file's ``slurm:`` section (kept in the plan, so a resumed sweep has
+    it too), then the command-line options given."""
     submitit = _submitit()  # missing: say so before anything is created
     if CLUSTER == "slurm" and submitit.SlurmExecutor.affinity() < 0:  # submitit's own test: no srun here
         raise ConfigError("--launcher slurm: no Slurm here (srun is not on PATH); submit from a Slurm login node, "
                           "or split the sweep by hand with --shard I/N")
-    raw: dict[str, Any] = {}
-    if sweep_file is not None:
-        spec = config_mod.read_yaml(Path(sweep_file)) or {}
-        raw = dict(spec.get("slurm") or {}) if isinstance(spec, dict) else {}
-    raw |= {k: v for k, v in options.items() if v is not None}
+    raw = dict(section or {}) | {k: v for k, v in options.items() if v is not None}
     from pydantic import ValidationError
 
     try:

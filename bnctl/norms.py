@@ -27,13 +27,63 @@ from bnctl.errors import ConfigError
 NormBuilder = Callable[[ModelConfig, int, int], nn.Module]
 
 
+def count_batch(module: nn.Module) -> int:
+    """Add one to module.num_batches_tracked and return the new count, without reading the device per step.
+
+    The cumulative average (momentum=None) weighs the k-th batch 1/k, and torch reads k back
+    from the device for that in every BN layer at every step, which stalls a GPU. The count
+    is kept on the host beside the buffer and trusted while the buffer's version counter shows
+    that only this function changed it; after anything else (load_state_dict, reset, a copy)
+    it is read once. The factor is then the same Python float torch computes.
+    """
+    tracked = module.num_batches_tracked
+    known = module.__dict__.get("_host_count")
+    tracked.add_(1)
+    try:
+        version = tracked._version
+    except RuntimeError:  # an inference tensor has no version counter: read every time
+        version = None
+    if known is not None and version is not None and known[0] is tracked and known[1] == version - 1:
+        count = known[2] + 1
+    else:
+        count = int(tracked)
+    module.__dict__["_host_count"] = (tracked, version, count)  # plain attribute: not a buffer, not saved
+    return count
+
+
+class _HostCountedBatchNorm(_BatchNorm):
+    """torch's BatchNorm whose cumulative average (momentum=None) takes its count from count_batch.
+
+    With a momentum it is torch's layer unchanged; state_dicts and numbers are torch's either way.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.momentum is not None or not (self.training and self.track_running_stats):
+            return super().forward(x)
+        self._check_input_dim(x)
+        factor = 1.0 / count_batch(self)  # exactly torch's 1.0 / float(num_batches_tracked)
+        return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                        True, factor, self.eps)
+
+
+class CumulativeBatchNorm2d(_HostCountedBatchNorm, nn.BatchNorm2d):
+    """BatchNorm2d for bn_momentum=None without a per-step device read (see count_batch)."""
+
+
+class CumulativeBatchNorm1d(_HostCountedBatchNorm, nn.BatchNorm1d):
+    """BatchNorm1d for bn_momentum=None without a per-step device read (see count_batch)."""
+
+
 @torch.no_grad()
 def update_running_stats(layer: nn.Module, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
     """Blend one batch's per-channel mean and unbiased variance into a BN layer's running estimates
     (PyTorch's momentum convention), as torch's BatchNorm does; bnctl's own BN layers all use this."""
-    layer.num_batches_tracked.add_(1)
     # momentum=None: cumulative average, the k-th batch weighted 1/k so all batches count equally.
-    factor = 1.0 / float(layer.num_batches_tracked) if layer.momentum is None else layer.momentum
+    if layer.momentum is None:
+        factor = 1.0 / count_batch(layer)  # counted on the host: no device read per layer per step
+    else:
+        layer.num_batches_tracked.add_(1)
+        factor = layer.momentum
     # running = (1 - factor) * running + factor * batch, kept in the buffers' own dtype.
     layer.running_mean.mul_(1 - factor).add_(mean.to(layer.running_mean.dtype), alpha=factor)
     layer.running_var.mul_(1 - factor).add_(unbiased_var.to(layer.running_var.dtype), alpha=factor)
@@ -141,7 +191,7 @@ class ManualBatchNorm(nn.Module):
         )
 
 
-class GhostBatchNorm(_BatchNorm):
+class GhostBatchNorm(_HostCountedBatchNorm):
     """Ghost Batch Normalization (Hoffer et al. 2017): BatchNorm over small virtual batches.
 
     In training the batch is cut into consecutive virtual batches of
@@ -184,7 +234,7 @@ class GhostBatchNorm(_BatchNorm):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
 
-class NoisyBatchNorm(_BatchNorm):
+class NoisyBatchNorm(_HostCountedBatchNorm):
     """BatchNorm followed by noise that shifts every channel's distribution anew at each training step.
 
     Santurkar et al. 2018, section 2.1: if BN helped by keeping layer inputs' distributions stable,
@@ -245,8 +295,11 @@ class _SyncBNFunction(torch.autograd.Function):
         stats = torch.cat([count, xd.sum(dims), (xd * xd).sum(dims)])
         td.all_reduce(stats, group=group)
         total, (s, sq) = stats[0], stats[1:].chunk(2)
-        if total < 2:
-            raise ValueError(f"synchronized BN needs more than 1 value per channel over all ranks, got {int(total)}")
+        if x.device.type == "cpu":  # reading the count is free here; on a GPU it would stall every layer
+            if total < 2:
+                raise ValueError(f"synchronized BN needs more than 1 value per channel over all ranks, got {int(total)}")
+        else:  # checked on the device, asynchronously: a failure surfaces at the next synchronization
+            torch._assert_async(total >= 2, "synchronized BN needs more than 1 value per channel over all ranks")
         mean = s / total
         var = (sq / total - mean * mean).clamp_min(0)  # biased: what normalization uses
         invstd = torch.rsqrt(var + eps)
@@ -328,7 +381,10 @@ def _batch_stat_kwargs(cfg: ModelConfig) -> dict:
 
 def _batch(cfg: ModelConfig, num_features: int, dim: int) -> nn.Module:
     """torch's BatchNorm2d for conv features, BatchNorm1d for fully connected ones."""
-    cls = nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d
+    if cfg.bn_momentum is None:  # the same layer, minus a device read per step (count_batch)
+        cls = CumulativeBatchNorm2d if dim == 2 else CumulativeBatchNorm1d
+    else:
+        cls = nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d
     return cls(num_features, **_batch_stat_kwargs(cfg))
 
 
@@ -401,7 +457,7 @@ NORMS: dict[str, NormBuilder] = {
 
 # The exact layer types each builder returns; normspec says what they do (batch statistics, synchronized).
 LAYER_TYPES: dict[str, tuple[type, ...]] = {
-    "batch": (nn.BatchNorm1d, nn.BatchNorm2d),
+    "batch": (nn.BatchNorm1d, nn.BatchNorm2d, CumulativeBatchNorm1d, CumulativeBatchNorm2d),  # the latter: bn_momentum null
     "batch_manual": (ManualBatchNorm,),
     "ghost": (GhostBatchNorm,),
     "noisy_batch": (NoisyBatchNorm,),

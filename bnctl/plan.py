@@ -177,6 +177,8 @@ class Plan:
     # {"rule": "linear"|"sqrt", "reference_batch": B0}: each cell's optimizer.lr is the base lr times
     # (batch/B0) or its square root, so that batch sizes compare at equal noise scale, not equal lr.
     lr_scaling: dict[str, Any] | None = None
+    # The sweep file's slurm: section, kept so that `sweep --resume DIR --launcher slurm` submits as the first did.
+    slurm: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.runs:
@@ -252,6 +254,7 @@ class Plan:
         return {"format": FORMAT, "name": self.name, "created": self.created, "base_config": self.base_config,
                 "config": self.config, "fixed": self.fixed, "grid": self.grid, "seeds": self.seeds,
                 **({"lr_scaling": self.lr_scaling} if self.lr_scaling else {}),
+                **({"slurm": self.slurm} if self.slurm else {}),
                 "runs": [r.to_dict() for r in self.runs]}
 
     @classmethod
@@ -260,7 +263,7 @@ class Plan:
         return cls(name=d["name"], config=d["config"], fixed=dict(d.get("fixed") or {}),
                    grid={k: list(v) for k, v in (d.get("grid") or {}).items()}, seeds=list(d["seeds"]),
                    base_config=d.get("base_config"), runs=runs, created=d.get("created", ""),
-                   lr_scaling=d.get("lr_scaling"))
+                   lr_scaling=d.get("lr_scaling"), slurm=dict(d.get("slurm") or {}))
 
 
 def _resolve_base(raw: dict[str, Any], fixed: dict[str, Any], grid: dict[str, list[Any]],
@@ -322,12 +325,22 @@ def plan_inline(config_path: Path | None, overrides: Sequence[str], seeds: int |
     if not isinstance(raw, dict):
         raise ConfigError(f"config {config_path} must be a mapping of sections")
     fixed, grid = parse_sweep_overrides(overrides)
+    return plan_from_parts(raw, fixed, grid, seeds, name, str(config_path) if config_path is not None else None,
+                           config_mod.command_line_origins(list(overrides)))
+
+
+def plan_from_parts(raw: dict[str, Any], fixed: dict[str, Any], grid: dict[str, Any],
+                    seeds: int | str | Sequence[int] | None = None, name: str | None = None,
+                    base_config: str | None = None, origins: dict[str, str] | None = None) -> Plan:
+    """A plan from a raw base config mapping, fixed {key: value} and swept {key: [values]}; every cell validated.
+
+    ``origins``: where each override came from, for error messages (see config.validate)."""
     grid = _check_grid(grid, "overrides")
     if seeds is None:
         seeds = [int(raw.get("seed", 0))]
-    config = _resolve_base(raw, fixed, grid, str(config_path or ""), config_mod.command_line_origins(list(overrides)))
-    plan = Plan(name=_sweep_name(name, config), config=config, fixed=fixed, grid=grid, seeds=parse_seeds(seeds),
-                base_config=str(config_path) if config_path is not None else None)
+    config = _resolve_base(copy.deepcopy(raw), fixed, grid, base_config or "", origins)
+    plan = Plan(name=_sweep_name(name, config), config=config, fixed=dict(fixed), grid=grid, seeds=parse_seeds(seeds),
+                base_config=base_config)
     return plan.validate().refuse_unread()
 
 
@@ -414,6 +427,10 @@ def plan_from_file(path: Path, extra_overrides: Sequence[str] = (), shared: bool
     config = _resolve_base(raw, fixed, grid, str(base_path or path), origins)
     plan = Plan(name=_sweep_name(spec.get("name"), config), config=config, fixed=fixed, grid=grid,
                 seeds=parse_seeds(spec.get("seeds", 1)), base_config=base_path, lr_scaling=lr_scaling)
+    slurm = spec.get("slurm") or {}
+    if not isinstance(slurm, dict):
+        raise ConfigError(f"sweep file {path}: slurm must be a mapping of settings (partition: ..., time_min: ...)")
+    plan.slurm = dict(slurm)
     plan.validate()
     return plan if shared else plan.refuse_unread()  # shared: one of a study's sweeps
 

@@ -1,6 +1,10 @@
 """Figures drawn from a run's files alone (metrics.csv, diagnostics.csv, eval/*.json).
 
-Imports neither torch nor the engine, so `bnctl plot` is quick and works anywhere.
+Imports neither torch nor the engine, so `bnctl plot` is quick and works anywhere. The figure style
+lives in figstyle.py, and what compare compares (keys, names, the table) in comparison.py.
+
+Over 350 lines: one builder per figure (curves, confusion, diagnostics, compare), each with the axis
+choices that keep it readable for diverging or near-chance runs.
 """
 
 from __future__ import annotations
@@ -11,15 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from bnctl import config as config_mod, rundir
-from bnctl.errors import BnctlError
 from bnctl.comparison import differing_keys, run_dir_title, run_label, run_names
-from bnctl.figstyle import pyplot as _pyplot, save_figure as _save
+from bnctl.errors import BnctlError
+from bnctl.figstyle import build_styled, pyplot, save_figure
 
 TRAIN_COLOR, TEST_COLOR, CLEAN_COLOR = "#1f77b4", "#d62728", "#2ca02c"
 
-
 # Shared with the other figure modules (landscape_plot.py, report, study): one style, one way to save.
-pyplot, save_figure = _pyplot, _save
+_pyplot, _save, _styled = pyplot, save_figure, build_styled
+
+_run_title = run_dir_title
 
 
 def _run_info(run_dir: Path) -> dict[str, Any]:
@@ -28,6 +33,7 @@ def _run_info(run_dir: Path) -> dict[str, Any]:
         return rundir.read_json(run_dir / rundir.RUN_INFO_FILE)
     except (OSError, ValueError):
         return {}
+
 
 
 def num_classes(run_dir: Path) -> int | None:
@@ -68,8 +74,9 @@ def integer_axis(ax, values: list[int]) -> None:
         ax.set_xlim(min(values) - 0.5, max(values) + 0.5)
 
 
-def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
-    """The two-panel loss and accuracy figure (train and test per epoch) -> curves.png."""
+@_styled
+def curves_figure(run_dir: Path):
+    """The two-panel loss and accuracy figure (train and test per epoch), from metrics.csv."""
     run_dir = Path(run_dir)
     rows = rundir.read_csv(run_dir / rundir.METRICS_FILE)
     if not rows:
@@ -110,19 +117,33 @@ def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
     for ax in (ax_loss, ax_acc):
         ax.legend()
         integer_axis(ax, epochs)
-    fig.suptitle(run_dir_title(run_dir), fontsize=10)
+    fig.suptitle(_run_title(run_dir), fontsize=10)
     fig.tight_layout()
-    return _save(fig, out or run_dir / "curves.png")
+    return fig
+
+
+def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
+    """curves_figure -> curves.png (or out)."""
+    return _save(curves_figure(run_dir), out or Path(run_dir) / "curves.png")
 
 
 def plot_confusion(eval_json: Path, out: Path | None = None) -> Path:
-    """Row-normalized confusion matrix (percent of each true class) from an eval.json."""
+    """Row-normalized confusion matrix (percent of each true class) from an eval.json -> its PNG."""
     eval_json = Path(eval_json)
     try:
         result = rundir.read_json(eval_json)
-        classes, matrix = result["classes"], result["confusion"]
+        result["classes"], result["confusion"]
     except (ValueError, KeyError, TypeError):  # a file of another kind, or cut short
         raise BnctlError(f"{eval_json} is not a bnctl eval result (JSON with classes and confusion)") from None
+    # eval/running.json -> eval/running.png; a legacy eval.json keeps its confusion.png
+    default = eval_json.with_name("confusion.png") if eval_json.name == "eval.json" else eval_json.with_suffix(".png")
+    return _save(confusion_figure(result), out or default)
+
+
+@_styled
+def confusion_figure(result: dict[str, Any]):
+    """Row-normalized confusion matrix (percent of each true class) of an evaluation result."""
+    classes, matrix = result["classes"], result["confusion"]
     plt = _pyplot()
     k = len(classes)
     pct = [[100.0 * v / max(1, sum(row)) for v in row] for row in matrix]
@@ -147,13 +168,18 @@ def plot_confusion(eval_json: Path, out: Path | None = None) -> Path:
     ax.set_title(f"Confusion (% of each true class)\n{epoch}accuracy {result['acc']:.2f}%, {mode}", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    # eval/running.json -> eval/running.png; a legacy eval.json keeps its confusion.png
-    default = eval_json.with_name("confusion.png") if eval_json.name == "eval.json" else eval_json.with_suffix(".png")
-    return _save(fig, out or default)
+    return fig
 
 
 def plot_diagnostics(run_dir: Path, out: Path | None = None) -> Path | None:
-    """Per-layer BN statistics over training (diagnostics.csv) -> diagnostics.png; None without samples."""
+    """diagnostics_figure -> diagnostics.png (or out); None without samples."""
+    fig = diagnostics_figure(run_dir)
+    return None if fig is None else _save(fig, out or Path(run_dir) / "diagnostics.png")
+
+
+@_styled
+def diagnostics_figure(run_dir: Path):
+    """Per-layer BN statistics over training, from diagnostics.csv; None without samples."""
     run_dir = Path(run_dir)
     path = run_dir / rundir.DIAGNOSTICS_FILE
     if not path.is_file():
@@ -224,9 +250,9 @@ def plot_diagnostics(run_dir: Path, out: Path | None = None) -> Path | None:
     else:
         fig.legend(handles, labels, loc="outside right center", fontsize=8, ncol=legend_cols,
                    title="layer", title_fontsize=8.5)
-    fig.suptitle(f"Normalization diagnostics (train mode; dashed lines: epoch boundaries)\n{run_dir_title(run_dir)}",
+    fig.suptitle(f"Normalization diagnostics (train mode; dashed lines: epoch boundaries)\n{_run_title(run_dir)}",
                  fontsize=10)
-    return _save(fig, out or run_dir / "diagnostics.png")
+    return fig
 
 
 # (stat name in diagnostics.csv, panel title, reference line or None), in display order.
@@ -274,6 +300,14 @@ def plot_run(run_dir: Path) -> list[Path]:
 
 
 def plot_compare(runs: list[dict[str, Any]], out: Path) -> Path:
+    """compare_figure -> a PNG at out."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return _save(compare_figure(runs), out)
+
+
+@_styled
+def compare_figure(runs: list[dict[str, Any]]):
     """Overlay several runs' loss and accuracy curves (solid: test, dashed: train) in one figure."""
     plt = _pyplot()
     keys = differing_keys(runs)
@@ -287,6 +321,9 @@ def plot_compare(runs: list[dict[str, Any]], out: Path) -> Path:
             ax.plot(epochs, [r[f"test_{metric}"] for r in rows], color=color, lw=1.8, marker=marker, ms=3.5,
                     label=label)
             ax.plot(epochs, [r[f"train_{metric}"] for r in rows], color=color, lw=1.2, ls="--", alpha=0.7)
+            if any(r.get(f"clean_train_{metric}") is not None for r in rows):  # train.eval_train
+                ax.plot(epochs, [r.get(f"clean_train_{metric}") for r in rows], color=color, lw=1.2, ls="-.",
+                        alpha=0.85)
     losses = [r[k] for run in runs for r in run["rows"] for k in ("train_loss", "test_loss")
               if r.get(k) is not None and math.isfinite(r[k])]
     # One run far above the others (a diverging one) would squash every other curve on a linear axis.
@@ -302,11 +339,13 @@ def plot_compare(runs: list[dict[str, Any]], out: Path) -> Path:
         ax_loss.yaxis.set_minor_formatter(ticker.NullFormatter())
     classes = {num_classes(Path(run["dir"])) for run in runs}
     chance = 100.0 / classes.pop() if len(classes) == 1 and None not in classes else None
-    accuracy_axis(ax_acc, [r[k] for run in runs for r in run["rows"] for k in ("train_acc", "test_acc")], chance)
-    ax_loss.set(title="Loss (solid: test, dashed: train" + ("; log scale)" if log_loss else ")"),
-                xlabel="epoch", ylabel="cross-entropy")
-    ax_acc.set(title="Accuracy (solid: test, dashed: train; dotted: chance)" if chance else
-               "Accuracy (solid: test, dashed: train)", xlabel="epoch", ylabel="accuracy (%)")
+    accuracy_axis(ax_acc, [r[k] for run in runs for r in run["rows"] for k in ("train_acc", "test_acc", "clean_train_acc")
+                           if r.get(k) is not None], chance)
+    clean = any(r.get("clean_train_acc") is not None for run in runs for r in run["rows"])
+    lines = "solid: test, dashed: train" + (", dash-dot: train in eval mode" if clean else "")
+    ax_loss.set(title=f"Loss ({lines}" + ("; log scale)" if log_loss else ")"), xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title=f"Accuracy ({lines}" + ("; dotted: chance)" if chance else ")"), xlabel="epoch",
+               ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
         integer_axis(ax, [r["epoch"] for run in runs for r in run["rows"]])
     handles, labels = ax_loss.get_legend_handles_labels()  # the runs only (the chance line is on ax_acc)
@@ -316,6 +355,4 @@ def plot_compare(runs: list[dict[str, Any]], out: Path) -> Path:
 
     fig.suptitle("\n".join(textwrap.wrap("Runs differ in: " + (", ".join(keys) if keys else "nothing that changes "
                                           "the experiment"), width=130)), fontsize=10)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return _save(fig, out)
+    return fig

@@ -25,7 +25,7 @@ class RunRecorder:
     """What a run writes as it goes, in an order that a kill at any moment leaves resumable."""
 
     def __init__(self, exp, run_dir: Path, history: list[dict], best: dict[str, Any], start: int, resuming: bool,
-                 threads: int):
+                 started: float | None = None):
         self.exp, self.run_dir, self.history, self.best = exp, run_dir, history, best
         cfg, dist = exp.cfg, exp.dist
         self.write = dist.is_main  # only rank 0 writes; every rank computes the same rows
@@ -34,6 +34,7 @@ class RunRecorder:
         self.metrics: rundir.MetricsWriter | None = None
         self.rows_on_disk = len(history)  # the rows metrics.csv has (-1: unknown, an append was cut)
         self._summary: _Summary | None = None
+        self.started = started  # the session's start (fit called), for summary.json's wall time
         parallel = {"world_size": dist.world_size, "backend": dist.backend,
                     "sync_bn": distributed.count_sync_layers(exp.model) > 0}
         if resuming and self.write:
@@ -42,22 +43,27 @@ class RunRecorder:
             checkpoint.repair_best(run_dir / rundir.CHECKPOINT_DIR, start - 1, best["epoch"])
             rundir.atomic_write_text(run_dir / rundir.CONFIG_FILE, config_mod.to_yaml(cfg))
             rundir.record_resume(run_dir, {"from_epoch": start - 1, "epochs": cfg.train.epochs,
-                                           "device": str(exp.device), "threads": threads,
+                                           "device": str(exp.device),
+                                           "threads": exp.threads, "threads_reason": exp.threads_reason,
                                            "precision": cfg.train.precision, "notes": exp.notes, **parallel,
+                                           **exp.backend,
                                            **elastic.run_info()})
         elif self.write:
             rundir.record_provenance(run_dir, config_mod.to_yaml(cfg), {
-                "device": str(exp.device), "seed": cfg.seed, "threads": threads,
+                "device": str(exp.device), "seed": cfg.seed,
+                "threads": exp.threads, "threads_reason": exp.threads_reason,
                 "num_classes": exp.num_classes, "classes": list(exp.data.classes),
                 "train_images": len(exp.data.train_y), "steps_per_epoch": len(exp.train_batches),
                 "test_images": len(exp.data.test_y), "eval_order_seed": exp.eval_order_seed, **parallel,
+                **exp.backend,
                 **elastic.run_info()})
 
     def open(self) -> None:
         """Start metrics.csv (header and the rows kept so far) and the summary's clock."""
         if self.write:
             self.metrics = rundir.MetricsWriter(self.run_dir / rundir.METRICS_FILE, self.columns, self.history)
-        self._summary = _Summary(self.run_dir, self.exp.cfg, self.exp, self.history, write=self.write)
+        self._summary = _Summary(self.run_dir, self.exp.cfg, self.exp, self.history, write=self.write,
+                                 started=self.started)
 
     def epoch(self, row: dict[str, Any]) -> None:
         """Keep one finished epoch: last.pt, then best.pt if it is the best, then its metrics.csv row.
@@ -96,14 +102,24 @@ class RunRecorder:
         """Rewrite summary.json with this status; returns it."""
         return self._summary.update(self.best, status, **extra)
 
+    @property
+    def prior_wall(self) -> float:
+        """The wall time of the run's earlier sessions (0 for a new run)."""
+        return self._summary.prior_wall
+
 
 class _Summary:
-    """summary.json, rewritten atomically after every epoch and at the end."""
+    """summary.json, rewritten atomically after every epoch and at the end.
 
-    def __init__(self, run_dir: Path, cfg, exp, history: list[dict], write: bool = True):
+    Its wall_time_s is the one definition of a run's time that every command shows: wall-clock seconds
+    from the start of each session (fit called: data loading and model building included) to the
+    session's last summary write, summed over the sessions of the run (a resume adds its own).
+    """
+
+    def __init__(self, run_dir: Path, cfg, exp, history: list[dict], write: bool = True, started: float | None = None):
         self.path, self.cfg, self.exp, self.history = run_dir / rundir.SUMMARY_FILE, cfg, exp, history
         self.write = write  # False on data-parallel ranks other than 0
-        self.started = time.time()
+        self.started = time.time() if started is None else started
         try:
             previous = rundir.read_json(self.path) if self.path.exists() else {}
         except (OSError, ValueError):  # damaged by a crash: only the accumulated wall time is lost

@@ -25,9 +25,10 @@ from bnctl.errors import ConfigError, InterruptedRun
 
 STUDY_FILE, REPORT_FILE, EVAL_FILE, SWEEPS_DIR, FIGURES_DIR = (
     "study.json", "REPORT.md", "notebook_eval.csv", "sweeps", "figures")
-PROFILES = {  # profile -> images used to recalibrate BN in section 5 (the rest lives in the sweep files)
-    "quick": {"recalibrate": 2000},
-    "full": {"recalibrate": 10000},
+PROFILES = {  # profile -> images used to recalibrate BN in section 5, and the hardware its budget is sized for
+    "quick": {"recalibrate": 2000, "sized_for": "cpu"},  # synthetic shapes, ~5 min on 2 idle cores
+    "laptop": {"recalibrate": 2000, "sized_for": "cpu"},  # CIFAR-10 (or an image folder), ~20 min on 2 idle cores
+    "full": {"recalibrate": 10000, "sized_for": "gpu"},
 }
 NOTEBOOK = {"train.batch_size": 4, "model.norm": "batch"}  # section 5 evaluates the BN runs at the notebook's batch
 EVAL_BATCH = 4  # the notebook's test batch size
@@ -180,6 +181,7 @@ def run(study_dir: Path, *, jobs: int = 1, reporter_factory: Callable[[], Any] |
     info = read(study_dir)
     started = time.monotonic()
     failed: dict[str, str] = {}
+    _record(study_dir, jobs=jobs)  # a resume without --jobs reuses it
     try:
         for section in SECTIONS:
             on_event(f"{section.title}: {info['sweeps'][section.key]}")
@@ -207,27 +209,120 @@ def run(study_dir: Path, *, jobs: int = 1, reporter_factory: Callable[[], Any] |
 
 # ------------------------------------------------------------------ the report
 
-def _chance(data: report.SweepData) -> float:
-    """100 / number of classes, read from a finished run's run.json (10 classes if none says)."""
+@dataclass
+class RunFacts:
+    """What the finished runs' run.json files say about the data and the steps (None where no run says)."""
+
+    chance: float = 10.0  # 100 / classes (10 classes if no run says)
+    quantum: float | None = None  # 100 / test images: the step in which test accuracy moves
+    train_images: int | None = None
+    test_images: int | None = None
+    steps_per_epoch: dict[Any, int] = field(default_factory=dict)  # batch size -> optimizer steps per epoch
+
+
+def _run_facts(data: report.SweepData) -> RunFacts:
+    facts = RunFacts()
     for row in data.rows:
         path = sweepdir.run_dir(data.dir, row["run"]) / rundir.RUN_INFO_FILE
         try:
-            n = rundir.read_json(path).get("num_classes") if path.is_file() else None
+            info = rundir.read_json(path) if path.is_file() else {}
         except (OSError, ValueError):
-            n = None
-        if n:
-            return 100.0 / n
-    return 10.0
+            info = {}
+        if not info:
+            continue
+        if info.get("num_classes"):
+            facts.chance = 100.0 / info["num_classes"]
+        if info.get("test_images"):
+            facts.test_images = int(info["test_images"])
+            facts.quantum = 100.0 / facts.test_images
+        facts.train_images = info.get("train_images", facts.train_images)
+        batch = row.get("train.batch_size", (data.plan.get("config") or {}).get("train", {}).get("batch_size"))
+        if info.get("steps_per_epoch"):
+            facts.steps_per_epoch[batch] = int(info["steps_per_epoch"])
+    return facts
 
 
-# Section -> its verdict rule, given the sweep's data and the chance accuracy.
-RULES: dict[str, Callable[[report.SweepData, float], verdicts.Verdict]] = {
-    "lr": lambda data, chance: verdicts.higher_lr(data.rows, chance),
-    "init": lambda data, chance: verdicts.init_sensitivity(data.rows, chance),
-    "regularization": lambda data, chance: verdicts.regularization(data.rows,
-                                                                   dropout=max(data.grid["model.dropout"])),
-    "small_batches": lambda data, chance: verdicts.small_batches(data.rows, chance),
+def _chance(data: report.SweepData) -> float:
+    """100 / number of classes, read from a finished run's run.json (10 classes if none says)."""
+    return _run_facts(data).chance
+
+
+def _spec(specs: dict[str, list], key: str, estimand: str):
+    """The section's declared estimand of that kind, or None when its sweep file declares none."""
+    return next((s for s in specs.get(key, []) if s.estimand == estimand), None)
+
+
+def _undeclared(title: str, estimand: str) -> verdicts.Verdict:
+    v = verdicts.Verdict(title, "(not declared)", "(not declared)", "", "", studyspec.UNIT[estimand], 0.0,
+                         status=verdicts.NOT_TESTABLE,
+                         reason=f"here: the section's sweep file declares no {estimand} estimand (a study: block; "
+                                "see docs/studies.md)")
+    return verdicts.decide_all([v])[0]
+
+
+def _rule(key: str, estimand: str, apply: Callable) -> Callable:
+    def rule(data: report.SweepData, facts: RunFacts, specs: dict[str, list]) -> verdicts.Verdict:
+        spec = _spec(specs, key, estimand)
+        return _undeclared(key, estimand) if spec is None else apply(data, facts, spec)
+    return rule
+
+
+# Section -> its verdict rule, given the sweep's data, the facts of its runs and the declared estimands.
+RULES: dict[str, Callable[[report.SweepData, RunFacts, dict[str, list]], verdicts.Verdict]] = {
+    "lr": _rule("lr", "lr_tolerance", lambda data, f, spec: verdicts.lr_tolerance(data.rows, spec, f.chance)),
+    "init": _rule("init", "init_reference",
+                  lambda data, f, spec: verdicts.init_reference(data.rows, spec, f.chance, f.quantum)),
+    "regularization": _rule("regularization", "gap_reduction",
+                            lambda data, f, spec: verdicts.gap_reduction(data.rows, spec, f.quantum)),
+    "small_batches": _rule("small_batches", "batch_interaction",
+                           lambda data, f, spec: verdicts.batch_interaction(data.rows, spec, f.chance, f.quantum)),
 }
+
+
+def _lr_text(data: report.SweepData) -> str:
+    """The optimizer and learning rate as configured, with a swept or batch-scaled lr spelled out."""
+    cfg = data.plan.get("config") or {}
+    opt = cfg.get("optimizer", {})
+    if not opt.get("name") or opt.get("lr") is None:
+        return "optimizer not recorded in the sweep"
+    name = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}.get(opt.get("name"), str(opt.get("name")))
+    if opt.get("name") == "sgd":
+        name += f" (momentum {opt.get('momentum', 0):g})"
+    sched = (cfg.get("scheduler") or {}).get("name", "none")
+    sched_text = "" if sched in (None, "none") else f", {sched} schedule"
+    if "optimizer.lr" in data.grid:
+        return f"{name}, lr swept over " + ", ".join(f"{lr:g}" for lr in data.grid["optimizer.lr"]) + sched_text
+    scaling = data.plan.get("lr_scaling")
+    if scaling:
+        from bnctl.plan import scaled_lr
+
+        per = ", ".join(f"{scaled_lr(opt['lr'], b, scaling):g} at {b}" for b in data.grid.get("train.batch_size", []))
+        rule = "batch/" if scaling["rule"] == "linear" else "sqrt(batch/"
+        return (f"{name}, lr {opt.get('lr'):g} x {rule}{scaling['reference_batch']}"
+                f"{')' if scaling['rule'] == 'sqrt' else ''} ({per}){sched_text}")
+    return f"{name}, lr {opt.get('lr'):g}{sched_text}"
+
+
+def budget(data: report.SweepData, facts: RunFacts) -> str:
+    """One sentence: images, epochs, batch sizes and steps, optimizer and lr as configured, seeds."""
+    cfg = data.plan.get("config") or {}
+    if not cfg:
+        return "not recorded (the sweep holds no resolved config)."
+    train, dat = cfg.get("train", {}), cfg.get("data", {})
+    images = facts.train_images or dat.get("train_limit") or (dat.get("train_size") if dat.get("name") == "synthetic"
+                                                              else None)
+    test = facts.test_images or (dat.get("test_size") if dat.get("name") == "synthetic" else None)
+    epochs = train.get("epochs")
+    batches = data.grid.get("train.batch_size") or [train.get("batch_size")]
+    steps = []
+    for b in batches:
+        per_epoch = facts.steps_per_epoch.get(b) or (images // b if images and b else None)
+        steps.append(f"{per_epoch * epochs:,} steps at batch {b}" if per_epoch and epochs else f"batch {b}")
+    seeds = len(data.plan.get("seeds") or [])
+    return (f"{dat.get('name')} data, {f'{images:,}' if images else 'all'} training and "
+            f"{f'{test:,}' if test else 'all'} test images; {epochs} epochs; {'; '.join(steps)}; "
+            f"{_lr_text(data)}; {seeds} seeds per cell"
+            + ("; eval-mode train accuracy measured (train.eval_train)" if train.get("eval_train") else "") + ".")
 
 
 FIGURE_KEYS = {"lr": ("optimizer.lr", ["final_test_acc"]), "init": ("model.init_scale", ["final_test_acc"]),
@@ -236,7 +331,7 @@ FIGURE_KEYS = {"lr": ("optimizer.lr", ["final_test_acc"]), "init": ("model.init_
 
 
 def _section_figure(key: str, data: report.SweepData, cells: list[report.Cell], out: Path,
-                    chance: float) -> Path | None:
+                    chance: float, trains_at: float | None = None) -> Path | None:
     from bnctl.plotting import pyplot, save_figure
 
     x, metrics = FIGURE_KEYS[key]
@@ -248,6 +343,8 @@ def _section_figure(key: str, data: report.SweepData, cells: list[report.Cell], 
         ns = sorted({c.stats[metric].n for c in cells if c.stats[metric].n})
         if metric == "final_test_acc":  # the level a network that learned nothing reaches
             ax.axhline(chance, color="0.5", ls=":", lw=1, label=f"chance ({chance:g}%)")
+            if trains_at is not None:  # section 1's criterion: a run at or above this line "trains"
+                ax.axhline(trains_at, color="0.3", ls="--", lw=1, label=f"trains (>= {trains_at:g}%)")
         drawn |= report.draw_metric_vs_key(ax, data, cells, x, metric,
                                            title=f"{label}, mean of n={'/'.join(map(str, ns)) or 0} seeds, "
                                                  "bars: 95% t-interval")
@@ -281,21 +378,48 @@ def _eval_figure(evals: list[dict[str, Any]], out: Path) -> Path | None:
 
 
 def _verdict_md(v: verdicts.Verdict) -> list[str]:
-    lines = [f"**Verdict: {v.verdict}.** {v.sentence()[len(v.verdict) + 2:]}", ""]
-    lines += [f"- {d}" for d in v.details] + ([""] if v.details else [])
-    lines += [f"*Rule:* {v.rule}", ""]
+    lines = ([f"**Claim.** {v.statement}", "", f"**Estimand.** {v.estimand}", ""] if v.rule else []) + [
+             f"**Verdict:** {v.sentence()}", ""]
+    if v.status == "tested" and v.effect is not None:
+        lines += [f"Minimum detectable effect (80% power at level {v.mde_alpha:.2g}, Holm's strictest): "
+                  f"{v.mde_text()}. Smallest effect that matters (declared): {v.smallest:g} {v.unit}.", ""]
+    if v.caveats:
+        lines += ["**Caveats.**", ""] + [f"- {c}" for c in v.caveats] + [""]
+    lines += (["**Numbers.**", ""] + [f"- {d}" for d in v.details] + [""]) if v.details else []
+    lines += [f"*Test:* {v.rule}", ""] if v.rule else []
     return lines
 
 
+def _estimands_of(study_dir: Path, info: dict[str, Any]) -> dict[str, list]:
+    """The estimands recorded at creation; a study made before they were declared reads its profile's sweep files."""
+    found = estimands(study_dir)
+    for section in SECTIONS:
+        if section.key not in found:
+            found[section.key] = declared_estimands(sweep_file(info["profile"], section.key))
+    return found
+
+
+def _diverged_column(data: report.SweepData, cells: list[report.Cell], chance: float) -> list[str]:
+    """Per cell: final test accuracy with diverged runs counted as chance, as the verdicts count them."""
+    out = []
+    for c in cells:
+        xs = verdicts.values(c.runs, "final_test_acc", chance)
+        s = stats.summarize(xs)
+        out.append(report.fmt_summary(s, 2) if c.count("diverged") else "same")
+    return out
+
+
 def write_report(study_dir: Path) -> StudyResult:
-    """REPORT.md from the study's files: per section a figure, a table and a verdict (runs nothing)."""
+    """REPORT.md from the study's files: per section the claim, estimand, budget, figure, table and verdict (runs nothing)."""
     study_dir = Path(study_dir)
     info = read(study_dir)
+    specs = _estimands_of(study_dir, info)
     (study_dir / FIGURES_DIR).mkdir(exist_ok=True)
-    sections_md: list[str] = []
+    parts: dict[str, list[str]] = {}
     results: dict[str, verdicts.Verdict] = {}
     missing_total, planned_total = 0, 0
     data_names = set()
+    small_data = small_facts = None
     for section in SECTIONS:
         sweep_dir = info["sweeps"][section.key]
         rep = report.build(sweep_dir)  # the sweep's own report.md, summary.csv and figures
@@ -303,64 +427,137 @@ def write_report(study_dir: Path) -> StudyResult:
         data_names.add(str((data.plan.get("config") or {}).get("data", {}).get("name")))
         missing_total += len(rep.missing)
         planned_total += len(data.rows)
-        chance = _chance(data)
-        v = RULES[section.key](data, chance)
-        results[section.key] = v
-        fig = _section_figure(section.key, data, cells, study_dir / FIGURES_DIR / f"{section.key}.png", chance)
+        facts = _run_facts(data)
+        if section.key == "small_batches":
+            small_data, small_facts = data, facts
+        results[section.key] = RULES[section.key](data, facts, specs)
+        lr_spec = _spec(specs, "lr", "lr_tolerance") if section.key == "lr" else None
+        fig = _section_figure(section.key, data, cells, study_dir / FIGURES_DIR / f"{section.key}.png", facts.chance,
+                              facts.chance + lr_spec.trains_above_chance if lr_spec else None)
         only = ["final_test_acc", "gap"] if section.key == "regularization" else ["final_test_acc"]
         header, body = report.table_rows(data, cells, only)
-        sections_md += [f"## {section.title}", "", section.question, ""]
+        if section.key != "regularization" and any(c.count("diverged") for c in cells):
+            header.append(f"final test acc %, diverged as chance ({facts.chance:g}%)")
+            body = [row + [extra] for row, extra in zip(body, _diverged_column(data, cells, facts.chance))]
+        md = [f"## {section.title}", "", section.question, "", f"**Budget.** {budget(data, facts)}", ""]
         if fig:
-            sections_md += [f"![{section.title}]({fig.relative_to(study_dir)})", ""]
-        sections_md += [report.md_table(header, body), ""]
+            md += [f"![{section.title}]({fig.relative_to(study_dir)})", ""]
+        md += [report.md_table(header, body), ""]
+        if any(c.count("diverged") for c in cells):
+            md += ["*The table's accuracy columns average the completed runs; the verdict counts each diverged run "
+                   f"as chance ({facts.chance:g}%), as the last column shows.*" if section.key != "regularization" else
+                   "*Diverged runs have no train-test gap; the table and the verdict both leave them out.*", ""]
         if rep.missing:
-            sections_md += [f"*{len(rep.missing)} of {len(data.rows)} runs are not finished; "
-                            "the numbers use the finished ones.*", ""]
-        sections_md += _verdict_md(v)
-        sections_md += [f"Sweep: `{sweep_dir.relative_to(study_dir)}` (its `report.md` has every metric and the "
-                        "curves per cell).", ""]
+            md += [f"*{len(rep.missing)} of {len(data.rows)} runs are not finished.*", ""]
+        parts[section.key] = md + [None] + [f"Sweep: `{sweep_dir.relative_to(study_dir)}` (its `report.md` has every "
+                                            "metric and the curves per cell).", ""]
     evals = notebook_eval_rows(study_dir)
-    v5 = verdicts.notebook_eval([r["running_acc"] for r in evals], [r["batch_stats_acc"] for r in evals],
-                                [r["recalibrated_acc"] for r in evals], EVAL_BATCH)
-    results[NOTEBOOK_SECTION.key] = v5
+    spec5 = _spec(specs, "small_batches", "notebook_eval")
+    pending = [r for r in small_data.rows if r.get("status") not in verdicts.FINISHED
+               and all(r.get(k) == v for k, v in NOTEBOOK.items())]
+    wanted = [r for r in small_data.rows if r.get("status") == "completed" and all(r.get(k) == v for k, v in NOTEBOOK.items())]
+    incomplete = None
+    evaluated = len({r["run"] for r in evals} & {r["run"] for r in wanted})
+    if pending or evaluated < len(wanted):
+        incomplete = (f"{evaluated} of {len(wanted) + len(pending)} BN checkpoints at batch {EVAL_BATCH} evaluated; "
+                      "rerun with --resume to finish")
+    results[NOTEBOOK_SECTION.key] = _undeclared("the notebook's evaluation", "notebook_eval") if spec5 is None else (
+        verdicts.notebook_eval([r["running_acc"] for r in evals], [r["batch_stats_acc"] for r in evals],
+                               [r["recalibrated_acc"] for r in evals], spec5, small_facts.quantum, incomplete))
+    verdicts.decide_all(list(results.values()))  # Holm across the sections
     fig5 = _eval_figure(evals, study_dir / FIGURES_DIR / f"{NOTEBOOK_SECTION.key}.png")
-    sections_md += [f"## {NOTEBOOK_SECTION.title}", "", NOTEBOOK_SECTION.question,
-                    f"The checkpoints are the final ones of section 4's runs with "
-                    f"{', '.join(f'{k}={v}' for k, v in NOTEBOOK.items())} (Adam, lr 0.001: the notebook's settings).", ""]
+    md5 = [f"## {NOTEBOOK_SECTION.title}", "", NOTEBOOK_SECTION.question, "",
+           f"**Budget.** The final checkpoints of section 4's runs with "
+           f"{', '.join(f'{k}={v}' for k, v in NOTEBOOK.items())} ({_lr_text_at(small_data, NOTEBOOK['train.batch_size'])}"
+           f"), {len(evals)} of them; BN recalibrated on {PROFILES[info['profile']]['recalibrate']:,} training images.", ""]
     if fig5:
-        sections_md += [f"![{NOTEBOOK_SECTION.title}]({fig5.relative_to(study_dir)})", ""]
+        md5 += [f"![{NOTEBOOK_SECTION.title}]({fig5.relative_to(study_dir)})", ""]
     header = ["evaluation", "test acc %"]
     body = [[lab, report.fmt_summary(stats.summarize([r[c] for r in evals]), 2)] for c, lab in (
         ("running_acc", "eval mode (running statistics)"),
         ("batch_stats_acc", f"each test batch of {EVAL_BATCH}'s own statistics (the notebook)"),
         ("recalibrated_acc", "eval mode after recalibration"))]
-    sections_md += [report.md_table(header, body), ""] + _verdict_md(v5)
+    md5 += [report.md_table(header, body), ""] + _verdict_md(results[NOTEBOOK_SECTION.key])
+    sections_md: list[str] = []
+    for section in SECTIONS:
+        md = parts[section.key]
+        at = md.index(None)
+        sections_md += md[:at] + _verdict_md(results[section.key]) + md[at + 1:]
+    sections_md += md5
 
-    rows = [[s.title, results[s.key].verdict, effect_cell(results[s.key])] for s in [*SECTIONS, NOTEBOOK_SECTION]]
+    rows = [[s.title, results[s.key].verdict, effect_cell(results[s.key]), _p_cell(results[s.key]),
+             results[s.key].mde_text()] for s in [*SECTIONS, NOTEBOOK_SECTION]]
     head = [f"# The notebook's claims, tested ({info['profile']} profile)", "",
             f"Study directory `{study_dir}`, created {info.get('created')}; data: {', '.join(sorted(data_names))}"
             + (f"; overrides: `{' '.join(info['overrides'])}`" if info.get("overrides") else "")
             + f"; {planned_total - missing_total} of {planned_total} runs finished"
             + (f"; wall time so far {info.get('wall_time_s', 0) / 60:.1f} min." if info.get("wall_time_s") else "."), "",
-            "Each verdict follows a stated rule: **supported** when the effect's 95% interval lies on the side "
-            "the claim predicts, **contradicted** when it lies on the other side, **inconclusive at this budget** "
-            "when it includes zero. Numbers are mean ± sample std [95% t-interval] over seeds; diverged runs are "
-            "counted per cell and, in the verdict rules, as chance accuracy. The verdicts hold for this model, "
-            "data and budget; they are not general truths about BN.", "",
-            report.md_table(["section", "verdict", "effect [95% interval]"], rows), ""]
+            report.md_table(["section", "verdict", "effect [95% interval]", "p (Holm-adjusted)",
+                             "minimum detectable effect (80% power)"], rows), "",
+            "**How to read a verdict.** Each section estimates one effect, declared in its sweep file before any run, "
+            "signed so that **positive is what the claim predicts**. **Supported** / **contradicted**: its p-value, "
+            f"Holm-adjusted across the sections tested ({sum(v.p_adjusted is not None for v in results.values())} here), is "
+            "below 0.05 and its 95% interval lies on the claim's side / the other side (the chance that any section of "
+            "a study without real effects comes out decisive is at most 5%). **No effect larger than X**: the 90% "
+            "interval lies within +-X, the smallest effect the sweep file declares to matter. **Inconclusive**: "
+            "neither; the minimum detectable effect says how large an effect this budget would find 80% of the time. "
+            "**Not testable**: the design cannot answer here (the reason is given). **Incomplete**: runs are missing. "
+            "Numbers are mean +- sample std [95% t-interval] over seeds. The verdicts hold for this model, data and "
+            "budget; they are not general truths about BN. The rules and their measured error rates: docs/studies.md.",
+            ""]
     path = study_dir / REPORT_FILE
     rundir.atomic_write_text(path, "\n".join(head + sections_md))
     return StudyResult(study_dir, path, results, wall_time_s=info.get("wall_time_s", 0.0))
 
 
+def _lr_text_at(data: report.SweepData, batch: int) -> str:
+    """The optimizer and the lr one batch size of the sweep trained with."""
+    text = _lr_text(data)
+    scaling = data.plan.get("lr_scaling")
+    if scaling:
+        from bnctl.plan import scaled_lr
+
+        opt = (data.plan.get("config") or {}).get("optimizer", {})
+        return f"{text.split(',')[0]}, lr {scaled_lr(opt['lr'], batch, scaling):g}"
+    return text
+
+
 def effect_cell(v: verdicts.Verdict) -> str:
-    if v.effect is None:
-        return v.no_effect
-    return f"{v.effect_name}: {v.effect.effect:+.2f} [{v.effect.lo:+.2f}, {v.effect.hi:+.2f}]"
+    if v.effect is None or v.status != "tested":
+        return v.reason or "-"
+    e = v.effect
+    return f"{v.effect_name}: {e.effect:+.2f} [{e.lo:+.2f}, {e.hi:+.2f}] {v.unit}"
+
+
+def _p_cell(v: verdicts.Verdict) -> str:
+    if v.p_adjusted is None:
+        return "-"
+    return f"{v.p_adjusted:.2g} (unadjusted {v.effect.p:.2g})"
 
 
 def notebook_eval_rows(study_dir: Path) -> list[dict[str, Any]]:
     return list(_read_evals(Path(study_dir) / EVAL_FILE).values())
+
+
+def _record(study_dir: Path, **values: Any) -> None:
+    path = Path(study_dir) / STUDY_FILE
+    rundir.write_json(path, rundir.read_json(path) | values)
+
+
+def preflight(study_dir: Path, jobs: int, timed: bool = True) -> tuple[Any, str | None]:
+    """Before a study (re)starts: its size and estimated time (bnctl.estimate), and a warning when its
+    profile is sized for a GPU that is not in use."""
+    from bnctl import estimate
+
+    info = read(study_dir)
+    est = estimate.estimate([info["sweeps"][s.key] for s in SECTIONS], jobs, timed=timed)
+    warning = None
+    if PROFILES.get(info["profile"], {}).get("sized_for") == "gpu" and est.device == "cpu" and est.to_run:
+        cpu_choice = [p for p, v in PROFILES.items() if v.get("sized_for") == "cpu"]
+        warning = (f"the {info['profile']} profile is sized for a GPU and these runs will use the CPU"
+                   + (f" ({estimate.format_duration(est.seconds)} estimated)" if est.seconds else "")
+                   + f"; on a CPU use --profile {' or '.join(cpu_choice)}")
+    return est, warning
 
 
 def resume_check(study_dir: Path, profile: str | None, overrides: Sequence[str]) -> None:

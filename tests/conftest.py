@@ -66,3 +66,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Module fixtures that train whole runs for a file's tests: a test using one is end-to-end, and so slow.
+# With the multi-process and subprocess tests (marked @pytest.mark.slow, or a whole module with
+# pytestmark) they are left out of the quick loop, `python -m pytest -q -m "not slow"` (docs/development.md).
+SLOW_FIXTURES = {"run_copy", "trained", "trained_run", "runs", "layer_runs", "killed_and_resumed", "bn_run",
+                 "diagnostics_run"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -26,6 +26,8 @@ from bnctl.experiment import setup
 from bnctl.norms import GhostBatchNorm, ManualBatchNorm, SyncBatchNorm
 from conftest import tiny_raw, write_config
 
+pytestmark = pytest.mark.slow  # several processes (ranks) per test
+
 REPO = Path(__file__).resolve().parent.parent
 TIMING = {"epoch_time_s", "train_time_s", "eval_time_s", "images_per_s"}
 # 4 steps per epoch at a global batch of 8. SGD, not Adam: conv biases ahead of BN have a gradient

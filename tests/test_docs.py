@@ -53,7 +53,7 @@ def test_every_relative_link_and_anchor_resolves(page):
 
 def test_the_readme_is_a_first_screen_and_links_every_docs_page():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert len(readme.splitlines()) <= 80, "README.md is the first screen; the reference lives in docs/"
+    assert len(readme.splitlines()) <= 100, "README.md is the first screen; the reference lives in docs/"
     linked = {Path(t.partition("#")[0]).name for t in _links(ROOT / "README.md")}
     index = {Path(t.partition("#")[0]).name for t in _links(ROOT / "docs" / "index.md")}
     pages = {p.name for p in (ROOT / "docs").glob("*.md")} - {"index.md"}
@@ -64,7 +64,7 @@ def test_the_readme_is_a_first_screen_and_links_every_docs_page():
 def _documented_keys() -> dict[str, str]:
     """The config reference's table: dotted key -> its documented default, as written."""
     text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
-    return {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z_.]+)` \| `([^`]*)` \|", text, re.M)}
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z0-9_.]+)` \| `([^`]*)` \|", text, re.M)}
 
 
 def _same(documented: str, actual) -> bool:

@@ -40,7 +40,7 @@ for _name in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", TEST_KILL_ENV
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # processes, signals, restarts
 
 
 def invoke(*args):

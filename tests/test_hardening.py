@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from bnctl import checkpoint, config as config_mod, data as data_mod, engine, evaluation, experiment, rundir
+from bnctl import checkpoint, config as config_mod, data as data_mod, engine, evaluation, experiment, recorder, rundir
 from bnctl.cli import app
 from bnctl.config import ModelConfig
 from bnctl.data import ImageData
@@ -88,6 +88,7 @@ def no_running_stats_run(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------ 1. test order under batch statistics
 
+@pytest.mark.slow
 def test_1_batch_mode_eval_is_the_same_on_class_sorted_files(bn_run, monkeypatch):
     best = bn_run / "checkpoints" / "best.pt"
     running = evaluation.evaluate_checkpoint(best)["acc"]
@@ -106,6 +107,7 @@ def test_1_batch_mode_eval_is_the_same_on_class_sorted_files(bn_run, monkeypatch
     assert other["order_seed"] == 5 and other["loss"] != ordered["loss"]  # the seed does choose the batches
 
 
+@pytest.mark.slow
 def test_1_without_running_stats_training_evaluates_class_mixed_batches(monkeypatch, tmp_path):
     sort_test_split(monkeypatch)
     cfg = config_mod.validate(tiny_raw(seed=3, model={"bn_track_running_stats": False}, train={"eval_batch_size": 16}))
@@ -147,6 +149,7 @@ def _fp16_copy(bn_run: Path, dest: Path) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_2_fp16_checkpoint_evaluates_on_cpu_in_fp32_and_says_so(bn_run, tmp_path):
     run = _fp16_copy(bn_run, tmp_path / "run")
     result = invoke("eval", run / "checkpoints" / "best.pt", "--device", "cpu", "--json")
@@ -160,6 +163,7 @@ def test_2_fp16_checkpoint_evaluates_on_cpu_in_fp32_and_says_so(bn_run, tmp_path
     assert "note:" in table.output and "fp16 -> fp32" in table.output
 
 
+@pytest.mark.slow
 def test_2_fp16_run_resumes_on_cpu_and_records_the_change(bn_run, tmp_path):
     run = _fp16_copy(bn_run, tmp_path / "run")
     result = invoke("train", "--resume", run, "device=cpu", "train.epochs=3")
@@ -205,6 +209,7 @@ def _assert_consistent(run: Path) -> None:
     assert checkpoint.load(run / "checkpoints" / "best.pt")["epoch"] == summary["best"]["epoch"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
 def test_3_a_stop_at_any_checkpoint_write_leaves_consistent_files(tmp_path, monkeypatch, stop):
     calls = _saves_of_a_clean_run(tmp_path)
@@ -234,6 +239,32 @@ def test_3_a_stop_at_any_checkpoint_write_leaves_consistent_files(tmp_path, monk
         assert checkpoint.load(run / "checkpoints" / "best.pt")["epoch"] == 2
 
 
+@pytest.mark.parametrize("where", ["final summary write", "last epoch's end"])
+def test_3_a_stop_as_the_run_finishes_ends_in_a_final_status_by_itself(tmp_path, monkeypatch, where):
+    """A Ctrl-C or SIGTERM that lands after the last epoch is kept must not leave summary.json at 'running'."""
+    raw = tiny_raw(data={"train_size": 64, "test_size": 32}, train={"epochs": 1})
+    real, stops = recorder._Summary.update, []
+
+    def update(self, best, status, **extra):
+        if not stops and ((where == "final summary write" and status == "completed") or (
+                where == "last epoch's end" and status == "running")):
+            stops.append(status)
+            raise KeyboardInterrupt  # the stop lands just as this write begins (one signal)
+        return real(self, best, status, **extra)
+
+    monkeypatch.setattr(recorder._Summary, "update", update)
+    run = tmp_path / "run"
+    with pytest.raises(InterruptedRun, match="stopped as the run finished: all 1 epochs are kept"):
+        engine.fit(config_mod.validate(raw), run_dir=run)
+    monkeypatch.setattr(recorder._Summary, "update", real)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 1
+    assert rundir.effective_status(run, summary) == "completed"
+    again = invoke("train", "--resume", run)  # nothing left to do: it is finished
+    assert again.exit_code == 0 and "already completed 1 epoch(s)" in again.output, again.output
+
+
+@pytest.mark.slow
 def test_3_a_kill_between_last_and_best_is_repaired_on_resume(tmp_path):
     """SIGKILL-like: the process dies between writing last.pt and best.pt, and no handler runs."""
     run = tmp_path / "run"
@@ -261,6 +292,7 @@ def test_3_a_kill_between_last_and_best_is_repaired_on_resume(tmp_path):
 
 # ------------------------------------------------------------------ 4. eval batches of one without running stats
 
+@pytest.mark.slow
 def test_4_no_running_stats_with_eval_batches_of_one_is_refused_before_training(tmp_path, no_running_stats_run):
     with pytest.raises(ConfigError, match="eval_batch_size=1 cannot evaluate"):
         config_mod.validate(tiny_raw(model={"bn_track_running_stats": False}, train={"eval_batch_size": 1}))
@@ -277,6 +309,7 @@ def test_4_no_running_stats_with_eval_batches_of_one_is_refused_before_training(
 
 # ------------------------------------------------------------------ 5. recalibration without a training batch
 
+@pytest.mark.slow
 def test_5_recalibrate_without_a_whole_training_batch_is_an_error(bn_run, tmp_path):
     ckpt = tmp_path / "few.pt"
     shutil.copy(bn_run / "checkpoints" / "best.pt", ckpt)
@@ -516,6 +549,7 @@ def test_resnet20_has_the_papers_parameter_free_shortcuts():
     assert torch.equal(out[:, 8:24], x[:, :, ::2, ::2]) and not out[:, :8].any() and not out[:, 24:].any()
 
 
+@pytest.mark.slow
 def test_resnet20_checkpoints_from_before_the_shortcut_key_load_as_projection(tmp_path):
     cfg = config_mod.validate(tiny_raw(model={"name": "resnet20", "width": 0.25, "shortcut": "projection"},
                                        data={"train_size": 64, "test_size": 32}, train={"epochs": 1}))
@@ -536,6 +570,7 @@ def _as_written_before_this_version(raw: dict) -> None:
     raw["model"]["depth"] = 13  # accepted then, and ignored by seed_cnn
 
 
+@pytest.mark.slow
 def test_runs_written_before_model_specific_keys_evaluate_and_resume(tmp_path):
     cfg = config_mod.validate(tiny_raw(data={"train_size": 64, "test_size": 32}, train={"epochs": 1}))
     run = engine.fit(cfg, run_dir=tmp_path / "run").run_dir

@@ -54,6 +54,7 @@ def _expected_norm_type(norm: str, module: nn.Module, cfg: ModelConfig) -> bool:
     }[norm]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("name", MODELS)
 def test_every_norm_in_every_model_trains_forward_and_backward(name, norm):

@@ -20,6 +20,8 @@ from bnctl.cli import app
 from bnctl.errors import InterruptedRun
 from conftest import tiny_raw, write_config
 
+pytestmark = pytest.mark.slow  # job arrays of worker processes
+
 TIMING = {"wall_time_s"}
 
 
@@ -91,6 +93,25 @@ def test_the_sbatch_script_carries_the_settings_of_the_sweep_file_and_the_option
         assert line in script, line
     # Each of the 4 tasks gets one run: shard i/4.
     assert not list((tmp_path / "arr" / "runs").iterdir())  # nothing ran here
+
+
+def test_a_resumed_sweep_is_submitted_with_its_sweep_files_slurm_section(sweep_file, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    copy = tmp_path / "submitted.sh"
+    _stand_in(bin_dir, "srun", "exit 0\n")
+    _stand_in(bin_dir, "sbatch", f'cp "$1" {copy}\necho "Submitted batch job 4243"\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    first = invoke("sweep", "--sweep", sweep_file, "--sweep-dir", tmp_path / "arr", "--launcher", "slurm")
+    assert first.exit_code == 0, first.output
+    copy.unlink()
+    again = invoke("sweep", "--resume", tmp_path / "arr", "--launcher", "slurm", "--time", "20")
+    assert again.exit_code == 0, again.output
+    script = copy.read_text()
+    # The sweep file's section (partition, setup lines), with the option given now on top of it.
+    for line in ["#SBATCH --partition=gpu", "#SBATCH --time=20", "module load cuda", "echo ready"]:
+        assert line in script, line
+    assert "#SBATCH --time=30" not in script
 
 
 def test_slurm_settings_are_validated_before_anything_is_created(sweep_file, tmp_path, monkeypatch):

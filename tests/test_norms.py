@@ -9,7 +9,11 @@ import torch.nn.functional as F
 
 from bnctl.config import BATCH_STAT_NORMS, ModelConfig, NormName
 from bnctl.errors import ConfigError
-from bnctl.norms import NORMS, GhostBatchNorm, ManualBatchNorm, is_norm, make_norm, uses_batch_stats
+import copy
+
+from bnctl import norms
+from bnctl.norms import (NORMS, CumulativeBatchNorm1d, CumulativeBatchNorm2d, GhostBatchNorm, ManualBatchNorm,
+                         is_norm, make_norm, uses_batch_stats)
 
 C = 3  # channels in the comparison tests: small, but more than one
 
@@ -264,9 +268,12 @@ def test_batch_stat_norms_follow_the_config(name, dim):
     assert module.momentum is None and module.eps == 1e-3
     assert module.weight is None and module.bias is None
     assert module.running_mean is None and module.running_var is None
+    if name == "batch":  # the cumulative average's own subclass (see count_batch), torch's layer otherwise
+        assert type(module) is (CumulativeBatchNorm2d if dim == 2 else CumulativeBatchNorm1d)
+        assert isinstance(module, nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d)
+    module = make_norm(ModelConfig(norm=name, bn_momentum=0.3), 8, dim)
     if name == "batch":
         assert type(module) is (nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d)
-    module = make_norm(ModelConfig(norm=name, bn_momentum=0.3), 8, dim)
     assert module.momentum == 0.3 and module.weight.shape == (8,) and module.running_var.shape == (8,)
 
 
@@ -435,6 +442,39 @@ def test_ghost_without_running_statistics_normalizes_a_whole_eval_batch_at_once(
     x = _batch(2, seed=5, n=10)
     torch.testing.assert_close(ghost(x), F.batch_norm(x, None, None, training=True, eps=ghost.eps))
     assert ghost(x[:9]).shape[0] == 9  # 4 + 4 + 1 would be a chunk of one image
+
+
+@pytest.mark.parametrize("make", [lambda: CumulativeBatchNorm2d(3, momentum=None),
+                                  lambda: ManualBatchNorm(3, momentum=None),
+                                  lambda: GhostBatchNorm(3, 8, momentum=None)])
+def test_cumulative_average_counts_on_the_host_and_equals_torchs(make, monkeypatch):
+    """momentum=None without a device read per step (count_batch): torch's numbers (exactly, for torch's own
+    layer; to float precision for the manual one), through load, reset and copy."""
+    reads = []
+    real_int = int
+    monkeypatch.setattr(norms, "int", lambda t: reads.append(1) or real_int(t), raising=False)
+    torch.manual_seed(0)
+    xs = [torch.randn(8, 3, 4, 4) for _ in range(5)]
+    ours, ref = make(), nn.BatchNorm2d(3, momentum=None)
+
+    same = torch.equal if isinstance(ours, nn.BatchNorm2d) else (lambda a, b: torch.allclose(a, b, atol=1e-6))
+
+    def run(a, b, n_reads):
+        reads.clear()
+        for x in xs:
+            assert same(a(x), b(x))
+        assert same(a.running_mean, b.running_mean) and same(a.running_var, b.running_var)
+        assert torch.equal(a.num_batches_tracked, b.num_batches_tracked)
+        assert len(reads) == n_reads  # once after an outside change, never per step
+
+    run(ours, ref, 1)
+    run(ours, ref, 0)
+    ref.num_batches_tracked.fill_(41)
+    ours.load_state_dict(ref.state_dict())  # the count changed behind the layer's back: read again, once
+    run(ours, ref, 1)
+    ours.reset_running_stats(), ref.reset_running_stats()
+    run(ours, ref, 1)
+    run(copy.deepcopy(ours), copy.deepcopy(ref), 1)
 
 
 # ---------------------------------------------------------------- noisy BN (Santurkar et al. 2018, section 2.1)

@@ -23,6 +23,8 @@ import pytest
 
 from bnctl import configfiles
 
+pytestmark = pytest.mark.slow  # builds the wheel and installs it into a new virtual environment
+
 ROOT = Path(__file__).resolve().parents[1]
 NAME, VERSION = "bnctl", metadata.version("bnctl")  # the version pyproject.toml gave this installation
 SOURCE = ["pyproject.toml", "README.md", "LICENSE", "bnctl"]  # what the sdist is built from

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,7 @@ def test_bf16_trains_on_cpu_with_float32_bn_statistics():
     assert 0 <= engine.evaluate(exp.forward, exp.test_batches, exp.precision)["acc"] <= 100
 
 
+@pytest.mark.slow
 def test_channels_last_trains_like_the_default_layout():
     plain, nhwc = _experiment(channels_last=False), _experiment(channels_last=True)
     conv = next(m for m in nhwc.model.modules() if isinstance(m, nn.Conv2d))
@@ -178,13 +180,17 @@ class _ThreadProbe:
     def start_step(self, step: int, epoch: int) -> None:
         self.threads.append(torch.get_num_threads())
 
-    def after_backward(self) -> None:
+    def after_backward(self, *args) -> None:
         pass
 
 
-@pytest.mark.parametrize("batch_size, inside", [(4, 1), (32, 2)])
-def test_small_cpu_batches_train_on_one_thread(monkeypatch, batch_size, inside):
+@pytest.mark.parametrize("batch_size, load, inside", [(4, 2.0, 1), (4, 1.0, 1), (4, 0.25, 2), (4, 0.1, 2),
+                                                       (32, 2.0, 2), (32, 0.0, 2)])
+def test_small_cpu_batches_take_one_thread_per_free_core(monkeypatch, batch_size, load, inside):
+    """Below SMALL_CPU_BATCH: as many threads as the 2 cores leave free (at least 0.75 of a core each), else 1."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     exp = _experiment(train_size=64, batch_size=batch_size)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -235,6 +241,7 @@ def _fit_rows(tmp_path: Path, name: str, **sections) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in rows]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics_and_eval_train_only_adds_columns(tmp_path):
     first = _fit_rows(tmp_path, "a")
     assert len(first) == 2
@@ -264,6 +271,7 @@ def test_help_does_not_import_torch():
     assert "torch" not in modules
 
 
+@pytest.mark.slow
 def test_plot_does_not_import_torch(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -546,6 +546,7 @@ def test_resuming_a_completed_run_does_nothing(killed_and_resumed):
     assert snapshot(killed) == before
 
 
+@pytest.mark.slow
 def test_resume_extends_a_run_with_more_epochs(killed_and_resumed, tmp_path):
     _, killed = killed_and_resumed
     run = shutil.copytree(killed, tmp_path / "run")
@@ -565,6 +566,7 @@ def test_resume_extends_a_run_with_more_epochs(killed_and_resumed, tmp_path):
     assert_complete_run(run, longer)
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_last_epoch_and_the_run_resumes(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tiny_raw(data={"train_size": 1024, "test_size": 64}, train={"epochs": 200}))
     run = tmp_path / "run"

@@ -65,6 +65,7 @@ def test_build_writes_summary_markdown_and_figures(sweep):
     assert report._log_axis("train.batch_size", [2, 64])
 
 
+@pytest.mark.slow
 def test_report_cli_prints_the_table_without_importing_torch(sweep):
     code = ("import sys\nfrom bnctl.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n"
             "    assert not e.code, e.code\nprint(' '.join(sys.modules))")

@@ -59,14 +59,20 @@ def test_contrast_of_two_samples_is_welch_and_of_four_the_satterthwaite_interval
     assert stats.contrast([[1.0], [2.0, 3.0]], (1, -1)) is None
 
 
+
+def _head(d):
+    """What an exact difference must get right: effect, interval, n, method and p (se, df and TOST follow from them)."""
+    return (d.effect, d.lo, d.hi, d.n, d.method, d.p)
+
+
 def test_contrast_takes_two_values_per_sample_and_is_exact_without_spread():
     two = stats.contrast([[1.0, 3.0], [0.0, 0.0]], (1, -1))  # the fewest values that have a variance
     half = sps.t.ppf(0.975, 1) * 1.0  # sd sqrt(2), n 2: se 1; df (1)^2 / (1 / 1) = 1
     assert two.n == (2, 2) and two.effect == 2.0 and (two.lo, two.hi) == pytest.approx((2 - half, 2 + half))
     exact = stats.contrast([[5.0, 5.0], [2.0, 2.0, 2.0]], (1, -1))  # every seed agrees in every sample
-    assert exact == stats.Difference(3.0, 3.0, 3.0, (2, 3), "welch contrast", 0.0)
+    assert _head(exact) == (3.0, 3.0, 3.0, (2, 3), "welch contrast", 0.0)
     same = stats.contrast([[4.0, 4.0], [4.0, 4.0]], (1, -1))
-    assert same == stats.Difference(0.0, 0.0, 0.0, (2, 2), "welch contrast", 1.0)
+    assert _head(same) == (0.0, 0.0, 0.0, (2, 2), "welch contrast", 1.0)
     # Weights that are not +-1: 0.5*mean(a) - 0.25*mean(b), with its variance scaled by the squared weights.
     a, b = [1.0, 2.0, 3.0], [2.0, 6.0]
     w = stats.contrast([a, b], (0.5, -0.25))
@@ -84,8 +90,8 @@ def test_paired_drops_incomplete_pairs_and_is_exact_without_spread():
     assert d.n == (2,) and d.effect == pytest.approx(2.0)
     assert (d.lo, d.hi) == pytest.approx(tuple(ref.confidence_interval(0.95))) and d.p == pytest.approx(ref.pvalue)
     assert stats.paired([10.0, None], [9.0, 8.0]) is None  # one pair has no spread to estimate
-    assert stats.paired([3.0, 5.0], [1.0, 3.0]) == stats.Difference(2.0, 2.0, 2.0, (2,), "paired t", 0.0)
-    assert stats.paired([3.0, 5.0], [3.0, 5.0]) == stats.Difference(0.0, 0.0, 0.0, (2,), "paired t", 1.0)
+    assert _head(stats.paired([3.0, 5.0], [1.0, 3.0])) == (2.0, 2.0, 2.0, (2,), "paired t", 0.0)
+    assert _head(stats.paired([3.0, 5.0], [3.0, 5.0])) == (0.0, 0.0, 0.0, (2,), "paired t", 1.0)
 
 
 @pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy's reference, on an arm without spread
@@ -94,8 +100,8 @@ def test_welch_edges_two_values_and_no_spread():
     ref = sps.ttest_ind([1.0, 3.0], [0.0, 2.0], equal_var=False)
     assert two.n == (2, 2) and (two.lo, two.hi) == pytest.approx(tuple(ref.confidence_interval(0.95)))
     assert stats.welch([1.0, 3.0], [2.0]) is None
-    assert stats.welch([5.0, 5.0], [2.0, 2.0, 2.0]) == stats.Difference(3.0, 3.0, 3.0, (2, 3), "welch", 0.0)
-    assert stats.welch([4.0, 4.0], [4.0, 4.0]) == stats.Difference(0.0, 0.0, 0.0, (2, 2), "welch", 1.0)
+    assert _head(stats.welch([5.0, 5.0], [2.0, 2.0, 2.0])) == (3.0, 3.0, 3.0, (2, 3), "welch", 0.0)
+    assert _head(stats.welch([4.0, 4.0], [4.0, 4.0])) == (0.0, 0.0, 0.0, (2, 2), "welch", 1.0)
     # One arm without spread (every run at chance) is still an estimate with an interval, not an exact value.
     for a, b in (([10.0, 10.0, 10.0], [50.0, 60.0, 70.0]), ([50.0, 60.0, 70.0], [10.0, 10.0, 10.0])):
         d, ref = stats.welch(a, b), sps.ttest_ind(a, b, equal_var=False)

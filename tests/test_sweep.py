@@ -179,6 +179,7 @@ def test_dry_run_prints_the_plan_and_count_and_creates_nothing(small, tmp_path, 
 
 # ------------------------------------------------------------------ running
 
+@pytest.mark.slow
 def test_sweep_runs_every_run_and_records_results(small, tmp_path, cli):
     result = cli("sweep", "-c", small, "model.norm=batch,none", "--seeds", "2", "--root", tmp_path / "sw")
     assert result.exit_code == 0, result.output
@@ -195,6 +196,7 @@ def test_sweep_runs_every_run_and_records_results(small, tmp_path, cli):
     assert (run / "checkpoints" / "best.pt").is_file() and (run / "metrics.csv").is_file()
 
 
+@pytest.mark.slow
 def test_a_failing_run_does_not_stop_the_others_and_the_sweep_exits_nonzero(small, tmp_path, cli):
     # imagefolder data at a missing root fails when its run loads the data; the synthetic runs go on.
     result = cli("sweep", "-c", small, "data.name=imagefolder,synthetic", f"data.root={tmp_path / 'nowhere'}",
@@ -209,6 +211,7 @@ def test_a_failing_run_does_not_stop_the_others_and_the_sweep_exits_nonzero(smal
     assert "DataError" in json.loads((d / "errors" / "name-imagefolder-seed1.json").read_text())["traceback"]
 
 
+@pytest.mark.slow
 def test_a_diverged_run_counts_as_diverged_not_failed(tmp_path):
     cfg = write_config(tmp_path / "sgd.yaml", {**SMALL, "model": {**SMALL["model"], "norm": "none"},
                                                "optimizer": {"name": "sgd", "lr": 0.01}})
@@ -223,7 +226,7 @@ def test_a_diverged_run_counts_as_diverged_not_failed(tmp_path):
     assert again.already_done == 2 and not again.completed and not again.diverged
 
 
-class _StopAfterFirstEpochOf(workers.sweep.SilentSweepReporter):
+class _StopAfterFirstEpochOf(sweep.SilentSweepReporter):
     """Acts like Ctrl-C at the end of one run's first epoch."""
 
     def __init__(self, name: str):
@@ -234,6 +237,7 @@ class _StopAfterFirstEpochOf(workers.sweep.SilentSweepReporter):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_resume_continues_from_checkpoints_and_skips_finished_runs(tmp_path, small):
     plan = sweep.plan_inline(small, ["model.norm=batch,none", "train.epochs=2"], seeds=2)
     d = sweep.create(plan, tmp_path / "sw")
@@ -257,6 +261,7 @@ def test_ctrl_c_then_resume_continues_from_checkpoints_and_skips_finished_runs(t
     assert len(rundir.read_csv(d / "runs" / "norm-none-seed0" / "metrics.csv")) == 2
 
 
+@pytest.mark.slow
 def test_a_run_claimed_by_another_process_is_left_to_it(tmp_path, small):
     d = sweep.create(sweep.plan_inline(small, ["model.norm=batch,none"], seeds=1), tmp_path / "sw")
     with workers.claim(d, "norm-none-seed0") as held:
@@ -273,6 +278,7 @@ _EXECUTE = ("import json, sys; from pathlib import Path; from bnctl import sweep
             "print(json.dumps({'completed': o.completed, 'busy': o.busy, 'done': o.already_done}))")
 
 
+@pytest.mark.slow
 def test_two_processes_resuming_one_sweep_never_run_the_same_run(tmp_path, small):
     d = sweep.create(sweep.plan_inline(small, ["model.norm=batch,none,group,layer"], seeds=2), tmp_path / "sw")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -286,6 +292,7 @@ def test_two_processes_resuming_one_sweep_never_run_the_same_run(tmp_path, small
         assert "resumes" not in rundir.read_json(d / "runs" / name / "run.json")
 
 
+@pytest.mark.slow
 def test_jobs_2_gives_the_same_results_as_jobs_1(tmp_path, small):
     plan = sweep.plan_inline(small, ["model.norm=batch,none"], seeds=2)
     one, two = sweep.create(plan, tmp_path / "one"), sweep.create(plan, tmp_path / "two")
@@ -297,6 +304,7 @@ def test_jobs_2_gives_the_same_results_as_jobs_1(tmp_path, small):
     assert strip(sweep.load(two)[1]) == strip(sweep.load(one)[1])
 
 
+@pytest.mark.slow
 def test_interrupting_a_jobs_2_sweep_then_resuming_completes_it(tmp_path, small):
     """Ctrl-C (SIGINT to the process group) during a --jobs 2 sweep, then a resume from another process."""
     cfg = write_config(tmp_path / "slower.yaml", {**SMALL, "data": {**SMALL["data"], "train_size": 160},

@@ -7,8 +7,10 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +162,28 @@ def test_eval_of_a_run_dir_keeps_each_measurement_under_its_own_name(run_copy, c
     assert {"running.png", "batch-bs4.png", "recal-64-bs16.png", "last-running.png"} <= set(drawn)
 
 
+def test_eval_of_several_goes_on_past_a_broken_checkpoint_and_names_each_failure(run_copy, cli, tmp_path):
+    broken, missing = tmp_path / "broken.pt", tmp_path / "nowhere"
+    broken.write_bytes(b"not a checkpoint at all")
+    last = run_copy / "checkpoints" / "last.pt"
+    out = cli("eval", run_copy, broken, last, missing)
+    assert out.exit_code == 1, out.output  # the first failure's code: a damaged checkpoint
+    rows = [line for line in out.stdout.splitlines() if line.split()[:1] == [run_copy.name]]
+    assert len(rows) == 2  # best.pt and last.pt, both evaluated although broken.pt came between them
+    assert f"failed: {broken}: " in out.output and f"failed: {missing}: checkpoint not found" in out.output
+    assert "2 of 4 could not be evaluated" in out.output
+    assert {"running.json", "last-running.json"} <= {p.name for p in (run_copy / "eval").iterdir()}
+    listed = cli("eval", missing, last, "--json")
+    assert listed.exit_code == 2  # a missing path first: a usage error
+    results = json.loads(listed.stdout)
+    assert results[0]["checkpoint"] == str(last) and "acc" in results[0]
+    assert results[1] == {"checkpoint": str(missing), "error": f"checkpoint not found: {missing}", "exit_code": 2}
+    # The same problem for every target is said once, as one error.
+    same = cli("eval", run_copy, last, "--bn-mode", "batch", "--recalibrate", "8")
+    assert same.exit_code == 2 and same.output.count("--recalibrate recomputes") == 1
+    assert "failed:" not in same.output
+
+
 def test_eval_of_several_runs_gives_one_table_and_a_json_list(run_copy, cli):
     second = run_copy.parent / "second"
     shutil.copytree(run_copy, second)
@@ -197,6 +221,7 @@ def _image_folders(root: Path, per_class: int = 6, classes=("ant", "bee", "cat")
     return root
 
 
+@pytest.mark.slow
 def test_eval_resolves_a_relative_data_root_from_the_runs_folder(tmp_path, cli, monkeypatch):
     project = tmp_path / "project"
     _image_folders(project / "data")
@@ -371,7 +396,8 @@ def test_compare_table_fits_and_exports(tmp_path, run_copy, cli, monkeypatch):
         runs.append(d)
     as_json = json.loads(cli("compare", *runs, "--json").stdout)
     keys = set(as_json[0]) - {"name", "dir", "status", "epochs", "epochs_planned", "final_train_acc",
-                              "final_test_acc", "final_test_loss", "best_test_acc", "best_epoch", "wall_time_s"}
+                              "final_test_acc", "final_test_loss", "best_test_acc", "best_epoch", "wall_time_s",
+                              "final_clean_train_acc", "final_gap"}
     # data.root (synthetic data) and train.eval_batch_size (running statistics in eval) do not matter here.
     assert keys == {"optimizer.lr", "model.init_scale", "model.dropout"}
     assert [r["optimizer.lr"] for r in as_json] == [0.003, 0.01]
@@ -409,6 +435,7 @@ def test_tensorboard_events_read_back_with_tensorboards_own_reader(trained):
     assert "bn_diagnostics/output_std/conv2" in tags["scalars"] and "bn/gamma_mean/conv3" in tags["scalars"]
 
 
+@pytest.mark.slow
 def test_tensorboard_missing_is_a_clear_config_error(tmp_path, cli, monkeypatch):
     import importlib.util
 
@@ -425,6 +452,7 @@ def test_tensorboard_missing_is_a_clear_config_error(tmp_path, cli, monkeypatch)
 
 # ---------------------------------------------------------------- CLI conventions
 
+@pytest.mark.slow
 def test_version_and_debug_after_the_subcommand(cli, tmp_path):
     from importlib import metadata
 
@@ -459,12 +487,49 @@ def test_print_config_prints_the_resolved_config_and_exits(tmp_path, cli, tiny_c
 
 
 def test_resumed_run_says_its_time_is_this_invocations(run_copy, cli):
+    before = json.loads((run_copy / "summary.json").read_text())["wall_time_s"]
     out = cli("train", "--resume", run_copy, "train.epochs=2")
     assert out.exit_code == 0, out.output
-    assert "over all sessions of this run" in out.stdout
+    total = json.loads((run_copy / "summary.json").read_text())["wall_time_s"]
+    done = next(line for line in out.stdout.splitlines() if line.startswith("done"))
+    session = float(re.search(r"wall time ([0-9.]+)s this session", done).group(1))
+    assert f"{total:.1f}s over all sessions of this run" in done
+    assert session == pytest.approx(total - before, abs=0.06)  # the session's share of the run's one time
     assert "clean train acc" not in out.stdout  # train.eval_train is off
 
 
+@pytest.mark.slow
+def test_a_runs_time_is_one_number_everywhere(tmp_path, cli, monkeypatch):
+    from bnctl import engine
+
+    # Loading data and building the model are part of the run's time: a slow setup must show in it.
+    real_setup = engine.setup
+
+    def slow_setup(*args, **kwargs):
+        time.sleep(0.5)
+        return real_setup(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "setup", slow_setup)
+    cfg = write_config(tmp_path / "c.yaml", tiny_raw(data={"train_size": 64, "test_size": 32}, train={"epochs": 1}))
+    out = cli("train", "--config", cfg, "--runs-root", tmp_path / "runs")
+    assert out.exit_code == 0, out.output
+    run_dir = Path(out.stdout.strip().splitlines()[-1])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    wall = summary["wall_time_s"]
+    assert wall >= 0.5 + rundir.read_csv(run_dir / "metrics.csv")[0]["epoch_time_s"]
+    done = next(line for line in out.stdout.splitlines() if line.startswith("done"))
+    assert done.endswith(f"wall time {wall:.1f}s")
+    assert json.loads(cli("compare", run_dir, "--json", "--out", tmp_path / "c.png").stdout)[0]["wall_time_s"] == wall
+    assert json.loads(cli("runs", run_dir.parent, "--json").stdout)[0]["wall_time_s"] == wall
+    monkeypatch.setenv("COLUMNS", "200")
+    table = cli("compare", run_dir, "--out", tmp_path / "c.png").stdout
+    assert "wall" in table and f"{wall:.1f}" in table
+    # Without summary.json there is no recorded time: shown as missing, not replaced by another measure.
+    (run_dir / "summary.json").unlink()
+    assert json.loads(cli("compare", run_dir, "--json", "--out", tmp_path / "c.png").stdout)[0]["wall_time_s"] is None
+
+
+@pytest.mark.slow
 def test_epoch_table_shows_clean_train_accuracy_when_eval_train_is_on(tmp_path, cli):
     cfg = write_config(tmp_path / "c.yaml", tiny_raw(data={"train_size": 128, "test_size": 64},
                                                       train={"epochs": 1, "eval_train": True}))
@@ -535,3 +600,41 @@ def test_runs_on_a_file_says_it_is_not_a_folder(tmp_path, cli):
     out = cli("runs", path)
     assert out.exit_code == 2 and "is a file, not a folder" in out.output and "not found" not in out.output
     assert "runs folder not found" in cli("runs", tmp_path / "nowhere").output
+
+
+def _run_files(d: Path, rows: list[tuple], clean: bool, **sections) -> Path:
+    """A run directory from files alone: metrics.csv (epoch, train/test accuracy, clean train accuracy) and config."""
+    d.mkdir()
+    cols = "epoch,train_loss,train_acc,test_loss,test_acc" + (",clean_train_loss,clean_train_acc" if clean else "")
+    lines = [cols] + [f"{e},1.0,{tr},1.2,{te}" + (f",0.8,{cl}" if clean else "") for e, tr, te, cl in rows]
+    (d / "metrics.csv").write_text("\n".join(lines) + "\n")
+    write_config(d / "config.yaml", tiny_raw(**sections))
+    return d
+
+
+def test_compare_shows_the_clean_train_accuracy_and_the_gap(tmp_path, cli, monkeypatch):
+    bn = _run_files(tmp_path / "bn_only", [(1, 60.0, 55.0, 58.0), (2, 80.0, 62.0, 79.5)], True,
+                    name="bn_only", train={"eval_train": True})
+    nobn = _run_files(tmp_path / "neither", [(1, 40.0, 38.0, 41.0), (2, 70.0, 50.0, 72.0)], True,
+                      name="neither", model={"norm": "none"}, train={"eval_train": True})
+    records = {r["name"]: r for r in json.loads(cli("compare", bn, nobn, "--json").stdout)}
+    assert records["bn_only"]["final_clean_train_acc"] == 79.5 and records["bn_only"]["final_gap"] == 17.5
+    assert records["neither"]["final_clean_train_acc"] == 72.0 and records["neither"]["final_gap"] == 22.0
+    rows = list(csv.DictReader(io.StringIO(cli("compare", bn, nobn, "--csv").stdout)))
+    assert [r["final_gap"] for r in rows] == ["17.5", "22.0"]
+    monkeypatch.chdir(tmp_path)
+    figures = _capture_figures(monkeypatch)
+    table = cli("compare", bn, nobn).stdout
+    assert "clean" in table and "gap" in table and "minus test" in table
+    bn_line = next(line for line in table.splitlines() if line.split()[:1] == ["bn_only"])
+    assert "79.50" in bn_line and "17.50" in bn_line
+    # The figure draws the eval-mode train curves too, and says which line style they have.
+    ax_acc = figures[0].axes[1]
+    assert [79.5, 72.0] == sorted([line.get_ydata()[-1] for line in ax_acc.get_lines()
+                                   if line.get_linestyle() == "-."], reverse=True)
+    assert "dash-dot: train in eval mode" in ax_acc.get_title()
+    # Runs without train.eval_train keep the narrower table, and their JSON says null.
+    plain = _run_files(tmp_path / "plain", [(1, 60.0, 55.0, None)], False, name="plain")
+    out = cli("compare", plain, bn)
+    assert json.loads(cli("compare", plain, "--json").stdout)[0]["final_clean_train_acc"] is None
+    assert "clean" not in cli("compare", plain).stdout and "clean" in out.stdout

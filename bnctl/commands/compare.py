@@ -18,7 +18,14 @@ from bnctl.errors import ConfigError
 # Two-line headers, so that the metrics fit in 80 columns beside the run, status and epochs.
 _COMPARE_METRICS = [("final_train_acc", "train\nacc", ".2f"), ("final_test_acc", "test\nacc", ".2f"),
                     ("final_test_loss", "test\nloss", ".4f"), ("best_test_acc", "best\nacc", ".2f"),
-                    ("best_epoch", "best\nepoch", "d"), ("wall_time_s", "time\ns", ".1f")]
+                    ("best_epoch", "best\nepoch", "d"), ("wall_time_s", "wall\ntime s", ".1f")]
+# train.eval_train's columns: in the table only when some run has them, always in --csv and --json.
+_CLEAN_METRICS = [("final_clean_train_acc", "clean\ntrain", ".2f"), ("final_gap", "gap\npts", ".2f")]
+_ALL_METRICS = _COMPARE_METRICS[:2] + _CLEAN_METRICS + _COMPARE_METRICS[2:]
+
+
+def _metrics(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    return _ALL_METRICS if any(r.get("final_clean_train_acc") is not None for r in rows) else _COMPARE_METRICS
 
 
 def _compare_tables(rows: list[dict[str, Any]], keys: list[str], short: dict[str, str], width: int) -> list:
@@ -29,8 +36,12 @@ def _compare_tables(rows: list[dict[str, Any]], keys: list[str], short: dict[str
 
     from bnctl.clikit import console as measure_console
 
+    metrics = _metrics(rows)
     caption = ("accuracy in %; train/test: the final epoch; best: the epoch with the highest test accuracy; "
-               "time: wall-clock seconds")
+               "wall time: the run's, as summary.json records it (seconds from each session's start to its end, "
+               "data loading included, summed over sessions)")
+    if metrics is not _COMPARE_METRICS:
+        caption += "; clean train: train accuracy in eval mode (train.eval_train); gap: clean train minus test"
     show_status = any(r["status"] != "completed" for r in rows)
     planned_differs = len({r["epochs_planned"] for r in rows}) > 1 or any(r["epochs"] != r["epochs_planned"]
                                                                          for r in rows)
@@ -43,14 +54,14 @@ def _compare_tables(rows: list[dict[str, Any]], keys: list[str], short: dict[str
         if show_status:
             table.add_column("status", no_wrap=True)
         table.add_column("epochs", justify="right", no_wrap=True)
-        for _, header, _ in _COMPARE_METRICS:
+        for _, header, _ in metrics:
             table.add_column(header, justify="right", no_wrap=True)
         for r in rows:
             epochs = f"{r['epochs']}/{r['epochs_planned']}" if planned_differs and r["epochs_planned"] else str(r["epochs"])
             table.add_row(escape(r["name"]), *([escape(_fmt_key_value(r["differs"][k])) for k in keys] if with_keys
                                                else []),
                           *([r["status"]] if show_status else []), epochs,
-                          *(cell(r[field], fmt) for field, _, fmt in _COMPARE_METRICS))
+                          *(cell(r[field], fmt) for field, _, fmt in metrics))
         return table
 
     combined = metrics_table(with_keys=True)
@@ -105,7 +116,7 @@ def compare(
     if as_json or as_csv:
         records = [{"name": r["name"], "dir": r["dir"], "status": r["status"], "epochs": r["epochs"],
                     "epochs_planned": r["epochs_planned"], **{k: r["differs"].get(k) for k in keys},
-                    **{field: r[field] for field, _, _ in _COMPARE_METRICS}} for r in rows]
+                    **{field: r[field] for field, _, _ in _ALL_METRICS}} for r in rows]
         if as_json:
             sys.stdout.write(json.dumps(records, indent=1) + "\n")
         else:

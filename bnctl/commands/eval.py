@@ -34,39 +34,63 @@ def eval_(
         None, "--recalibrate-batch-size", min=2, help="Batch size for --recalibrate (default: the training batch size)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object; a list for several) instead of tables."),
 ) -> None:
-    """Evaluate checkpoints on the test split; keep each result as RUN/eval/<what was measured>.json and .png."""
-    from bnctl import checkpoint, evaluation
+    """Evaluate checkpoints on the test split; keep each result as RUN/eval/<what was measured>.json and .png.
 
-    checkpoints = [checkpoint.checkpoint_for(t) for t in targets]  # every path is checked before any work
-    results = []
-    for ckpt in checkpoints:
-        with loading_progress():
-            results.append(evaluation.evaluate_checkpoint(ckpt, data_root=data_root, device=device,
-                                                          bn_mode=bn_mode,
-                                                          batch_size=batch_size, recalibrate=recalibrate,
-                                                          recalibrate_batch_size=recalibrate_batch_size))
+    With several, one that cannot be evaluated (missing, damaged, data that does not fit) does not stop
+    the others: each failure is named after the results, and the exit code is the first failure's.
+    """
+    from bnctl import checkpoint, evaluation
+    from bnctl.errors import BnctlError, InterruptedRun
+
+    checkpoints, results, failures = [], [], []
+    for target in targets:
+        try:
+            ckpt = checkpoint.checkpoint_for(target)
+            with loading_progress():
+                result = evaluation.evaluate_checkpoint(ckpt, data_root=data_root, device=device, bn_mode=bn_mode,
+                                                        batch_size=batch_size, recalibrate=recalibrate,
+                                                        recalibrate_batch_size=recalibrate_batch_size)
+        except BnctlError as err:
+            if len(targets) == 1 or isinstance(err, InterruptedRun):
+                raise
+            failures.append((target, err))
+            continue
+        checkpoints.append(ckpt)
+        results.append(result)
+    if not results and len({str(err) for _, err in failures}) == 1:
+        raise failures[0][1]  # the same problem everywhere (options that cannot work together): say it once
     # Print first, then write: a read-only run directory must not cost the result.
     if as_json:
-        sys.stdout.write(json.dumps(results[0] if len(results) == 1 else results) + "\n")
+        listed = results + [{"checkpoint": str(t), "error": str(err), "exit_code": err.exit_code}
+                            for t, err in failures]
+        sys.stdout.write(json.dumps(listed[0] if len(targets) == 1 else listed) + "\n")
         sys.stdout.flush()
-    elif len(results) == 1:
+    elif len(targets) == 1:
         _print_eval(checkpoints[0], results[0])
-    else:
+    elif results:
         _print_eval_table(checkpoints, results)
-    written = [_write_eval(ckpt, res, recalibrate, recalibrate_batch_size) for ckpt, res in zip(checkpoints, results)]
+    written = [_write_eval(ckpt, res, recalibrate_batch_size) for ckpt, res in zip(checkpoints, results)]
     if not as_json:
         for paths in filter(None, written):
             console.print(f"[dim]wrote {escape(str(paths[0]))} and {escape(paths[1].name)}[/]", soft_wrap=True)
+    if failures:
+        from bnctl.clikit import err_console
+
+        for target, err in failures:
+            err_console.print(f"[bold red]failed:[/] {escape(str(target))}: {escape(str(err))}", soft_wrap=True)
+        err_console.print(f"{len(failures)} of {len(targets)} could not be evaluated; the other "
+                          f"{len(results)} are above", soft_wrap=True)
+        raise typer.Exit(failures[0][1].exit_code)
 
 
-def _write_eval(ckpt: Path, result: dict, recalibrate: int, recalibrate_batch_size: Optional[int]):
+def _write_eval(ckpt: Path, result: dict, recalibrate_batch_size: Optional[int]):
     """Write RUN/eval/<name>.json and its confusion figure; a failure is a warning naming the path."""
     from bnctl import checkpoint, plotting, rundir
 
     from bnctl.clikit import err_console
 
     out_dir = rundir.run_dir_of(ckpt) / rundir.EVAL_DIR
-    path = out_dir / (checkpoint.eval_output_name(result, recalibrate, recalibrate_batch_size) + ".json")
+    path = out_dir / (checkpoint.eval_output_name(result, recalibrate_batch_size) + ".json")
     try:
         out_dir.mkdir(exist_ok=True)
         rundir.write_json(path, result)

@@ -123,7 +123,7 @@ def sweep(
         if jobs != 1:
             raise ConfigError("--jobs is for --launcher local; a Slurm task trains one run at a time "
                               "(more runs at once: --parallelism)")
-        settings = launchers.slurm_settings(sweep_file, {
+        settings = launchers.slurm_settings(plan.slurm, {
             "partition": partition, "time_min": time_min, "cpus_per_run": cpus_per_run, "gpus_per_run": gpus_per_run,
             "mem_gb": mem_gb, "parallelism": parallelism, "tasks": tasks})
     target = resume if resume is not None else sweep_mod.create(plan, root, exact=sweep_dir)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -99,7 +98,6 @@ def _train(overrides: Optional[List[str]], config: Optional[Path], run_dir: Opti
         console.print(f"[dim]{verb}:[/] {escape(str(path))}", soft_wrap=True)
 
     trained = False
-    t0 = time.perf_counter()
     try:
         with loading_progress(), distributed.process_group(cfg.device) as dist:
             result = engine.fit(cfg, runs_root=runs_root, run_dir=run_dir, resume=resume, reporter=reporter,
@@ -117,9 +115,11 @@ def _train(overrides: Optional[List[str]], config: Optional[Path], run_dir: Opti
                     raise
                 # Training failed already: its error is the one to report, not the figure's.
     best = result.summary["best"]
-    took = f"in {time.perf_counter() - t0:.1f}s"
+    # The run's time as summary.json records it (and compare, runs and sweeps show it): one definition.
+    took = f"wall time {result.summary['wall_time_s']:.1f}s"
     if resume is not None:  # summary.json's wall time adds up every session of the run
-        took += f" ({result.summary['wall_time_s']:.1f}s over all sessions of this run)"
+        took = (f"wall time {result.session_wall_time_s:.1f}s this session, "
+                f"{result.summary['wall_time_s']:.1f}s over all sessions of this run")
     console.print(f"[bold green]done[/] best test accuracy {best['test_acc']:.2f}% at epoch {best['epoch']} {took}",
                   soft_wrap=True)
     console.print(f"[dim]curves: {escape(str(result.run_dir / 'curves.png'))}   "
