@@ -141,10 +141,12 @@ class _SweepProgress:
         self.console = _console() if progress is True else None
         self.done = self.total = 0
 
-    def start(self, plan, selected, todo, jobs) -> None:
+    def start(self, plan, selected, todo, jobs, partly_done=0) -> None:
         self.total, self.done = len(selected), len(selected) - len(todo)
         if self.console is not None:
-            self.console.print(f"[bold]{plan.name}[/]: {len(selected)} run(s), {len(todo)} to run with {jobs} job(s)")
+            partly = f" ({partly_done} partly done, continued from their checkpoints)" if partly_done else ""
+            self.console.print(f"[bold]{plan.name}[/]: {len(selected)} run(s), {len(todo)} to run{partly} "
+                               f"with {jobs} job(s)")
 
     def run_started(self, spec) -> None: ...
 

@@ -212,10 +212,29 @@ def test_evaluate_matches_the_eval_command_and_keeps_its_files(trained, cli):
     assert unsaved.path is None and unsaved.result["recalibration"]["images"] == 64
 
 
+def test_evaluation_options_are_named_for_python_and_the_command_line(tmp_path):
+    """Checked before the checkpoint is read, so a missing file is enough; the messages fit both callers."""
+    from bnctl import evaluation
+
+    for options, message in (({"bn_mode": "train"}, "unknown bn_mode (--bn-mode) 'train'"),
+                             ({"batch_size": 0}, "batch_size (--batch-size) must be at least 1 (got 0)"),
+                             ({"recalibrate": -1}, "recalibrate (--recalibrate) is a number of training images"),
+                             ({"recalibrate": 8, "bn_mode": "batch"},
+                              "recalibrate (--recalibrate) recomputes BN's running statistics, which bn_mode 'batch'"),
+                             ({"recalibrate_batch_size": 1}, "recalibrate_batch_size (--recalibrate-batch-size) must")):
+        with pytest.raises(ConfigError) as err:
+            evaluation.evaluate_checkpoint(tmp_path / "missing.pt", **options)
+        assert str(err.value).startswith(message)
+
+
 def test_evaluate_raises_the_commands_errors(trained, tmp_path):
     run, _ = trained
-    with pytest.raises(ConfigError, match="unknown --bn-mode 'train'; choose one of: running, batch"):
+    with pytest.raises(ConfigError, match=r"unknown bn_mode \(--bn-mode\) 'train'; choose one of: running, batch"):
         bnctl.evaluate(run, bn_mode="train")
+    with pytest.raises(ConfigError, match=r"^batch_size \(--batch-size\) must be at least 1 \(got 0\)$"):
+        bnctl.evaluate(run, batch_size=0)  # not pydantic's ValidationError from deep inside
+    with pytest.raises(ConfigError, match=r"^recalibrate \(--recalibrate\) is a number of training images"):
+        bnctl.evaluate(run, recalibrate=-1)  # not an evaluation "recalibrated on 0 images"
     with pytest.raises(ConfigError, match="recalibrate"):
         bnctl.evaluate(run, bn_mode="batch", recalibrate=100)
     with pytest.raises(BnctlError):
@@ -337,3 +356,18 @@ def test_study_claims_errors(tmp_path):
         bnctl.study_claims(report_only=True)
     with pytest.raises(BnctlError, match="not a study directory"):
         bnctl.study_claims(resume=tmp_path)
+
+
+def test_the_api_reporters_take_what_the_library_passes_them():
+    """Fast guard: the sweep and epoch protocols may grow a parameter; the API's reporters must follow."""
+    import inspect
+
+    from bnctl import api, engine, sweep
+
+    def params(fn):
+        return [p.name for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+
+    for mine, protocol in ((api._SweepProgress, sweep.SweepReporter), (api._EpochProgress, engine.Reporter)):
+        for name, fn in inspect.getmembers(protocol, inspect.isfunction):
+            if not name.startswith("_") and hasattr(mine, name):
+                assert params(getattr(mine, name)) == params(fn), (mine.__name__, name)

@@ -165,6 +165,7 @@ def test_regularization_a_smaller_gap_bought_with_test_accuracy_is_not_supported
     assert found[SUPPORTED] >= 70
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seeds", [3, 5, 10])
 def test_lr_same_limits_with_bn_more_accurate_is_not_a_higher_tolerance(seeds):
     """Review 3: both norms train at exactly the same lrs, BN 5 points better. Before: "supported" in 13-75%."""

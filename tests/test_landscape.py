@@ -200,6 +200,7 @@ def _strip_times(state):
     return state
 
 
+@pytest.mark.slow
 def test_probes_change_nothing_about_training_even_across_a_resume(tmp_path):
     off = _run(tmp_path, "off", every=0)
     on = _run(tmp_path, "on", every=3)
@@ -344,6 +345,7 @@ def test_matched_loss_compares_runs_only_where_their_losses_overlap():
     assert few["medians"] is None and "fewer than 4" in few["reason"]
 
 
+@pytest.mark.slow
 def test_probes_leave_noisy_bn_noise_where_it_was(tmp_path):
     # noisy_batch draws its noise from torch's global generator at every step, as dropout does: a probe's
     # own passes (which draw noise too) must not move that generator.
