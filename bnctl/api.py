@@ -424,6 +424,28 @@ class Comparison:
     def to_pandas(self) -> "pandas.DataFrame":
         return _to_pandas([_flat_row(r) for r in self.rows], "Comparison")
 
+    def _cells(self) -> tuple[list[str], list[list[str]]]:
+        """The table a notebook shows: each run, the keys it differs in, and its final and best test accuracy."""
+        def num(value: Any, fmt: str) -> str:
+            return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+        header = ["run", *self.keys, "status", "epochs", "final test acc %", "best test acc % (epoch)"]
+        body = [[str(r["name"]), *(str(r["differs"].get(k, "-")) for k in self.keys), str(r["status"]),
+                 str(r["epochs"]), num(r.get("final_test_acc"), ".2f"),
+                 f"{num(r.get('best_test_acc'), '.2f')} ({r.get('best_epoch') or '-'})"] for r in self.rows]
+        return header, body
+
+    def _repr_markdown_(self) -> str:
+        from bnctl.report import md_table
+
+        return md_table(*self._cells())
+
+    def __repr__(self) -> str:
+        header, body = self._cells()
+        lines = [header] + body
+        widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines)
+
 
 def _flat_row(row: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in row.items() if k not in ("differs", "run")}

@@ -402,3 +402,16 @@ def test_the_command_and_the_api_train_and_keep_evaluations_through_one_function
     assert bnctl.evaluate(ckpt, recalibrate_batch_size=16).path == tmp_path / "e.json"
     assert cli("eval", ckpt, "--recalibrate-batch-size", "16", "--json").exit_code == 0
     assert kept == [(ckpt, 16), (ckpt, 16)]
+
+
+def test_a_comparison_shows_as_a_short_table_not_a_dump_of_its_rows():
+    rows = [{"name": "a", "differs": {"model.norm": "batch"}, "status": "completed", "epochs": 2,
+             "final_test_acc": 15.5, "best_test_acc": 15.5, "best_epoch": 2, "dir": "runs/a", "final_gap": None},
+            {"name": "b", "differs": {"model.norm": "none"}, "status": "diverged", "epochs": 1,
+             "final_test_acc": None, "best_test_acc": None, "best_epoch": None, "dir": "runs/b", "final_gap": None}]
+    cmp = api.Comparison([], rows, ["model.norm"])
+    assert repr(cmp).splitlines() == [
+        "run  model.norm  status     epochs  final test acc %  best test acc % (epoch)",
+        "a    batch       completed  2       15.50             15.50 (2)",
+        "b    none        diverged   1       -                 - (-)"]
+    assert cmp._repr_markdown_().splitlines()[2] == "| a | batch | completed | 2 | 15.50 | 15.50 (2) |"
