@@ -371,3 +371,47 @@ def test_the_api_reporters_take_what_the_library_passes_them():
         for name, fn in inspect.getmembers(protocol, inspect.isfunction):
             if not name.startswith("_") and hasattr(mine, name):
                 assert params(getattr(mine, name)) == params(fn), (mine.__name__, name)
+
+
+def test_the_command_and_the_api_train_and_keep_evaluations_through_one_function(tmp_path, monkeypatch, cli):
+    """One implementation of what `bnctl train`/`bnctl eval` do around their library call, not two copies."""
+    from bnctl import evaluation, workflow
+
+    trained_by: list[int] = []
+
+    def fake_train_run(cfg, **options):
+        trained_by.append(cfg.train.epochs)
+        raise ConfigError("stopped here")
+
+    monkeypatch.setattr(workflow, "train_run", fake_train_run)
+    config = write_config(tmp_path / "tiny.yaml", tiny_raw())
+    with pytest.raises(ConfigError, match="stopped here"):
+        bnctl.train(config, train__epochs=3, runs_root=tmp_path / "runs", progress=False)
+    result = cli("train", "-c", config, "train.epochs=4", "--runs-root", tmp_path / "runs")
+    assert result.exit_code == 2 and "stopped here" in result.output
+    assert trained_by == [3, 4]
+
+    kept: list[tuple] = []
+    canned = {"acc": 50.0, "loss": 1.0, "bn_mode": "running", "batch_size": 8, "epoch": 1, "images": 8,
+              "per_class_acc": {}, "notes": [], "bn_layers": 1, "confusion": [[1]]}
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", lambda path, **options: dict(canned))
+    monkeypatch.setattr(workflow, "save_evaluation",
+                        lambda ckpt, result, bs=None: kept.append((ckpt, bs)) or (tmp_path / "e.json", tmp_path / "e.png"))
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"")
+    assert bnctl.evaluate(ckpt, recalibrate_batch_size=16).path == tmp_path / "e.json"
+    assert cli("eval", ckpt, "--recalibrate-batch-size", "16", "--json").exit_code == 0
+    assert kept == [(ckpt, 16), (ckpt, 16)]
+
+
+def test_a_comparison_shows_as_a_short_table_not_a_dump_of_its_rows():
+    rows = [{"name": "a", "differs": {"model.norm": "batch"}, "status": "completed", "epochs": 2,
+             "final_test_acc": 15.5, "best_test_acc": 15.5, "best_epoch": 2, "dir": "runs/a", "final_gap": None},
+            {"name": "b", "differs": {"model.norm": "none"}, "status": "diverged", "epochs": 1,
+             "final_test_acc": None, "best_test_acc": None, "best_epoch": None, "dir": "runs/b", "final_gap": None}]
+    cmp = api.Comparison([], rows, ["model.norm"])
+    assert repr(cmp).splitlines() == [
+        "run  model.norm  status     epochs  final test acc %  best test acc % (epoch)",
+        "a    batch       completed  2       15.50             15.50 (2)",
+        "b    none        diverged   1       -                 - (-)"]
+    assert cmp._repr_markdown_().splitlines()[2] == "| a | batch | completed | 2 | 15.50 | 15.50 (2) |"
