@@ -231,8 +231,11 @@ def test_3_a_stop_at_any_checkpoint_write_leaves_consistent_files(tmp_path, monk
         kept = calls[k - 2][1]  # the epoch of the last write that completed
         _assert_consistent(run)
         assert checkpoint.load(run / "checkpoints" / "last.pt")["epoch"] == kept
-        if stop is KeyboardInterrupt:
+        if stop is KeyboardInterrupt and kept < calls[-1][1]:
             assert f"{kept} complete epoch(s) kept" in str(err.value)
+        elif stop is KeyboardInterrupt:  # the last epoch's last.pt is written: the run is complete (best.pt repaired)
+            assert f"stopped as the run finished: all {kept} epochs are kept" in str(err.value)
+            assert json.loads((run / "summary.json").read_text())["status"] == "completed"
         resumed = invoke("train", "--resume", run)
         assert resumed.exit_code == 0, resumed.output
         _assert_consistent(run)
