@@ -285,7 +285,7 @@ def test_landscape_figures_come_from_the_file_alone(tmp_path):
 
 
 def test_a_comparison_figure_names_its_runs_even_when_only_one_has_a_landscape(tmp_path, monkeypatch):
-    from bnctl import landscape_plot, plotting
+    from bnctl import figstyle, landscape_plot
     run = tmp_path / "run"
     run.mkdir()
     _write_landscape(run, _fake_rows())
@@ -295,7 +295,7 @@ def test_a_comparison_figure_names_its_runs_even_when_only_one_has_a_landscape(t
         texts.extend(t.get_text().replace("\n  ", " ").replace("\n", " ") for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts())
         return out
 
-    monkeypatch.setattr(plotting, "save_figure", keep_texts)
+    monkeypatch.setattr(figstyle, "save_figure", keep_texts)  # landscape_plot saves through figstyle
     landscape_plot.plot_compare([("probed-bn", run), ("plain-unprobed", tmp_path)], tmp_path / "c.png")
     assert "probed-bn" in texts  # which run the lone overlay is
     assert "plain-unprobed: no landscape.csv" in texts  # and which compared run drew nothing
