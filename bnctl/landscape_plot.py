@@ -56,6 +56,29 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
 
 
+def matched_window(la: dict[int, float], lb: dict[int, float], min_probes: int = 5) -> dict[str, Any]:
+    """The matched-loss window of two runs' losses by step: the overlap of their 10th-90th percentile ranges.
+
+    Returns ``window`` (lo, hi), ``steps`` (each run's probed steps inside it) and ``n``; ``reason`` says why
+    the runs are not comparable (fewer than ``min_probes`` probes in a run or in the window, or no overlap).
+    """
+    out: dict[str, Any] = {"window": None, "steps": None, "n": (0, 0), "reason": None}
+    if len(la) < min_probes or len(lb) < min_probes:
+        out["reason"] = f"fewer than {min_probes} probes in a run"
+        return out
+    lo = max(_quantile(list(la.values()), 0.1), _quantile(list(lb.values()), 0.1))
+    hi = min(_quantile(list(la.values()), 0.9), _quantile(list(lb.values()), 0.9))
+    if lo > hi:
+        out["reason"] = "the runs' training losses do not overlap (one has not reached the other's range)"
+        return out
+    steps = tuple([t for t, v in losses.items() if lo <= v <= hi] for losses in (la, lb))
+    out["window"], out["steps"], out["n"] = (lo, hi), steps, (len(steps[0]), len(steps[1]))
+    if min(out["n"]) < min_probes:
+        out["reason"] = (f"only {out['n'][0]} and {out['n'][1]} probes at losses in [{lo:.3g}, {hi:.3g}], "
+                         f"fewer than {min_probes}")
+    return out
+
+
 def matched_loss(a: dict[str, Any], b: dict[str, Any], min_probes: int = 5,
                  measures: tuple[str, ...] = MATCHED_MEASURES) -> dict[str, Any]:
     """Two runs' landscape measures compared where their training losses overlap.
@@ -66,24 +89,12 @@ def matched_loss(a: dict[str, Any], b: dict[str, Any], min_probes: int = 5,
     probes inside it give a median per measure. With fewer than ``min_probes`` probes of either
     run in the window, the runs are not comparable and no medians are given (``reason`` says why).
     """
-    la, lb = a["summary"].get("loss_here", {}), b["summary"].get("loss_here", {})
-    out: dict[str, Any] = {"window": None, "n": (0, 0), "medians": None, "reason": None}
-    if len(la) < min_probes or len(lb) < min_probes:
-        out["reason"] = f"fewer than {min_probes} probes in a run"
+    m = matched_window(a["summary"].get("loss_here", {}), b["summary"].get("loss_here", {}), min_probes)
+    out: dict[str, Any] = {"window": m["window"], "n": m["n"], "medians": None, "reason": m["reason"]}
+    if m["reason"] is not None:
         return out
-    lo = max(_quantile(list(la.values()), 0.1), _quantile(list(lb.values()), 0.1))
-    hi = min(_quantile(list(la.values()), 0.9), _quantile(list(lb.values()), 0.9))
-    if lo > hi:
-        out["reason"] = "the runs' training losses do not overlap (one has not reached the other's range)"
-        return out
-    steps = [[t for t, v in losses.items() if lo <= v <= hi] for losses in (la, lb)]
-    out["window"], out["n"] = (lo, hi), (len(steps[0]), len(steps[1]))
-    if min(out["n"]) < min_probes:
-        out["reason"] = (f"only {out['n'][0]} and {out['n'][1]} probes at losses in [{lo:.3g}, {hi:.3g}], "
-                         f"fewer than {min_probes}")
-        return out
-    out["medians"] = {m: tuple(_quantile([d["summary"][m][t] for t in ts if t in d["summary"].get(m, {})], 0.5)
-                               for d, ts in zip((a, b), steps)) for m in measures}
+    out["medians"] = {mm: tuple(_quantile([d["summary"][mm][t] for t in ts if t in d["summary"].get(mm, {})], 0.5)
+                                for d, ts in zip((a, b), m["steps"])) for mm in measures}
     return out
 
 
