@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -279,9 +280,15 @@ class TrainProgress:
 
 
 class SweepProgress:
-    """One bar over the whole sweep (runs done / total, failures, ETA) and one line per finished run."""
+    """One bar over the whole sweep (runs done / total, failures, ETA) and one line per finished run.
 
-    def __init__(self):
+    Off a terminal (a log file, a batch job) there is no bar: one line per finished run, and while
+    runs train, an "alive" line whenever nothing was printed for ALIVE_EVERY_S seconds.
+    """
+
+    ALIVE_EVERY_S = 60.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         # The live bar only on a terminal; in logs the per-run lines say enough.
@@ -291,14 +298,41 @@ class SweepProgress:
                                  speed_estimate_period=3600)
         self.task = None
         self.running: dict[str, float] = {}  # run -> fraction of its epochs done
+        self.epochs: dict[str, tuple[int, int]] = {}  # run -> (epochs done, epochs)
         self.finished = self.failed = self.diverged = self.done_before = self.total = 0
+        self.clock = clock
+        self.started = self.last_line = clock()
+        self._alive: threading.Event | None = None
 
-    def start(self, plan, selected, todo, jobs) -> None:
+    def start(self, plan, selected, todo, jobs, partly_done=0) -> None:
         self.total, self.done_before = len(selected), len(selected) - len(todo)
+        partly = f" ({partly_done} partly done, continued from their checkpoints)" if partly_done else ""
         console.print(f"[bold]{plan.name}[/]: {len(selected)} run(s) in this {'shard' if len(selected) < len(plan.runs) else 'sweep'}"
-                      f", {self.done_before} already finished, {len(todo)} to run with {jobs} job(s)")
+                      f", {self.done_before} already finished, {len(todo)} to run{partly} with {jobs} job(s)")
         self.progress.start()
         self.task = self.progress.add_task("sweep", total=max(1, len(todo)), counts=self._counts())
+        self.started = self.last_line = self.clock()
+        if not console.is_terminal and self._alive is None:
+            self._alive = threading.Event()
+            threading.Thread(target=self._keep_alive, args=(self._alive,), daemon=True,
+                             name="bnctl-sweep-alive").start()
+
+    def _keep_alive(self, stop: threading.Event) -> None:
+        while not stop.wait(min(self.ALIVE_EVERY_S, 5.0)):
+            line = self.alive_line()
+            if line:
+                console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+    def alive_line(self) -> str | None:
+        """The line a log gets when runs are training and nothing was printed for ALIVE_EVERY_S (else None)."""
+        now = self.clock()
+        if not self.running or now - self.last_line < self.ALIVE_EVERY_S:
+            return None
+        self.last_line = now
+        runs = ", ".join(f"{name} (epoch {done}/{total})" if total else name
+                         for name, (done, total) in ((n, self.epochs.get(n, (0, 0))) for n in list(self.running)))
+        return (f"{'':>11} still training: {runs}; {self.done_before + self.finished}/{self.total} runs done, "
+                f"{(now - self.started) / 60:.0f} min since the start")
 
     def _counts(self) -> str:
         done = self.done_before + self.finished
@@ -315,6 +349,7 @@ class SweepProgress:
 
     def run_progress(self, spec, epoch: int, epochs: int) -> None:
         self.running[spec.name] = epoch / max(1, epochs)
+        self.epochs[spec.name] = (epoch, epochs)
         self._update()
 
     def run_finished(self, spec, outcome: str, row: dict[str, Any]) -> None:
@@ -332,7 +367,12 @@ class SweepProgress:
         elif outcome == "skipped":
             detail = "finished by another process"
         console.print(f"[{style}]{outcome:>11}[/] {escape(spec.name)}  {escape(detail)}", soft_wrap=True)
+        self.last_line = self.clock()
+        self.epochs.pop(spec.name, None)
         self._update()
 
     def close(self) -> None:
+        if self._alive is not None:
+            self._alive.set()
+            self._alive = None
         self.progress.stop()

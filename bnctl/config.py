@@ -82,6 +82,7 @@ class DataConfig(_Section):
     test_size: int = Field(1000, ge=10)  # synthetic only: images generated for testing
     synthetic_seed: Seed = 0  # synthetic only: the dataset's own seed, independent of the run's seed
     train_limit: Optional[int] = Field(None, ge=1)  # train on a fixed random subset of N images (seeded, not the first N)
+    test_limit: Optional[int] = Field(None, ge=1)  # evaluate on a fixed random subset of N test images (as train_limit)
     image_size: int = Field(32, ge=8)  # imagefolder: images are resized to this square size
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalization, on the 0..1 scale
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)

@@ -234,6 +234,33 @@ def load_cifar10(cfg: DataConfig) -> ImageData:
     return ImageData(cat(train, 0), cat(train, 1), cat(test, 0), cat(test, 1), list(CIFAR_CLASSES))
 
 
+def write_cifar_format(root: Path, per_batch: int = 10000, test_images: int | None = None,
+                       seed: int = 0) -> Path:
+    """Write random images in CIFAR-10's own file format under root/cifar-10-batches-py; returns that folder.
+
+    For tests and timings where the real files cannot be fetched: five data_batch files of
+    per_batch images each and a test_batch (per_batch images unless test_images says), pickled
+    exactly as the official 'python version' (uint8 N x 3072 rows, a list of labels). The default
+    size is CIFAR-10's own (50,000 + 10,000 images, ~180 MB). The pixels are noise, so a network
+    trained on them stays at chance: such data measure time and memory, never accuracy.
+    """
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / CIFAR_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CIFAR_TRAIN_FILES + CIFAR_TEST_FILES:
+        n = per_batch if name in CIFAR_TRAIN_FILES or test_images is None else test_images
+        x = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        y = [int(v) for v in rng.integers(0, len(CIFAR_CLASSES), n)]
+        entry = {"batch_label": name, "labels": y, "data": x, "filenames": [f"{i}.png" for i in range(n)]}
+        tmp = folder / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(entry, f)  # the highest protocol: bytes stored as they are (~31 MB a file, as the real ones)
+        tmp.replace(folder / name)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}, f)
+    return folder
+
+
 # ------------------------------------------------------------------ image folders
 
 def _read_image_folder(split_dir: Path, size: int, limit: int | None = None
@@ -305,13 +332,16 @@ DATASETS: dict[str, Callable[[DataConfig], ImageData]] = {
 
 
 def load_dataset(cfg: DataConfig) -> ImageData:
-    """Load the configured dataset as uint8 tensors, applying data.train_limit."""
+    """Load the configured dataset as uint8 tensors, applying data.train_limit and data.test_limit."""
     if cfg.name not in DATASETS:
         raise DataError(f"unknown dataset '{cfg.name}'; choose one of {', '.join(DATASETS)}")
     data = DATASETS[cfg.name](cfg)
     if cfg.train_limit is not None and cfg.train_limit < len(data.train_y):  # loaders that did not apply it
         keep = limit_indices(len(data.train_y), cfg.train_limit)
         data.train_x, data.train_y = data.train_x[keep], data.train_y[keep]
+    if cfg.test_limit is not None and cfg.test_limit < len(data.test_y):  # the same fixed subset for every run
+        keep = limit_indices(len(data.test_y), cfg.test_limit)
+        data.test_x, data.test_y = data.test_x[keep], data.test_y[keep]
     return data
 
 

@@ -380,6 +380,8 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
                 probe.flush()
             reporter.epoch_end(row)
             summary.update(best, status="running")
+        # Inside the try: a stop that lands while the final status is written is handled below like any other.
+        final = summary.update(best, status="completed")
     except DivergedError as err:
         settle()
         summary.update(best, status="diverged", diverged={"epoch": err.epoch, "step": err.step, "message": str(err)})
@@ -391,6 +393,10 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
     except KeyboardInterrupt as err:
         settle()
         by = str(err) if str(err) in stopping.REASONS else None  # a signal's name when the CLI's handler sent it
+        if len(history) >= cfg.train.epochs:  # the stop came as the run finished: every epoch is kept
+            summary.update(best, status="completed")
+            raise InterruptedRun(f"stopped as the run finished: all {len(history)} epochs are kept and the run "
+                                 f"is complete ({run_dir}); nothing to resume", signal=by) from None
         # The epoch in progress is the one after the last checkpointed one (the loop may not have advanced yet).
         summary.update(best, status="interrupted", interrupted_in_epoch=len(history) + 1,
                        **({"stopped_by": by} if by else {}))
@@ -405,7 +411,6 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
             probe.close()
         if tb is not None:
             tb.close()
-    final = summary.update(best, status="completed")
     return RunResult(run_dir, final, final["wall_time_s"] - summary.prior_wall)
 
 

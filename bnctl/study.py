@@ -22,9 +22,10 @@ from bnctl.errors import ConfigError, InterruptedRun
 
 STUDY_FILE, REPORT_FILE, EVAL_FILE, SWEEPS_DIR, FIGURES_DIR = (
     "study.json", "REPORT.md", "notebook_eval.csv", "sweeps", "figures")
-PROFILES = {  # profile -> images used to recalibrate BN in section 5 (the rest lives in the sweep files)
-    "quick": {"recalibrate": 2000},
-    "full": {"recalibrate": 10000},
+PROFILES = {  # profile -> images used to recalibrate BN in section 5, and the hardware its budget is sized for
+    "quick": {"recalibrate": 2000, "sized_for": "cpu"},  # synthetic shapes, ~5 min on 2 idle cores
+    "laptop": {"recalibrate": 2000, "sized_for": "cpu"},  # CIFAR-10 (or an image folder), ~20 min on 2 idle cores
+    "full": {"recalibrate": 10000, "sized_for": "gpu"},
 }
 NOTEBOOK = {"train.batch_size": 4, "model.norm": "batch"}  # section 5 evaluates the BN runs at the notebook's batch
 EVAL_BATCH = 4  # the notebook's test batch size
@@ -196,6 +197,7 @@ def run(study_dir: Path, *, jobs: int = 1, reporter_factory: Callable[[], Any] |
     info = read(study_dir)
     started = time.monotonic()
     failed: dict[str, str] = {}
+    _record(study_dir, jobs=jobs)  # a resume without --jobs reuses it
     try:
         for section in SECTIONS:
             if section.key not in info["sweeps"]:  # a study created before the section existed
@@ -605,6 +607,27 @@ def _p_cell(v: verdicts.Verdict) -> str:
 
 def notebook_eval_rows(study_dir: Path) -> list[dict[str, Any]]:
     return list(_read_evals(Path(study_dir) / EVAL_FILE).values())
+
+
+def _record(study_dir: Path, **values: Any) -> None:
+    path = Path(study_dir) / STUDY_FILE
+    rundir.write_json(path, rundir.read_json(path) | values)
+
+
+def preflight(study_dir: Path, jobs: int, timed: bool = True) -> tuple[Any, str | None]:
+    """Before a study (re)starts: its size and estimated time (bnctl.estimate), and a warning when its
+    profile is sized for a GPU that is not in use."""
+    from bnctl import estimate
+
+    info = read(study_dir)
+    est = estimate.estimate([info["sweeps"][s.key] for s in SECTIONS], jobs, timed=timed)
+    warning = None
+    if PROFILES.get(info["profile"], {}).get("sized_for") == "gpu" and est.device == "cpu" and est.to_run:
+        cpu_choice = [p for p, v in PROFILES.items() if v.get("sized_for") == "cpu"]
+        warning = (f"the {info['profile']} profile is sized for a GPU and these runs will use the CPU"
+                   + (f" ({estimate.format_duration(est.seconds)} estimated)" if est.seconds else "")
+                   + f"; on a CPU use --profile {' or '.join(cpu_choice)}")
+    return est, warning
 
 
 def resume_check(study_dir: Path, profile: str | None, overrides: Sequence[str]) -> None:

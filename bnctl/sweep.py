@@ -190,14 +190,15 @@ def load(sweep_dir: Path) -> tuple[Plan, list[dict[str, Any]]]:
 class SweepReporter(Protocol):
     """What execute tells its caller (the CLI draws the progress display from it)."""
 
-    def start(self, plan: Plan, selected: list[RunSpec], todo: list[RunSpec], jobs: int) -> None: ...
+    def start(self, plan: Plan, selected: list[RunSpec], todo: list[RunSpec], jobs: int,
+              partly_done: int = 0) -> None: ...
     def run_started(self, spec: RunSpec) -> None: ...
     def run_progress(self, spec: RunSpec, epoch: int, epochs: int) -> None: ...
     def run_finished(self, spec: RunSpec, outcome: str, row: dict[str, Any]) -> None: ...
 
 
 class SilentSweepReporter:
-    def start(self, plan, selected, todo, jobs) -> None: ...
+    def start(self, plan, selected, todo, jobs, partly_done=0) -> None: ...
     def run_started(self, spec) -> None: ...
     def run_progress(self, spec, epoch, epochs) -> None: ...
     def run_finished(self, spec, outcome, row) -> None: ...
@@ -210,6 +211,7 @@ class Outcome:
     sweep_dir: Path
     selected: int = 0  # runs in this shard
     already_done: int = 0  # completed or diverged before this call
+    partly_done: int = 0  # stopped mid-way before this call, continued from their checkpoints
     completed: list[str] = field(default_factory=list)
     diverged: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # run name -> error
@@ -244,10 +246,14 @@ def execute(sweep_dir: Path, *, jobs: int = 1, shard: tuple[int, int] | None = N
     for sub in (RUNS_DIR, CLAIMS_DIR):
         (sweep_dir / sub).mkdir(exist_ok=True)
     write_results(sweep_dir, plan)  # the table as the files stand now (a killed sweep left it behind)
-    todo = [s for s in selected if run_status(sweep_dir, s)[0] not in FINISHED]
-    outcome = Outcome(sweep_dir, selected=len(selected), already_done=len(selected) - len(todo))
+    statuses = {s.name: run_status(sweep_dir, s)[0] for s in selected}
+    todo = [s for s in selected if statuses[s.name] not in FINISHED]
+    partly = [s for s in todo if statuses[s.name] in ("interrupted", "running")
+              and (run_dir(sweep_dir, s) / rundir.CHECKPOINT_DIR / "last.pt").is_file()]
+    outcome = Outcome(sweep_dir, selected=len(selected), already_done=len(selected) - len(todo),
+                      partly_done=len(partly))
     reporter = reporter or SilentSweepReporter()
-    reporter.start(plan, selected, todo, jobs)
+    reporter.start(plan, selected, todo, jobs, partly_done=len(partly))
     tasks = [workers.Task(sweep_dir, spec, config_mod.to_dict(configs[spec.name])) for spec in todo]
     results = workers.run_tasks(tasks, jobs, reporter)
     try:

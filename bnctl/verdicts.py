@@ -34,6 +34,22 @@ SUPPORTED, CONTRADICTED, EQUIVALENT, INCONCLUSIVE, NOT_TESTABLE, INCOMPLETE = (
 FINISHED = ("completed", "diverged", "failed")  # a failed run will not produce a result by waiting
 
 
+
+# How a report names each test: proper names capitalized, as in the documentation.
+METHOD_NAMES = {"welch": "Welch", "welch contrast": "Welch contrast", "paired t": "paired t",
+                "permutation": "permutation"}
+
+
+def method_name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def n_text(n: tuple[int, ...]) -> str:
+    """'n=3/4' for two samples; 'n=3 per cell' (or 'n=2-3 per cell') for a contrast over many cells."""
+    if len(n) <= 2:
+        return "n=" + "/".join(map(str, n))
+    return f"n={n[0]} per cell" if len(set(n)) == 1 else f"n={min(n)}-{max(n)} per cell"
+
 @dataclass
 class Verdict:
     """A claim's verdict: the estimand, the effect with its interval and p-values, and what the data say beside it."""
@@ -67,7 +83,7 @@ class Verdict:
             return "-"
         if self.mde is None:
             if self.effect.min_p > self.mde_alpha:
-                return (f"none: with n={'/'.join(map(str, self.effect.n))} the smallest possible p-value is "
+                return (f"none: with {n_text(self.effect.n)} the smallest possible p-value is "
                         f"{self.effect.min_p:.2g}, above {self.mde_alpha:.2g}")
             return "-"
         return f"{self.mde:.2f} {self.unit}"
@@ -79,7 +95,7 @@ class Verdict:
         p = "" if e.p is None else f", p={e.p:.2g}" + ("" if self.p_adjusted is None else
                                                           f", Holm-adjusted p={self.p_adjusted:.2g}")
         return (f"{self.effect_name} = {e.effect:+.2f} {self.unit}, 95% interval [{e.lo:+.2f}, {e.hi:+.2f}] "
-                f"({e.method}, n={'/'.join(map(str, e.n))}{p})")
+                f"({method_name(e.method)}, {n_text(e.n)}{p})")
 
     def sentence(self) -> str:
         if self.status == NOT_TESTABLE:  # its reason starts "at this grid:", "at this budget:" or "here:"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from bnctl import rundir, sweep
+from bnctl import rundir, stopping, sweep
 from bnctl.errors import DivergedError, InterruptedRun
 
 
@@ -242,6 +242,7 @@ class _Pool:
         self.ctx = multiprocessing.get_context("spawn")
         self.n, self.threads = n, threads
         self.slots: list[_Slot] = []
+        self.stopped_by: str | None = None  # the signal that stopped this process, passed on to busy workers
 
     def _start(self) -> _Slot:
         parent, child = self.ctx.Pipe()
@@ -274,6 +275,9 @@ class _Pool:
                     elif pending:
                         self.slots[self.slots.index(slot)] = slot = self._start()
                         self._assign(slot, pending, reporter)
+        except KeyboardInterrupt as err:  # Ctrl-C, or the CLI's SIGTERM handler (its message names the signal)
+            self.stopped_by = str(err) if str(err) in stopping.REASONS else None
+            raise
         finally:
             self._stop()
 
@@ -335,10 +339,12 @@ class _Pool:
         quiet_until = time.monotonic() + 3.0
         while time.monotonic() < quiet_until and any(self._still_busy(s) for s in self.slots):
             time.sleep(0.05)
+        # The same signal this process got, so that each run records what stopped it (summary.json's stopped_by).
+        signum = signal.SIGTERM if self.stopped_by == "SIGTERM" else signal.SIGINT
         for slot in self.slots:
             if self._still_busy(slot):
                 with contextlib.suppress(OSError):
-                    os.kill(slot.process.pid, signal.SIGINT)
+                    os.kill(slot.process.pid, signum)
             elif slot.process.is_alive():  # finished its run meanwhile: let it exit
                 with contextlib.suppress(OSError):
                     slot.conn.send(None)

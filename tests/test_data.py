@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bnctl.config import DataConfig
-from bnctl.data import CIFAR_CLASSES, SYNTHETIC_CLASSES, load_dataset
+from bnctl.data import SYNTHETIC_CLASSES, load_dataset, write_cifar_format
 from bnctl.errors import DataError
 
 
@@ -47,6 +47,17 @@ def test_train_limit_keeps_a_fixed_random_subset():
     assert all(rows[bytes(img.numpy().tobytes())] == int(y) for img, y in zip(limited.train_x, limited.train_y))
 
 
+def test_test_limit_keeps_the_same_random_subset_of_test_images(tmp_path):
+    write_cifar(tmp_path, per_batch=10)
+    full = load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))
+    a = load_dataset(DataConfig(name="cifar10", root=str(tmp_path), test_limit=7))
+    b = load_dataset(DataConfig(name="cifar10", root=str(tmp_path), test_limit=7, train_limit=20))
+    assert a.test_x.shape[0] == 7 and torch.equal(a.test_x, b.test_x) and torch.equal(a.test_y, b.test_y)
+    assert not torch.equal(a.test_x, full.test_x[:7])  # a random subset, not the first N
+    assert torch.equal(a.train_x, full.train_x)  # training images untouched
+    assert load_dataset(DataConfig(name="cifar10", root=str(tmp_path), test_limit=99)).test_x.shape[0] == 10
+
+
 def test_train_limit_on_class_sorted_images_keeps_every_class(tmp_path):
     write_image_folder(tmp_path, per_class=20)
     data = load_dataset(DataConfig(name="imagefolder", root=str(tmp_path), train_limit=15))
@@ -54,22 +65,28 @@ def test_train_limit_on_class_sorted_images_keeps_every_class(tmp_path):
 
 
 def write_cifar(root: Path, per_batch: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Write tiny files in CIFAR-10's 'python version' format; returns the training arrays."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    all_x, all_y = [], []
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        x = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        y = [int(v) for v in rng.integers(0, 10, per_batch)]
-        with open(folder / name, "wb") as f:
-            pickle.dump({"batch_label": name, "labels": y, "data": x, "filenames": [f"{i}.png" for i in y]}, f)
-        if name != "test_batch":
-            all_x.append(x)
-            all_y += y
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": CIFAR_CLASSES, "num_vis": 3072}, f)
-    return np.concatenate(all_x), np.array(all_y)
+    """Tiny files in CIFAR-10's 'python version' format (bnctl.data.write_cifar_format); returns the training
+    arrays as read back with plain pickle, so the checks below do not trust bnctl's reader."""
+    folder = write_cifar_format(root, per_batch=per_batch, seed=seed)
+    xs, ys = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)]:
+        with open(folder / name, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        xs.append(entry["data"])
+        ys += entry["labels"]
+    return np.concatenate(xs), np.array(ys)
+
+
+def test_write_cifar_format_matches_the_official_layout(tmp_path):
+    folder = write_cifar_format(tmp_path, per_batch=7, test_images=3)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
+    with open(folder / "test_batch", "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    assert entry["data"].shape == (3, 3072) and entry["data"].dtype == np.uint8
+    assert isinstance(entry["labels"], list) and all(0 <= v < 10 for v in entry["labels"])
+    data = load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))
+    assert data.train_x.shape == (35, 3, 32, 32) and data.test_x.shape == (3, 3, 32, 32)
 
 
 def test_cifar10_reads_the_official_format(tmp_path):

@@ -239,6 +239,31 @@ def test_3_a_stop_at_any_checkpoint_write_leaves_consistent_files(tmp_path, monk
         assert checkpoint.load(run / "checkpoints" / "best.pt")["epoch"] == 2
 
 
+@pytest.mark.parametrize("where", ["final summary write", "last epoch's end"])
+def test_3_a_stop_as_the_run_finishes_ends_in_a_final_status_by_itself(tmp_path, monkeypatch, where):
+    """A Ctrl-C or SIGTERM that lands after the last epoch is kept must not leave summary.json at 'running'."""
+    raw = tiny_raw(data={"train_size": 64, "test_size": 32}, train={"epochs": 1})
+    real, stops = engine._Summary.update, []
+
+    def update(self, best, status, **extra):
+        if not stops and ((where == "final summary write" and status == "completed") or (
+                where == "last epoch's end" and status == "running")):
+            stops.append(status)
+            raise KeyboardInterrupt  # the stop lands just as this write begins (one signal)
+        return real(self, best, status, **extra)
+
+    monkeypatch.setattr(engine._Summary, "update", update)
+    run = tmp_path / "run"
+    with pytest.raises(InterruptedRun, match="stopped as the run finished: all 1 epochs are kept"):
+        engine.fit(config_mod.validate(raw), run_dir=run)
+    monkeypatch.setattr(engine._Summary, "update", real)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 1
+    assert rundir.effective_status(run, summary) == "completed"
+    again = invoke("train", "--resume", run)  # nothing left to do: it is finished
+    assert again.exit_code == 0 and "already completed 1 epoch(s)" in again.output, again.output
+
+
 @pytest.mark.slow
 def test_3_a_kill_between_last_and_best_is_repaired_on_resume(tmp_path):
     """SIGKILL-like: the process dies between writing last.pt and best.pt, and no handler runs."""

@@ -192,3 +192,14 @@ def test_only_finished_and_diverged_runs_count():
     assert v.effect.n == (3, 3, 3, 4) and v.effect.effect == pytest.approx(
         (80.333333 - (60 + 61 + 62 + 10) / 4) - (81 - 71), abs=1e-4)
     assert "1 run(s) failed and are left out of every number" in v.caveats
+
+
+def test_effects_name_welch_with_a_capital_and_give_n_per_cell_for_contrasts():
+    assert verdicts.n_text((3, 3)) == "n=3/3" and verdicts.n_text((4,)) == "n=4"
+    assert verdicts.n_text((3,) * 10) == "n=3 per cell"  # not n=3/3/3/3/3/3/3/3/3/3
+    assert verdicts.n_text((3, 2, 3, 3)) == "n=2-3 per cell"
+    assert [verdicts.method_name(m) for m in ("welch", "welch contrast", "paired t")] == [
+        "Welch", "Welch contrast", "paired t"]
+    sentences = [v["sentence"] for v in _texts().values()]
+    assert not any("welch" in s or "/3/3" in s for s in sentences)
+    assert any("(Welch contrast, n=3 per cell," in s for s in sentences)
