@@ -24,7 +24,7 @@ from bnctl.config import Config
 from bnctl.data import Batches, ImageData
 from bnctl.distributed import SINGLE, Dist
 from bnctl.errors import CheckpointError, ConfigError, DataError, DivergedError, InterruptedRun
-from bnctl.experiment import Experiment, Precision, _check_fits, _sum_dtype, cpu_threads_for, setup
+from bnctl.experiment import Experiment, Precision, check_fits, cpu_threads_for, sum_dtype, setup
 from bnctl.models import count_parameters
 from bnctl.norms import set_bn_batch_mode
 
@@ -66,7 +66,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     """
     model.train()
     device = batches.x.device
-    loss_sum = torch.zeros((), device=device, dtype=_sum_dtype(device))
+    loss_sum = torch.zeros((), device=device, dtype=sum_dtype(device))
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
     report_every = max(1, len(batches) // 50)  # progress updates cost a read; ~50 per epoch is plenty
@@ -189,7 +189,7 @@ def evaluate(model: nn.Module, batches: Batches, precision: Precision,
     if bn_batch_stats:
         set_bn_batch_mode(model)
     device = batches.x.device
-    loss_sum = torch.zeros((), device=device, dtype=_sum_dtype(device))
+    loss_sum = torch.zeros((), device=device, dtype=sum_dtype(device))
     correct = torch.zeros((), device=device, dtype=torch.int64)
     confusion = torch.zeros(num_classes or 1, num_classes or 1, dtype=torch.int64, device=device)
     with torch.inference_mode(), precision.autocast():
@@ -248,7 +248,7 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
         if len(exp.train_batches) == 0:
             raise DataError(f"only {len(exp.data.train_y)} training images, fewer than "
                             f"train.batch_size={cfg.train.batch_size}; lower the batch size or add data")
-        _check_fits(exp)
+        check_fits(exp)
         if cfg.train.tensorboard:
             tblog.check_available()  # before any run directory exists
         if resume is not None and not (Path(resume) / rundir.CHECKPOINT_DIR / "last.pt").is_file():

@@ -126,7 +126,7 @@ def apply_backend_settings(cfg: Config, device: torch.device) -> dict[str, Any]:
             "tf32": torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32}
 
 
-def _sum_dtype(device: torch.device) -> torch.dtype:
+def sum_dtype(device: torch.device) -> torch.dtype:
     # Running sums in float64 where the device has it (Apple's MPS has not).
     return torch.float32 if device.type == "mps" else torch.float64
 
@@ -276,7 +276,7 @@ def setup(cfg: Config, data: ImageData | None = None, moved: bool = False, dist:
                       threads_reason=threads_reason)
 
 
-def _check_fits(exp: Experiment) -> None:
+def check_fits(exp: Experiment) -> None:
     """Catch a data/model mismatch now, with a clear message, rather than mid-epoch."""
     x = exp.data.train_x[:2].to(exp.device).float()
     try:

@@ -9,6 +9,7 @@ gradient change (gradient predictiveness) and the largest gradient change per di
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,10 @@ def _log_if_wide(ax, values: list[float]) -> None:
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
-def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str) -> Path:
-    """The figure for one or more (label, read(...)) pairs."""
+def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str, legend: bool = False,
+         missing: tuple[str, ...] = ()) -> Path:
+    """The figure for one or more (label, read(...)) pairs; ``legend`` names the runs even when only one
+    is drawn (a comparison), and ``missing`` lists the compared runs that have no landscape.csv."""
     from bnctl.plotting import pyplot, save_figure
 
     plt = pyplot()
@@ -126,6 +129,7 @@ def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str) -> Path:
                              layout="constrained")
     colors = plt.get_cmap("tab10")
     several = len(runs) > 1
+    legend = legend or several
     for i, (label, data) in enumerate(runs):
         color = colors(i % 10)
         s, ps = data["summary"], data["per_scale"]
@@ -153,10 +157,10 @@ def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str) -> Path:
                 if pts:
                     axes[row][j].plot([p[0] for p in pts], [p[1] for p in pts], color=color, lw=1.1,
                                       marker="o" if len(pts) < 30 and not several else None, ms=2.5)
-    axes[0][0].set_title("loss along the step: range over step sizes\n(line: loss at the current weights)",
+    axes[0][0].set_title("loss along the step:\nrange over step sizes c\n(line: loss at the current weights)",
                          fontsize=9)
     axes[0][0].set_ylabel("cross-entropy", fontsize=8.5)
-    axes[0][1].set_title("gradient predictiveness: ||grad(x) - grad(x + c d)||\nrange over step sizes c",
+    axes[0][1].set_title("gradient predictiveness:\n||grad(x) - grad(x + c d)||,\nrange over step sizes c",
                          fontsize=9)
     axes[0][2].set_title("effective beta-smoothness:\nmax over c of gradient change / distance moved", fontsize=9)
     for j, layer in enumerate(layers):
@@ -175,7 +179,13 @@ def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str) -> Path:
             ax.tick_params(labelsize=8)
     spare = axes[0][3]
     handles, labels = axes[0][0].get_legend_handles_labels()
-    if several:
+    if legend:
+        if missing:  # a run in the comparison that drew nothing is named, not silently left out
+            from matplotlib.patches import Patch
+
+            handles = handles + [Patch(color="none") for _ in missing]
+            labels = labels + [f"{name}: no landscape.csv" for name in missing]
+        labels = [textwrap.fill(label, 48, subsequent_indent="  ") for label in labels]  # one column's width
         spare.legend(handles, labels, loc="center", fontsize=8.5, title="run (shaded: range over step sizes)",
                      title_fontsize=8.5)
     else:
@@ -201,10 +211,13 @@ def plot_run(run_dir: Path) -> Path | None:
 
 def plot_compare(runs: list[tuple[str, Path]], out: Path) -> Path | None:
     """The runs that have a landscape.csv, overlaid; None when none has."""
-    found = [(label, data) for label, d in runs if (data := read(d)) is not None]
+    read_all = [(label, read(d)) for label, d in runs]
+    found = [(label, data) for label, data in read_all if data is not None]
     if not found:
         return None
-    return draw(found, out, "Loss landscape and internal covariate shift, overlaid (Santurkar et al. 2018, fig. 4-5)")
+    missing = tuple(label for label, data in read_all if data is None)
+    return draw(found, out, "Loss landscape and internal covariate shift, overlaid (Santurkar et al. 2018, fig. 4-5)",
+                legend=True, missing=missing)
 
 
 def plot_compare_runs(runs: list[dict[str, Any]], out: Path) -> Path | None:

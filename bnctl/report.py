@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnctl import rundir, stats
+from bnctl import rundir, stats, sweepdir
 from bnctl.errors import ConfigError
 
-SWEEP_FILE, RESULTS_FILE = "sweep.yaml", "results.csv"
+SWEEP_FILE, RESULTS_FILE = sweepdir.PLAN_FILE, sweepdir.RESULTS_FILE
 REPORT_FILE, SUMMARY_CSV, DIFFERENCES_CSV = "report.md", "summary.csv", "differences.csv"
 
 # Per-run metrics summarized over seeds: (results.csv column or derived name, label, decimals).
@@ -33,7 +33,7 @@ METRICS = [
 METRIC_RANGE = {"final_test_acc": (0.0, 100.0), "best_test_acc": (0.0, 100.0), "gap": (-100.0, 100.0)}
 # Keys whose values are drawn on a log axis: rates and scales are chosen log-spaced.
 LOG_KEYS = ("lr", "init_scale", "init_std", "weight_decay", "min_lr", "bn_eps", "batch_size")
-FINISHED = ("completed", "diverged")  # statuses that are results; anything else is missing
+FINISHED = sweepdir.FINISHED  # statuses that are results; anything else is missing
 
 
 @dataclass
@@ -355,14 +355,14 @@ def clip_note(ax, what: str, lo: float, hi: float) -> None:
 def plot_metric_vs_key(data: SweepData, all_cells: list[Cell], key: str, out: Path,
                        metric: str = "final_test_acc", title: str | None = None) -> Path | None:
     """metric against one numeric swept key -> a PNG (None when no cell has a value yet)."""
-    from bnctl.plotting import _pyplot, _save
+    from bnctl.plotting import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if not draw_metric_vs_key(ax, data, all_cells, key, metric, title):
         plt.close(fig)
         return None
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _epoch_series(run_dir: Path, column: str) -> dict[int, float]:
@@ -379,14 +379,14 @@ def _epoch_series(run_dir: Path, column: str) -> dict[int, float]:
 
 def plot_cell_curves(data: SweepData, all_cells: list[Cell], out: Path, column: str = "test_acc") -> Path | None:
     """Mean ± 95% t-band over epochs per cell, from each finished run's metrics.csv."""
-    from bnctl.plotting import _pyplot, _save, num_classes
+    from bnctl.plotting import num_classes, pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     colors = plt.get_cmap("tab10" if len(all_cells) <= 10 else "tab20")
     drawn, clipped, all_epochs, values, classes = 0, False, [], [], set()
     for i, c in enumerate(all_cells):
-        per_run = [_epoch_series(data.dir / "runs" / r["run"], column) for r in c.runs if r["status"] in FINISHED]
+        per_run = [_epoch_series(sweepdir.run_dir(data.dir, r["run"]), column) for r in c.runs if r["status"] in FINISHED]
         epochs = sorted({e for s in per_run for e in s})
         if not epochs:
             continue
@@ -403,7 +403,7 @@ def plot_cell_curves(data: SweepData, all_cells: list[Cell], out: Path, column: 
         drawn += 1
         all_epochs += epochs
         values += [s.mean for s in sums] + [v for b in band for v in b[1:]]
-        classes |= {num_classes(data.dir / "runs" / r["run"]) for r in c.runs if r["status"] in FINISHED}
+        classes |= {num_classes(sweepdir.run_dir(data.dir, r["run"])) for r in c.runs if r["status"] in FINISHED}
     if not drawn:
         plt.close(fig)
         return None
@@ -423,7 +423,7 @@ def plot_cell_curves(data: SweepData, all_cells: list[Cell], out: Path, column: 
     ax.set_title(f"{data.name}: {column.replace('_', ' ')} per cell, mean over seeds, band: 95% t-interval",
                  fontsize=10)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))  # cells, and the chance line
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 # ------------------------------------------------------------------ report.md

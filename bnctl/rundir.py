@@ -137,7 +137,7 @@ def holds_run(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
-def _make_folder(path: Path, what: str) -> None:
+def make_folder(path: Path, what: str) -> None:
     """mkdir -p that explains an unusable path instead of raising OSError."""
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,7 @@ def create(runs_root: Path, name: str, exact: Path | None = None) -> Path:
             raise ConfigError(f"--run-dir {exact} is a file; choose a new folder")
         if holds_run(exact):
             raise taken
-        _make_folder(exact, "--run-dir")
+        make_folder(exact, "--run-dir")
         try:
             (exact / CHECKPOINT_DIR).mkdir()
         except FileExistsError:
@@ -180,7 +180,7 @@ def new_stamped_folder(root: Path, name: str, root_label: str, what: str) -> Pat
     other moves on to the next suffix.
     """
     root = Path(root)
-    _make_folder(root, root_label)
+    make_folder(root, root_label)
     stem = f"{datetime.now():%Y%m%d-%H%M%S}-{name}"
     for attempt in range(1, 10_000):
         path = root / (stem if attempt == 1 else f"{stem}-{attempt}")
@@ -194,6 +194,30 @@ def new_stamped_folder(root: Path, name: str, root_label: str, what: str) -> Pat
     raise ConfigError(f"could not create a new {what} under {root}")
 
 
+def take_flock(path: Path) -> tuple[bool, IO | None]:
+    """Try to hold path's exclusive flock, without waiting, and write this process's pid into it.
+
+    (True, file): held until file is closed; (False, None): another process holds it (its pid is in the
+    file); (True, None): this system has no flock (Windows), so nothing is held. flock locks vanish with
+    their process, so a killed holder never leaves the lock behind.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return True, None
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return False, None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return True, f
+
+
 class RunLock:
     """An exclusive advisory lock on a run directory, held while one process trains in it.
 
@@ -204,24 +228,14 @@ class RunLock:
         self.run_dir, self._file = Path(run_dir), None
 
     def __enter__(self) -> "RunLock":
-        try:
-            import fcntl
-        except ImportError:  # no advisory locks here (Windows): one writer per run is up to the user
-            return self
-        f = open(self.run_dir / LOCK_FILE, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "?"
-            f.close()
+        held, self._file = take_flock(self.run_dir / LOCK_FILE)  # no flock (Windows): one writer is up to the user
+        if not held:
+            try:
+                holder = (self.run_dir / LOCK_FILE).read_text(encoding="utf-8").strip() or "?"
+            except OSError:
+                holder = "?"
             raise ConfigError(f"{self.run_dir} is in use by another bnctl process (pid {holder}); "
                               "wait for it to finish or stop it before resuming") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        self._file = f
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bnctl import configfiles, report, rundir, stats, studyspec, verdicts
+from bnctl import configfiles, report, rundir, stats, studyspec, sweepdir, verdicts
 from bnctl.errors import ConfigError, InterruptedRun
 
 STUDY_FILE, REPORT_FILE, EVAL_FILE, SWEEPS_DIR, FIGURES_DIR = (
@@ -93,18 +93,7 @@ def create(profile: str, overrides: Sequence[str], root: Path = Path("runs/studi
     # Every cell of every sweep is validated before anything is created: a bad override fails in a second.
     plans = plan(profile, overrides, studies)
     declared = {s.key: studyspec.dump(declared_estimands(sweep_file(profile, s.key, studies))) for s in SECTIONS}
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.now():%Y%m%d-%H%M%S}-claims-{profile}"
-    for attempt in range(1, 1000):
-        path = root / (stem if attempt == 1 else f"{stem}-{attempt}")
-        try:
-            path.mkdir()
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise ConfigError(f"could not create a new study directory under {root}")
+    path = rundir.new_stamped_folder(root, f"claims-{profile}", "--root", "study directory")
     sweeps = {key: str(sweep.create(plan, path / SWEEPS_DIR).relative_to(path)) for key, plan in plans.items()}
     rundir.write_json(path / STUDY_FILE, {"profile": profile, "overrides": list(overrides), "sweeps": sweeps,
                                           "estimands": declared,
@@ -163,7 +152,7 @@ def notebook_evals(study_dir: Path, sweep_dir: Path, recalibrate: int,
         if row["run"] in done:
             continue
         on_run(row["run"])
-        ckpt = sweep_dir / "runs" / row["run"] / rundir.CHECKPOINT_DIR / "last.pt"
+        ckpt = sweepdir.run_dir(sweep_dir, row["run"]) / rundir.CHECKPOINT_DIR / "last.pt"
         batch = evaluation.evaluate_checkpoint(ckpt, bn_mode="batch", batch_size=EVAL_BATCH)
         recal = evaluation.evaluate_checkpoint(ckpt, recalibrate=recalibrate)
         done[row["run"]] = {"run": row["run"], "seed": row["seed"], "checkpoint": str(ckpt.relative_to(study_dir)),
@@ -241,7 +230,7 @@ class RunFacts:
 def _run_facts(data: report.SweepData) -> RunFacts:
     facts = RunFacts()
     for row in data.rows:
-        path = data.dir / "runs" / row["run"] / rundir.RUN_INFO_FILE
+        path = sweepdir.run_dir(data.dir, row["run"]) / rundir.RUN_INFO_FILE
         try:
             info = rundir.read_json(path) if path.is_file() else {}
         except (OSError, ValueError):
@@ -384,12 +373,12 @@ FIGURE_KEYS = {"lr": ("optimizer.lr", ["final_test_acc"]), "init": ("model.init_
 
 def _section_figure(key: str, data: report.SweepData, cells: list[report.Cell], out: Path,
                     chance: float, trains_at: float | None = None) -> Path | None:
-    from bnctl.plotting import _pyplot, _save
+    from bnctl.plotting import pyplot, save_figure
 
     if key not in FIGURE_KEYS:
         return None
     x, metrics = FIGURE_KEYS[key]
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.4 * len(metrics), 4.2), squeeze=False)
     drawn = False
     for ax, metric in zip(axes[0], metrics):
@@ -405,15 +394,15 @@ def _section_figure(key: str, data: report.SweepData, cells: list[report.Cell], 
     if not drawn:
         plt.close(fig)
         return None
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _eval_figure(evals: list[dict[str, Any]], out: Path) -> Path | None:
-    from bnctl.plotting import _pyplot, _save
+    from bnctl.plotting import pyplot, save_figure
 
     if not evals:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     cols = [("running_acc", "eval mode\n(running stats)"), ("batch_stats_acc", f"test-batch stats\n(batch {EVAL_BATCH})"),
             ("recalibrated_acc", "eval mode,\nrecalibrated")]
@@ -428,7 +417,7 @@ def _eval_figure(evals: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_ylabel("test accuracy %")
     ax.set_title(f"The same {len(evals)} BN checkpoints evaluated three ways (grey: one per seed)", fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _verdict_md(v: verdicts.Verdict) -> list[str]:
@@ -555,8 +544,9 @@ def write_report(study_dir: Path) -> StudyResult:
                             f"**Budget.** The runs of section {section.title.split('.')[0]} (their landscape.csv).", ""]
             sections_md += _verdict_md(results[ICS_SECTION.key])
 
-    rows = [[s.title, results[s.key].verdict, _effect_cell(results[s.key]), _p_cell(results[s.key]),
-             results[s.key].mde_text()] for s in [*SECTIONS, NOTEBOOK_SECTION, ICS_SECTION]]
+    numbered = sorted([*SECTIONS, NOTEBOOK_SECTION, ICS_SECTION], key=lambda s: int(s.title.split(".")[0]))
+    rows = [[s.title, results[s.key].verdict, effect_cell(results[s.key]), _p_cell(results[s.key]),
+             results[s.key].mde_text()] for s in numbered]
     head = [f"# The notebook's claims, tested ({info['profile']} profile)", "",
             f"Study directory `{study_dir}`, created {info.get('created')}; data: {', '.join(sorted(data_names))}"
             + (f"; overrides: `{' '.join(info['overrides'])}`" if info.get("overrides") else "")
@@ -592,7 +582,7 @@ def _lr_text_at(data: report.SweepData, batch: int) -> str:
     return text
 
 
-def _effect_cell(v: verdicts.Verdict) -> str:
+def effect_cell(v: verdicts.Verdict) -> str:
     if v.effect is None or v.status != "tested":
         return v.reason or "-"
     e = v.effect
@@ -620,7 +610,7 @@ def preflight(study_dir: Path, jobs: int, timed: bool = True) -> tuple[Any, str 
     from bnctl import estimate
 
     info = read(study_dir)
-    est = estimate.estimate([info["sweeps"][s.key] for s in SECTIONS], jobs, timed=timed)
+    est = estimate.estimate([info["sweeps"][s.key] for s in SECTIONS if s.key in info["sweeps"]], jobs, timed=timed)
     warning = None
     if PROFILES.get(info["profile"], {}).get("sized_for") == "gpu" and est.device == "cpu" and est.to_run:
         cpu_choice = [p for p, v in PROFILES.items() if v.get("sized_for") == "cpu"]

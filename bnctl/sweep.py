@@ -2,7 +2,8 @@
 
 A sweep directory holds sweep.yaml (the resolved plan, enough to run it from any
 process), runs/<cell>-seed<k>/ (ordinary run directories made by engine.fit) and
-results.csv (one row per planned run, rebuilt from the run directories). Plans are
+results.csv (one row per planned run, rebuilt from the run directories); its file
+names and each run's status are bnctl/sweepdir.py's (re-exported here). Plans are
 built in bnctl/plan.py (re-exported here); running the runs themselves (claims,
 worker processes) lives in bnctl/workers.py.
 """
@@ -21,20 +22,17 @@ import yaml
 from bnctl import config as config_mod, rundir
 from bnctl.errors import ConfigError, InterruptedRun
 from bnctl.plan import Plan, RunSpec, parse_seeds, parse_sweep_overrides, plan_from_file, plan_inline, split_values
+from bnctl.sweepdir import (CLAIMS_DIR, ERRORS_DIR, FINISHED, PLAN_FILE, RESULTS_FILE, RUNS_DIR, error_record,
+                            run_dir, run_status)
 
 __all__ = ["Plan", "RunSpec", "plan_inline", "plan_from_file", "parse_sweep_overrides", "parse_seeds", "split_values",
-           "create", "execute", "load", "read_plan", "write_results", "run_status", "result_row", "Outcome"]
+           "create", "execute", "load", "read_plan", "write_results", "run_status", "result_row", "Outcome",
+           # the sweep folder's names, bnctl/sweepdir.py's
+           "PLAN_FILE", "RESULTS_FILE", "RUNS_DIR", "CLAIMS_DIR", "ERRORS_DIR", "FINISHED", "run_dir"]
 
-PLAN_FILE = "sweep.yaml"
-RESULTS_FILE = "results.csv"
-RUNS_DIR = "runs"
-CLAIMS_DIR = "claims"  # one flock file per run, held by the process running it
-ERRORS_DIR = "errors"  # <run>.json: the error and traceback of a run that failed outside fit's own record
 
 RESULT_METRICS = ["status", "epochs", "final_test_acc", "final_test_loss", "final_train_acc",
                   "final_clean_train_acc", "best_test_acc", "best_epoch", "wall_time_s", "error"]
-# Statuses a resumed sweep leaves alone: a diverged run is a result, not a failure.
-FINISHED = frozenset({"completed", "diverged"})
 
 # ------------------------------------------------------------------ the sweep directory
 
@@ -66,7 +64,7 @@ def _populate(path: Path, plan: Plan) -> None:
 def _create_exact(plan: Plan, path: Path) -> Path:
     import time
 
-    rundir._make_folder(path.parent, "sweep root")
+    rundir.make_folder(path.parent, "sweep root")
     try:
         path.mkdir()
     except FileExistsError:
@@ -102,37 +100,8 @@ def read_plan(sweep_dir: Path) -> Plan:
         raise ConfigError(f"{path} is damaged or not a bnctl sweep plan ({type(err).__name__}: {err})") from None
 
 
-def run_dir(sweep_dir: Path, spec: RunSpec) -> Path:
-    return Path(sweep_dir) / RUNS_DIR / spec.name
-
-
 def result_columns(plan: Plan) -> list[str]:
     return ["run", "cell", "seed", *plan.grid, *RESULT_METRICS]
-
-
-def _error_record(sweep_dir: Path, name: str) -> dict[str, Any] | None:
-    path = Path(sweep_dir) / ERRORS_DIR / f"{name}.json"
-    try:
-        return rundir.read_json(path) if path.is_file() else None
-    except (OSError, ValueError):
-        return {"error": f"(unreadable {path})"}
-
-
-def run_status(sweep_dir: Path, spec: RunSpec) -> tuple[str, dict[str, Any] | None]:
-    """A run's status from its files alone, and its summary (None when it has none)."""
-    folder = run_dir(sweep_dir, spec)
-    summary = None
-    if (folder / rundir.SUMMARY_FILE).is_file():
-        try:
-            summary = rundir.read_json(folder / rundir.SUMMARY_FILE)
-        except (OSError, ValueError):
-            summary = None
-    error = _error_record(sweep_dir, spec.name)
-    if error is not None and (summary is None or summary.get("status") in ("running", None)):
-        return "failed", summary  # it failed where fit could not record it (setup, a dead worker)
-    if summary is not None:
-        return str(summary.get("status", "running")), summary
-    return ("running" if folder.exists() else "pending"), None
 
 
 def result_row(sweep_dir: Path, plan: Plan, spec: RunSpec) -> dict[str, Any]:
@@ -153,7 +122,7 @@ def result_row(sweep_dir: Path, plan: Plan, spec: RunSpec) -> dict[str, Any]:
         elif summary.get("diverged"):
             row["error"] = summary["diverged"].get("message")
     if status == "failed" and not row["error"]:
-        row["error"] = (_error_record(sweep_dir, spec.name) or {}).get("error")
+        row["error"] = (error_record(sweep_dir, spec.name) or {}).get("error")
     return row
 
 

@@ -392,6 +392,13 @@ def gap_reduction(rows: Sequence[dict], spec: studyspec.GapReduction, quantum: f
         if acc.hi < 0:
             v.no_support = f"{arm}'s gap is smaller but its test accuracy is lower by {-acc.effect:.1f} points"
             v.caveats.append(v.no_support)
+        elif not acc.lo90 > -spec.smallest_effect:
+            # A gap can shrink because train accuracy falls; a regularizer like dropout must not cost test
+            # accuracy, so "supported" needs BN's test accuracy shown no worse than the margin (one-sided 5%).
+            v.no_support = (f"{arm}'s test accuracy is not shown to be within {spec.smallest_effect:g} points of "
+                            f"{ctl}'s ({acc.effect:+.1f} points, 90% interval [{acc.lo90:+.1f}, {acc.hi90:+.1f}]): "
+                            "a smaller gap bought with lower accuracy is not regularization")
+            v.caveats.append(v.no_support)
     return decide_all([v])[0]
 
 
@@ -411,7 +418,8 @@ def batch_interaction(rows: Sequence[dict], spec: studyspec.BatchInteraction, ch
               f"A linear contrast of the cell means with a Welch-Satterthwaite t-interval. {ctl} is the control: if "
               f"its mean at some batch size differs from its mean at the reference batch by more than "
               f"{spec.control_tolerance:g} points, the difference in differences is not trusted and the section "
-              "is not testable.",
+              f"is not testable. Not supported unless {arm}'s own fitted accuracy falls detectably as the batch "
+              f"shrinks (a drift of {ctl} within the tolerance alone is not a loss of {arm}'s).",
               f"fitted loss from batch {ref} to {sizes[0] if sizes else '?'}, {arm} minus {ctl}")
     if (why := _unfinished(rows)) is not None:
         v.status, v.reason = INCOMPLETE, why
@@ -433,6 +441,13 @@ def batch_interaction(rows: Sequence[dict], spec: studyspec.BatchInteraction, ch
     c = [(xi - mx) / sxx * span for xi in x]  # slope weights times the distance: the line's D(ref) - D(smallest)
     v.effect = stats.contrast([samples[(arm, b)] for b in sizes] + [samples[(ctl, b)] for b in sizes],
                               c + [-ci for ci in c], floor)
+    own = stats.contrast([samples[(arm, b)] for b in sizes], c, floor)  # the arm's own fitted loss, ref to smallest
+    v.details.append(f"{arm}'s own fitted loss from batch {ref} to {sizes[0]}: {own.effect:+.1f} points, 95% "
+                     f"interval [{own.lo:+.1f}, {own.hi:+.1f}]")
+    if not own.lo > 0:
+        v.no_support = (f"{arm}'s own accuracy does not fall detectably as the batch shrinks ({own.effect:+.1f} "
+                        f"points from batch {ref} to {sizes[0]}, 95% interval [{own.lo:+.1f}, {own.hi:+.1f}]): "
+                        f"the difference comes from {ctl} moving")
     means = {k: _mean(s) for k, s in samples.items()}
     for n in (arm, ctl):
         v.details.append(f"{spec.norm_key}={n}: mean accuracy by batch " + ", ".join(

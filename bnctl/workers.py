@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from bnctl import rundir, stopping, sweep
+from bnctl import rundir, stopping, sweepdir
 from bnctl.errors import DivergedError, InterruptedRun
+from bnctl.plan import RunSpec
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Task:
     """One run to do: where, which, and its resolved config (a plain dict, cheap to send to a worker)."""
 
     sweep_dir: Path
-    spec: sweep.RunSpec
+    spec: RunSpec
     config: dict[str, Any]
 
 
@@ -38,7 +39,7 @@ class Task:
 class Result:
     """How a task ended: completed | diverged | failed | interrupted | busy (claimed elsewhere) | skipped."""
 
-    spec: sweep.RunSpec
+    spec: RunSpec
     outcome: str
     error: str | None = None
     seconds: float = 0.0  # from receiving the task to its end, in the process that ran it
@@ -50,27 +51,14 @@ class Result:
 @contextlib.contextmanager
 def claim(sweep_dir: Path, name: str) -> Iterator[bool]:
     """Hold the run's claim (True) or learn that another process holds it (False)."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): one process per sweep is up to the user
-        yield True
-        return
-    folder = Path(sweep_dir) / sweep.CLAIMS_DIR
+    folder = Path(sweep_dir) / sweepdir.CLAIMS_DIR
     folder.mkdir(exist_ok=True)
-    f = open(folder / f"{name}.lock", "a+", encoding="utf-8")
+    held, f = rundir.take_flock(folder / f"{name}.lock")  # no flock (Windows): one process per sweep is up to the user
     try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield True
+        yield held
     finally:
-        f.close()  # releases the flock
+        if f is not None:
+            f.close()  # releases the flock
 
 
 # ------------------------------------------------------------------ one run
@@ -109,7 +97,7 @@ class _EpochReporter:
 
 
 def _record_error(sweep_dir: Path, name: str, error: str, trace: str = "") -> None:
-    folder = Path(sweep_dir) / sweep.ERRORS_DIR
+    folder = Path(sweep_dir) / sweepdir.ERRORS_DIR
     folder.mkdir(exist_ok=True)
     rundir.write_json(folder / f"{name}.json", {"error": error, "traceback": trace,
                                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -122,8 +110,8 @@ def run_task(task: Task, progress: Callable[[int, int], None] = lambda e, n: Non
     with claim(task.sweep_dir, spec.name) as held:
         if not held:
             return Result(spec, "busy")
-        status, _ = sweep.run_status(task.sweep_dir, spec)  # read under the claim: nobody else writes now
-        if status in sweep.FINISHED:
+        status, _ = sweepdir.run_status(task.sweep_dir, spec)  # read under the claim: nobody else writes now
+        if status in sweepdir.FINISHED:
             return Result(spec, "skipped")
         _RUNS_STARTED[0] += 1
         first = _RUNS_STARTED[0] == 1
@@ -137,8 +125,8 @@ def run_task(task: Task, progress: Callable[[int, int], None] = lambda e, n: Non
 def _run_claimed(task: Task, status: str, progress: Callable[[int, int], None]) -> tuple[str, str | None]:
     from bnctl import config as config_mod, engine
 
-    spec, folder = task.spec, sweep.run_dir(task.sweep_dir, task.spec)
-    (Path(task.sweep_dir) / sweep.ERRORS_DIR / f"{spec.name}.json").unlink(missing_ok=True)
+    spec, folder = task.spec, sweepdir.run_dir(task.sweep_dir, task.spec)
+    (Path(task.sweep_dir) / sweepdir.ERRORS_DIR / f"{spec.name}.json").unlink(missing_ok=True)
     resume = None
     if folder.exists():
         has_checkpoint = (folder / rundir.CHECKPOINT_DIR / "last.pt").is_file()

@@ -103,12 +103,12 @@ def test_a_sweep_files_relative_base_is_read_next_to_it_before_the_built_in(else
 
 def test_copy_never_overwrites_without_force(elsewhere):
     target = configfiles.copy("quickstart")
-    assert target == Path("quickstart.yaml") and target.read_text().startswith("# A one-minute tour")
+    assert target == Path("quickstart.yaml") and target.read_text().startswith("# The quickstart (README)")
     target.write_text("edited\n")
     with pytest.raises(ConfigError, match="already exists"):
         configfiles.copy("quickstart")
     assert target.read_text() == "edited\n"
-    assert configfiles.copy("quickstart", force=True).read_text().startswith("# A one-minute tour")
+    assert configfiles.copy("quickstart", force=True).read_text().startswith("# The quickstart (README)")
     (elsewhere / "d").mkdir()
     assert configfiles.copy("studies/quick/lr", elsewhere / "d") == elsewhere / "d" / "lr.yaml"
     with pytest.raises(ConfigError, match="does not exist"):
@@ -132,7 +132,7 @@ def test_config_list_names_each_file_with_its_kind_and_purpose(cli, elsewhere):
     assert result.exit_code == 0, result.output
     for name in configfiles.names():
         assert name in result.output
-    assert "A one-minute tour" in result.output and "study" in result.output
+    assert "The quickstart (README)" in result.output and "study" in result.output
 
 
 def test_config_show_prints_the_file_or_its_resolved_form(cli, elsewhere):

@@ -200,6 +200,7 @@ def _strip_times(state):
     return state
 
 
+@pytest.mark.slow
 def test_probes_change_nothing_about_training_even_across_a_resume(tmp_path):
     off = _run(tmp_path, "off", every=0)
     on = _run(tmp_path, "on", every=3)
@@ -283,6 +284,26 @@ def test_landscape_figures_come_from_the_file_alone(tmp_path):
     assert landscape_plot.plot_compare([("no file", tmp_path)], tmp_path / "d.png") is None
 
 
+def test_a_comparison_figure_names_its_runs_even_when_only_one_has_a_landscape(tmp_path, monkeypatch):
+    from bnctl import landscape_plot, plotting
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_landscape(run, _fake_rows())
+    texts = []
+
+    def keep_texts(fig, out):  # what a reader of the figure sees, instead of a PNG
+        texts.extend(t.get_text().replace("\n  ", " ").replace("\n", " ") for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts())
+        return out
+
+    monkeypatch.setattr(plotting, "save_figure", keep_texts)
+    landscape_plot.plot_compare([("probed-bn", run), ("plain-unprobed", tmp_path)], tmp_path / "c.png")
+    assert "probed-bn" in texts  # which run the lone overlay is
+    assert "plain-unprobed: no landscape.csv" in texts  # and which compared run drew nothing
+    texts.clear()
+    landscape_plot.plot_run(run)  # a single run's own figure needs no legend
+    assert texts == []
+
+
 def _fake_run(path, shift, norm):
     path.mkdir()
     _write_landscape(path, _fake_rows(shift))
@@ -344,6 +365,7 @@ def test_matched_loss_compares_runs_only_where_their_losses_overlap():
     assert few["medians"] is None and "fewer than 4" in few["reason"]
 
 
+@pytest.mark.slow
 def test_probes_leave_noisy_bn_noise_where_it_was(tmp_path):
     # noisy_batch draws its noise from torch's global generator at every step, as dropout does: a probe's
     # own passes (which draw noise too) must not move that generator.

@@ -83,7 +83,7 @@ def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path, cli):
 
 
 def test_a_cell_whose_runs_all_diverged_is_marked_in_the_figure(tmp_path):
-    from bnctl.plotting import _pyplot
+    from bnctl.plotting import pyplot
 
     def result(o, seed):
         if o["optimizer.lr"] == 0.01:
@@ -91,7 +91,7 @@ def test_a_cell_whose_runs_all_diverged_is_marked_in_the_figure(tmp_path):
         return {"status": "completed", "epochs": 1, "final_test_acc": 50.0 + seed, "final_test_loss": 1.0}
 
     data = report.load(make_sweep(tmp_path, GRID, [0, 1], result))
-    fig, ax = _pyplot().subplots()
+    fig, ax = pyplot().subplots()
     assert report.draw_metric_vs_key(ax, data, report.cells(data), "optimizer.lr")
     assert [t.get_text() for t in ax.texts] == ["diverged: norm=batch; norm=none"]
 
@@ -101,13 +101,13 @@ def _keep_figures(monkeypatch) -> dict:
 
     from bnctl import plotting
 
-    figs, real_save = {}, plotting._save
+    figs, real_save = {}, plotting.save_figure
 
     def keep(fig, out):
         figs[Path(out).name] = fig
         return real_save(fig, out)
 
-    monkeypatch.setattr(plotting, "_save", keep)
+    monkeypatch.setattr(plotting, "save_figure", keep)
     return figs
 
 

@@ -161,8 +161,8 @@ def test_section_figures_draw_the_chance_level(tmp_path, monkeypatch):
 
     d = _constructed_study(tmp_path)
     figs = {}
-    real_save = plotting._save
-    monkeypatch.setattr(plotting, "_save", lambda fig, out: figs.setdefault(Path(out).name, [
+    real_save = plotting.save_figure
+    monkeypatch.setattr(plotting, "save_figure", lambda fig, out: figs.setdefault(Path(out).name, [
         [line.get_label() for line in ax.get_lines()] for ax in fig.axes]) and real_save(fig, out))
     study.write_report(d)
     assert "chance (10%)" in figs["lr.png"][0] and "chance (10%)" in figs["small_batches.png"][0]

@@ -226,7 +226,7 @@ def test_a_diverged_run_counts_as_diverged_not_failed(tmp_path):
     assert again.already_done == 2 and not again.completed and not again.diverged
 
 
-class _StopAfterFirstEpochOf(workers.sweep.SilentSweepReporter):
+class _StopAfterFirstEpochOf(sweep.SilentSweepReporter):
     """Acts like Ctrl-C at the end of one run's first epoch."""
 
     def __init__(self, name: str):

@@ -69,7 +69,7 @@ def claims(
         result = study.run(study_dir, jobs=jobs, reporter_factory=SweepProgress,
                            on_event=lambda msg: console.print(f"[bold]{escape(msg)}[/]", soft_wrap=True))
     print_table(["section", "verdict", "effect [95% interval]"],
-                [[k, v.verdict, study._effect_cell(v)] for k, v in result.verdicts.items()], 2)
+                [[k, v.verdict, study.effect_cell(v)] for k, v in result.verdicts.items()], 2)
     if result.wall_time_s:
         console.print(f"wall time {result.wall_time_s / 60:.1f} min")
     if result.failed:
