@@ -291,3 +291,23 @@ def test_unfinished_runs_make_a_section_incomplete_not_inconclusive():
     assert v.kind == INCOMPLETE and v.sentence() == (
         "incomplete: 31 of 32 runs finished; rerun with --resume to finish.")
     assert verdicts.decide_all([v])[0].kind == INCOMPLETE and v.p_adjusted is None
+
+
+def test_networks_that_learned_nothing_are_not_evidence_of_no_effect():
+    """Every cell at chance (a budget too small to learn anything): the norms 'agree' at every batch size.
+
+    Before, section 4 said "no effect larger than 3 points" in most such studies and section 5 "no effect
+    larger than 1 point" when the checkpoints sat at chance: an equivalence no training run supported.
+    """
+    chance = {"batch": (10.0,) * 4, "group": (10.0,) * 4}
+    found = _kinds(lambda r: verdicts.batch_interaction(W.batch_world(r, 4, chance), BATCH, W.CHANCE, Q))
+    assert found[NOT_TESTABLE] == 100
+    v = verdicts.batch_interaction(W.batch_world(np.random.default_rng(0), 4, chance), BATCH, W.CHANCE, Q)
+    assert v.sentence().startswith("not testable here: model.norm=batch does not train at the reference batch 64")
+    at_chance = [10.0, 10.2, 9.8, 10.0]
+    v = verdicts.notebook_eval(at_chance, [10.0, 10.0, 9.8, 10.2], at_chance, spec=EVAL, quantum=Q, chance=W.CHANCE)
+    assert v.kind == NOT_TESTABLE and "the checkpoints did not train" in v.sentence()
+    # Trained checkpoints are judged as before.
+    v = verdicts.notebook_eval([60.0, 62.0, 61.0, 63.0], [50.0, 51.0, 52.0, 50.4], [60.0] * 4, spec=EVAL, quantum=Q,
+                               chance=W.CHANCE)
+    assert v.kind == SUPPORTED
