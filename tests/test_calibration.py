@@ -403,3 +403,37 @@ def test_ics_the_papers_world_bn_does_not_reduce_it_is_never_supported():
                                       measure="l2")
     kinds = _kinds(lambda rng: verdicts.ics_reduction(*_landscape(rng, **world), absolute))
     assert kinds[CONTRADICTED] >= 80, kinds  # in absolute terms BN's larger gradients shift more
+
+
+def test_networks_that_learned_nothing_are_not_evidence_of_no_effect():
+    """Every cell at chance (a budget too small to learn anything): the norms 'agree' at every batch size.
+
+    Before, section 4 said "no effect larger than 3 points" in most such studies and section 5 "no effect
+    larger than 1 point" when the checkpoints sat at chance: an equivalence no training run supported.
+    """
+    chance = {"batch": (10.0,) * 4, "group": (10.0,) * 4}
+    found = _kinds(lambda r: verdicts.batch_interaction(W.batch_world(r, 4, chance), BATCH, W.CHANCE, Q))
+    assert found[NOT_TESTABLE] == 100
+    v = verdicts.batch_interaction(W.batch_world(np.random.default_rng(0), 4, chance), BATCH, W.CHANCE, Q)
+    assert v.sentence().startswith("not testable here: model.norm=batch does not train at the reference batch 64")
+    at_chance = [10.0, 10.2, 9.8, 10.0]
+    v = verdicts.notebook_eval(at_chance, [10.0, 10.0, 9.8, 10.2], at_chance, spec=EVAL, quantum=Q, chance=W.CHANCE)
+    assert v.kind == NOT_TESTABLE and "the checkpoints did not train" in v.sentence()
+    # Trained checkpoints are judged as before.
+    v = verdicts.notebook_eval([60.0, 62.0, 61.0, 63.0], [50.0, 51.0, 52.0, 50.4], [60.0] * 4, spec=EVAL, quantum=Q,
+                               chance=W.CHANCE)
+    assert v.kind == SUPPORTED
+
+
+def test_lr_censoring_of_both_norms_is_not_called_a_bound():
+    """Both norms train at the top of the grid in some seeds: the difference is neither a lower nor an upper bound."""
+    rows = W.lr_world(np.random.default_rng(0), 5, {"batch": 1.0, "none": 1e-2}, {"batch": 60.0, "none": 60.0})
+    rows += [dict(r, seed=r["seed"] + 5) for r in W.lr_world(np.random.default_rng(1), 2, {"batch": 1e-2, "none": 1.0},
+                                                              {"batch": 60.0, "none": 60.0})]
+    v = verdicts.lr_tolerance(rows, LR, W.CHANCE)
+    censored = [c for c in v.caveats if "censored" in c]
+    assert len(censored) == 2 and all("bound there" not in c for c in censored)
+    assert all("unknown in direction there, since both norms are censored" in c for c in censored)
+    one = verdicts.lr_tolerance(W.lr_world(np.random.default_rng(0), 5, {"batch": 1.0, "none": 1e-2},
+                                           {"batch": 60.0, "none": 60.0}), LR, W.CHANCE)
+    assert any("a lower bound there" in c for c in one.caveats)

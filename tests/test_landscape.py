@@ -146,6 +146,24 @@ def test_finding_the_update_leaves_the_optimizer_exactly_as_it_was(make):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("ics", [True, False])
+def test_a_probe_costs_one_pass_here_one_per_step_size_and_one_per_layer_after_the_first(tmp_path, ics):
+    from bnctl import models
+    torch.manual_seed(0)
+    model = models.build_model(config_mod.ModelConfig())  # seed_cnn: conv1..conv3, fc1, fc2
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    passes = []
+    model.register_forward_hook(lambda *_: passes.append(1))
+    settings = config_mod.LandscapeConfig(every=1, scales=(0.5, 1.0, 2.0), ics=ics)
+    probe = landscape.LandscapeProbe(model, optimizer, settings, tmp_path / "l.csv")
+    probe.start_step(0, 1)
+    probe.after_backward(x, y)
+    assert len(probe.layers) == 5
+    assert len(passes) == 1 + 3 + (4 if ics else 0)  # docs/landscape.md's cost: 9 passes with the defaults
+
+
 def test_landscape_settings_are_validated():
     cfg = config_mod.validate(tiny_raw())
     assert cfg.train.landscape.every == 0  # off by default
