@@ -253,11 +253,14 @@ def lr_tolerance(rows: Sequence[dict], spec: studyspec.LrTolerance, chance: floa
     if v.effect is None:
         v.status, v.reason = NOT_TESTABLE, "here: fewer than 2 seeds per norm have a known limit"
         return decide_all([v])[0]
+    both = censored[spec.arm] and censored[spec.control]
     for norm in (spec.arm, spec.control):
         if censored[norm]:
+            bound = ("unknown in direction there, since both norms are censored" if both else
+                     f"{'a lower' if norm == spec.arm else 'an upper'} bound there")
             v.caveats.append(f"{spec.norm_key}={norm} trains at the grid's largest lr ({lrs[-1]:g}) in {censored[norm]} "
                              f"of {len(limits[norm])} seeds: its limit lies above the grid (censored), so the "
-                             f"difference is {'a lower' if norm == spec.arm else 'an upper'} bound there")
+                             f"difference is {bound}")
     if step > spec.smallest_effect:
         v.caveats.append(f"the grid's step ({step:g} decade{'' if step == 1 else 's'}) is coarser than the smallest effect that matters "
                          f"({spec.smallest_effect:g}): the grid cannot show that an effect is absent")

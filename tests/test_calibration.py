@@ -311,3 +311,17 @@ def test_networks_that_learned_nothing_are_not_evidence_of_no_effect():
     v = verdicts.notebook_eval([60.0, 62.0, 61.0, 63.0], [50.0, 51.0, 52.0, 50.4], [60.0] * 4, spec=EVAL, quantum=Q,
                                chance=W.CHANCE)
     assert v.kind == SUPPORTED
+
+
+def test_lr_censoring_of_both_norms_is_not_called_a_bound():
+    """Both norms train at the top of the grid in some seeds: the difference is neither a lower nor an upper bound."""
+    rows = W.lr_world(np.random.default_rng(0), 5, {"batch": 1.0, "none": 1e-2}, {"batch": 60.0, "none": 60.0})
+    rows += [dict(r, seed=r["seed"] + 5) for r in W.lr_world(np.random.default_rng(1), 2, {"batch": 1e-2, "none": 1.0},
+                                                              {"batch": 60.0, "none": 60.0})]
+    v = verdicts.lr_tolerance(rows, LR, W.CHANCE)
+    censored = [c for c in v.caveats if "censored" in c]
+    assert len(censored) == 2 and all("bound there" not in c for c in censored)
+    assert all("unknown in direction there, since both norms are censored" in c for c in censored)
+    one = verdicts.lr_tolerance(W.lr_world(np.random.default_rng(0), 5, {"batch": 1.0, "none": 1e-2},
+                                           {"batch": 60.0, "none": 60.0}), LR, W.CHANCE)
+    assert any("a lower bound there" in c for c in one.caveats)
