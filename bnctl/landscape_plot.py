@@ -48,6 +48,8 @@ def read(run_dir: Path) -> dict[str, Any] | None:
 # ------------------------------------------------------------------ comparing at matched training loss
 
 MATCHED_MEASURES = ("loss_range", "grad_change_max", "beta_max")
+# What a probe's numbers mean: two runs are compared only when they probed alike.
+PROBE_KEYS = ("train.landscape.direction", "train.landscape.scales")
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -235,10 +237,15 @@ def matched_summary(runs: list[dict[str, Any]]) -> list[str]:
     """For `bnctl compare` with exactly two runs that probed the landscape: the matched-loss comparison in words."""
     from bnctl.plotting import run_names
 
-    found = [(name, data) for r, name in zip(runs, run_names(runs)) if (data := read(Path(r["dir"]))) is not None]
+    found = [(name, data, r) for r, name in zip(runs, run_names(runs)) if (data := read(Path(r["dir"]))) is not None]
     if len(found) != 2:
         return []
-    (na, a), (nb, b) = found
+    (na, a, ra), (nb, b, rb) = found
+    probed = {k: (ra["config"].get(k), rb["config"].get(k)) for k in PROBE_KEYS}
+    unlike = {k: v for k, v in probed.items() if repr(v[0]) != repr(v[1])}
+    if unlike:  # a loss range along -lr*g and one along Adam's update (or at other step sizes) measure different things
+        said = "; ".join(f"{k} {va} / {vb}" for k, (va, vb) in unlike.items())
+        return [f"landscape at matched training loss: not comparable (the runs probed differently: {said})"]
     m = matched_loss(a, b)
     if m["medians"] is None:
         return [f"landscape at matched training loss: not comparable ({m['reason']})"]

@@ -342,6 +342,18 @@ def test_bnctl_compare_overlays_the_landscapes(tmp_path, cli):
     assert "landscape at matched training loss: not comparable (fewer than 5 probes in a run)" in result.output
 
 
+def test_bnctl_compare_refuses_to_match_runs_that_probed_differently(tmp_path, cli):
+    bn, plain = _fake_run(tmp_path / "bn", 0.0, "batch"), _fake_run(tmp_path / "plain", 0.5, "none")
+    for run, direction in ((bn, "gradient"), (plain, "update")):
+        with open(run / rundir.CONFIG_FILE, "a") as f:
+            f.write(f"train:\n  landscape:\n    every: 10\n    direction: {direction}\n")
+    result = cli("compare", bn, plain, "--out", tmp_path / "cmp.png")
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert ("landscape at matched training loss: not comparable (the runs probed differently: "
+            "train.landscape.direction gradient / update)") in out
+
+
 def test_bnctl_plot_draws_the_landscape_without_torch(tmp_path):
     import subprocess
     import sys
