@@ -323,33 +323,11 @@ def train(config: ConfigLike, overrides: Overrides = None, /, *, runs_root: Path
     """
     _check_progress(progress)
     cfg = load_config(config, overrides, **keywords)
-    from bnctl import distributed, engine, plotting, rundir
-    from bnctl.diagnostics import BNProbe
+    from bnctl import workflow
 
     reporter = _EpochProgress(progress, cfg.train.epochs)
-    started: dict[str, Path] = {}
-
-    def announce(path: Path) -> None:
-        started["dir"] = path
-        reporter.run_dir(path)
-
-    trained = False
-    try:
-        with distributed.process_group(cfg.device) as dist:
-            result = engine.fit(cfg, runs_root=Path(runs_root), run_dir=None if run_dir is None else Path(run_dir),
-                                reporter=reporter, on_run_dir=announce, probe_factory=BNProbe.for_experiment,
-                                dist=dist)
-        trained = True
-    finally:
-        # The figures `bnctl train` leaves in a run directory, also after a run that diverged or was stopped.
-        if "dir" in started and (started["dir"] / rundir.METRICS_FILE).is_file():
-            try:
-                plotting.plot_run(started["dir"])
-            except BnctlError:
-                pass  # no complete epoch yet: nothing to draw
-            except Exception:
-                if trained:
-                    raise
+    result = workflow.train_run(cfg, runs_root=Path(runs_root), run_dir=None if run_dir is None else Path(run_dir),
+                                reporter=reporter, on_run_dir=reporter.run_dir)
     return Run(result.run_dir)
 
 
@@ -415,7 +393,7 @@ def evaluate(target: Run | PathLike, *, bn_mode: str = "running", batch_size: in
     recomputes BN's statistics from N training images. save=True keeps the result as RUN/eval/<what>.json
     and its confusion figure, like the command.
     """
-    from bnctl import evaluation, plotting, rundir
+    from bnctl import evaluation, rundir, workflow
 
     if isinstance(target, Run):
         target = target.dir
@@ -423,13 +401,7 @@ def evaluate(target: Run | PathLike, *, bn_mode: str = "running", batch_size: in
     result = evaluation.evaluate_checkpoint(checkpoint, data_root=data_root, device=device, bn_mode=bn_mode,
                                             batch_size=batch_size, recalibrate=recalibrate,
                                             recalibrate_batch_size=recalibrate_batch_size)
-    path = None
-    if save:
-        out_dir = rundir.run_dir_of(checkpoint) / rundir.EVAL_DIR
-        path = out_dir / (rundir.eval_output_name(result, recalibrate_batch_size) + ".json")
-        out_dir.mkdir(exist_ok=True)
-        rundir.write_json(path, result)
-        plotting.plot_confusion(path)
+    path = workflow.save_evaluation(checkpoint, result, recalibrate_batch_size)[0] if save else None
     return Evaluation(result, path)
 
 
@@ -451,6 +423,28 @@ class Comparison:
 
     def to_pandas(self) -> "pandas.DataFrame":
         return _to_pandas([_flat_row(r) for r in self.rows], "Comparison")
+
+    def _cells(self) -> tuple[list[str], list[list[str]]]:
+        """The table a notebook shows: each run, the keys it differs in, and its final and best test accuracy."""
+        def num(value: Any, fmt: str) -> str:
+            return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+        header = ["run", *self.keys, "status", "epochs", "final test acc %", "best test acc % (epoch)"]
+        body = [[str(r["name"]), *(str(r["differs"].get(k, "-")) for k in self.keys), str(r["status"]),
+                 str(r["epochs"]), num(r.get("final_test_acc"), ".2f"),
+                 f"{num(r.get('best_test_acc'), '.2f')} ({r.get('best_epoch') or '-'})"] for r in self.rows]
+        return header, body
+
+    def _repr_markdown_(self) -> str:
+        from bnctl.report import md_table
+
+        return md_table(*self._cells())
+
+    def __repr__(self) -> str:
+        header, body = self._cells()
+        lines = [header] + body
+        widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines)
 
 
 def _flat_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -92,6 +92,11 @@ def _recorded_data_root(raw: dict, path: Path) -> str | None:
     return str(candidate) if candidate is not None and candidate.exists() else None
 
 
+def _opt(name: str) -> str:
+    """An option named for both callers: bnctl.evaluate's parameter and `bnctl eval`'s flag."""
+    return f"{name} (--{name.replace('_', '-')})"
+
+
 def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str | None = None,
                         bn_mode: str = "running", batch_size: int | None = None, recalibrate: int = 0,
                         order_seed: int | None = None, recalibrate_batch_size: int | None = None) -> dict:
@@ -106,12 +111,17 @@ def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str
     evaluated in fp32, and result["notes"] says so.
     """
     if bn_mode not in BN_MODES:
-        raise ConfigError(f"unknown --bn-mode '{bn_mode}'; choose one of: {', '.join(BN_MODES)}")
+        raise ConfigError(f"unknown {_opt('bn_mode')} '{bn_mode}'; choose one of: {', '.join(BN_MODES)}")
+    # The command line's options check these ranges too; a Python caller meets them here first.
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"{_opt('batch_size')} must be at least 1 (got {batch_size})")
+    if recalibrate < 0:
+        raise ConfigError(f"{_opt('recalibrate')} is a number of training images, at least 0 (got {recalibrate})")
     if recalibrate and bn_mode == "batch":
-        raise ConfigError("--recalibrate recomputes BN's running statistics, which --bn-mode batch does not use; "
-                          "recalibrate with --bn-mode running")
+        raise ConfigError(f"{_opt('recalibrate')} recomputes BN's running statistics, which bn_mode 'batch' "
+                          "does not use; recalibrate with bn_mode 'running'")
     if recalibrate_batch_size is not None and recalibrate_batch_size < 2:
-        raise ConfigError("--recalibrate-batch-size must be at least 2: BN cannot take statistics of one image")
+        raise ConfigError(f"{_opt('recalibrate_batch_size')} must be at least 2: BN cannot take statistics of one image")
     state = checkpoint.load(path)
     raw = copy.deepcopy(state["config"])
     stored_root = (raw.get("data") or {}).get("root")
@@ -131,7 +141,7 @@ def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str
             raise
         tried = f" (data.root={stored_root} in the checkpoint, {cfg.data.root} tried)" \
             if stored_root != cfg.data.root else ""
-        raise DataError(f"{err.what}{tried}. Point eval at the data with --data-root PATH", err.what) from None
+        raise DataError(f"{err.what}{tried}. Point evaluation at the data with {_opt('data_root')}", err.what) from None
     checkpoint.check_classes(state, exp.data.classes, Path(path))  # first: it names both lists, even of other lengths
     checkpoint.load_model_state(exp.model, state["model"], Path(path))  # a checkpoint without classes: the count is checked here
     model = exp.model
@@ -145,12 +155,12 @@ def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str
         order_seed, test = None, exp.test_batches  # running statistics: the order cannot matter
     bn_layers = sum(uses_batch_stats(m) for m in model.modules())
     if batch_stats and _one_image_batch(len(test.y), test.batch_size, model, split_virtual=bn_mode == "batch"):
-        why = ("--bn-mode batch normalizes" if bn_mode == "batch" else
+        why = ("bn_mode 'batch' normalizes" if bn_mode == "batch" else
                "this model keeps no running statistics (model.bn_track_running_stats=false), so eval mode normalizes")
         raise ConfigError(
             f"{why} each test batch with its own statistics, but {len(test.y)} test images "
             f"in batches of {test.batch_size} leave a batch of one image (counting ghost BN's virtual batches), "
-            "which has none; choose another --batch-size")
+            f"which has none; choose another {_opt('batch_size')}")
     result: dict[str, Any] = {"checkpoint": str(path), "epoch": state["epoch"], "bn_mode": bn_mode,
                               "data_root": cfg.data.root,
                               "batch_size": test.batch_size, "bn_layers": bn_layers, "classes": exp.data.classes,
@@ -158,7 +168,7 @@ def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str
                               "notes": list(exp.notes)}
     if recalibrate:
         if not any(_has_running_stats(m) for m in model.modules()):
-            raise ConfigError(f"--recalibrate needs BN layers that keep running statistics; this model has "
+            raise ConfigError(f"{_opt('recalibrate')} needs BN layers that keep running statistics; this model has "
                               f"model.norm={cfg.model.norm}, bn_track_running_stats={cfg.model.bn_track_running_stats}")
         before = evaluate(model, test, exp.precision)
         model = copy.deepcopy(model)  # recalibrated statistics are reported, never written back
@@ -167,9 +177,9 @@ def evaluate_checkpoint(path: Path, *, data_root: str | None = None, device: str
                             recalibrate_batch_size or max(2, cfg.train.batch_size), shuffle=True,
                             drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
         if len(recal) == 0:  # reset statistics (mean 0, variance 1) would be reported as "recalibrated"
-            raise DataError(f"--recalibrate needs at least one whole training batch of {recal.batch_size} images, "
-                            f"but the training split has {len(recal.y)}; point --data-root at the training data "
-                            "or evaluate without --recalibrate")
+            raise DataError(f"{_opt('recalibrate')} needs at least one whole training batch of {recal.batch_size} "
+                            f"images, but the training split has {len(recal.y)}; point {_opt('data_root')} at the "
+                            "training data or evaluate without recalibrating")
         used = recalibrate_bn(model, recal, recalibrate)
         result["recalibration"] = {"images": used, "batch_size": recal.batch_size,
                                    "before_acc": before["acc"], "before_loss": before["loss"]}

@@ -9,6 +9,7 @@ gradient change (gradient predictiveness) and the largest gradient change per di
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ def read(run_dir: Path) -> dict[str, Any] | None:
 # ------------------------------------------------------------------ comparing at matched training loss
 
 MATCHED_MEASURES = ("loss_range", "grad_change_max", "beta_max")
+# What a probe's numbers mean: two runs are compared only when they probed alike.
+PROBE_KEYS = ("train.landscape.direction", "train.landscape.scales")
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -101,8 +104,10 @@ def _log_if_wide(ax, values: list[float]) -> None:
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
-def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str) -> Path:
-    """The figure for one or more (label, read(...)) pairs."""
+def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str, legend: bool = False,
+         missing: tuple[str, ...] = ()) -> Path:
+    """The figure for one or more (label, read(...)) pairs; ``legend`` names the runs even when only one
+    is drawn (a comparison), and ``missing`` lists the compared runs that have no landscape.csv."""
     from bnctl.plotting import pyplot, save_figure
 
     plt = pyplot()
@@ -115,6 +120,7 @@ def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str) -> Path:
                              layout="constrained")
     colors = plt.get_cmap("tab10")
     several = len(runs) > 1
+    legend = legend or several
     for i, (label, data) in enumerate(runs):
         color = colors(i % 10)
         s, ps = data["summary"], data["per_scale"]
@@ -142,10 +148,10 @@ def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str) -> Path:
                 if pts:
                     axes[row][j].plot([p[0] for p in pts], [p[1] for p in pts], color=color, lw=1.1,
                                       marker="o" if len(pts) < 30 and not several else None, ms=2.5)
-    axes[0][0].set_title("loss along the step: range over step sizes\n(line: loss at the current weights)",
+    axes[0][0].set_title("loss along the step:\nrange over step sizes c\n(line: loss at the current weights)",
                          fontsize=9)
     axes[0][0].set_ylabel("cross-entropy", fontsize=8.5)
-    axes[0][1].set_title("gradient predictiveness: ||grad(x) - grad(x + c d)||\nrange over step sizes c",
+    axes[0][1].set_title("gradient predictiveness:\n||grad(x) - grad(x + c d)||,\nrange over step sizes c",
                          fontsize=9)
     axes[0][2].set_title("effective beta-smoothness:\nmax over c of gradient change / distance moved", fontsize=9)
     for j, layer in enumerate(layers):
@@ -164,7 +170,13 @@ def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str) -> Path:
             ax.tick_params(labelsize=8)
     spare = axes[0][3]
     handles, labels = axes[0][0].get_legend_handles_labels()
-    if several:
+    if legend:
+        if missing:  # a run in the comparison that drew nothing is named, not silently left out
+            from matplotlib.patches import Patch
+
+            handles = handles + [Patch(color="none") for _ in missing]
+            labels = labels + [f"{name}: no landscape.csv" for name in missing]
+        labels = [textwrap.fill(label, 48, subsequent_indent="  ") for label in labels]  # one column's width
         spare.legend(handles, labels, loc="center", fontsize=8.5, title="run (shaded: range over step sizes)",
                      title_fontsize=8.5)
     else:
@@ -190,10 +202,13 @@ def plot_run(run_dir: Path) -> Path | None:
 
 def plot_compare(runs: list[tuple[str, Path]], out: Path) -> Path | None:
     """The runs that have a landscape.csv, overlaid; None when none has."""
-    found = [(label, data) for label, d in runs if (data := read(d)) is not None]
+    read_all = [(label, read(d)) for label, d in runs]
+    found = [(label, data) for label, data in read_all if data is not None]
     if not found:
         return None
-    return draw(found, out, "Loss landscape and internal covariate shift, overlaid (Santurkar et al. 2018, fig. 4-5)")
+    missing = tuple(label for label, data in read_all if data is None)
+    return draw(found, out, "Loss landscape and internal covariate shift, overlaid (Santurkar et al. 2018, fig. 4-5)",
+                legend=True, missing=missing)
 
 
 def plot_compare_runs(runs: list[dict[str, Any]], out: Path) -> Path | None:
@@ -211,10 +226,15 @@ def matched_summary(runs: list[dict[str, Any]]) -> list[str]:
     """For `bnctl compare` with exactly two runs that probed the landscape: the matched-loss comparison in words."""
     from bnctl.plotting import run_names
 
-    found = [(name, data) for r, name in zip(runs, run_names(runs)) if (data := read(Path(r["dir"]))) is not None]
+    found = [(name, data, r) for r, name in zip(runs, run_names(runs)) if (data := read(Path(r["dir"]))) is not None]
     if len(found) != 2:
         return []
-    (na, a), (nb, b) = found
+    (na, a, ra), (nb, b, rb) = found
+    probed = {k: (ra["config"].get(k), rb["config"].get(k)) for k in PROBE_KEYS}
+    unlike = {k: v for k, v in probed.items() if repr(v[0]) != repr(v[1])}
+    if unlike:  # a loss range along -lr*g and one along Adam's update (or at other step sizes) measure different things
+        said = "; ".join(f"{k} {va} / {vb}" for k, (va, vb) in unlike.items())
+        return [f"landscape at matched training loss: not comparable (the runs probed differently: {said})"]
     m = matched_loss(a, b)
     if m["medians"] is None:
         return [f"landscape at matched training loss: not comparable ({m['reason']})"]

@@ -460,7 +460,8 @@ def write_report(study_dir: Path) -> StudyResult:
                       "rerun with --resume to finish")
     results[NOTEBOOK_SECTION.key] = _undeclared("the notebook's evaluation", "notebook_eval") if spec5 is None else (
         verdicts.notebook_eval([r["running_acc"] for r in evals], [r["batch_stats_acc"] for r in evals],
-                               [r["recalibrated_acc"] for r in evals], spec5, small_facts.quantum, incomplete))
+                               [r["recalibrated_acc"] for r in evals], spec5, small_facts.quantum, incomplete,
+                               small_facts.chance))
     verdicts.decide_all(list(results.values()))  # Holm across the sections
     fig5 = _eval_figure(evals, study_dir / FIGURES_DIR / f"{NOTEBOOK_SECTION.key}.png")
     md5 = [f"## {NOTEBOOK_SECTION.title}", "", NOTEBOOK_SECTION.question, "",

@@ -31,6 +31,7 @@ from bnctl import stats, studyspec
 
 SUPPORTED, CONTRADICTED, EQUIVALENT, INCONCLUSIVE, NOT_TESTABLE, INCOMPLETE = (
     "supported", "contradicted", "no effect larger than", "inconclusive", "not testable", "incomplete")
+TRAINS = 10.0  # points above chance: below this at its reference a norm has learned nothing a comparison could use
 FINISHED = ("completed", "diverged", "failed")  # a failed run will not produce a result by waiting
 
 
@@ -252,11 +253,14 @@ def lr_tolerance(rows: Sequence[dict], spec: studyspec.LrTolerance, chance: floa
     if v.effect is None:
         v.status, v.reason = NOT_TESTABLE, "here: fewer than 2 seeds per norm have a known limit"
         return decide_all([v])[0]
+    both = censored[spec.arm] and censored[spec.control]
     for norm in (spec.arm, spec.control):
         if censored[norm]:
+            bound = ("unknown in direction there, since both norms are censored" if both else
+                     f"{'a lower' if norm == spec.arm else 'an upper'} bound there")
             v.caveats.append(f"{spec.norm_key}={norm} trains at the grid's largest lr ({lrs[-1]:g}) in {censored[norm]} "
                              f"of {len(limits[norm])} seeds: its limit lies above the grid (censored), so the "
-                             f"difference is {'a lower' if norm == spec.arm else 'an upper'} bound there")
+                             f"difference is {bound}")
     if step > spec.smallest_effect:
         v.caveats.append(f"the grid's step ({step:g} decade{'' if step == 1 else 's'}) is coarser than the smallest effect that matters "
                          f"({spec.smallest_effect:g}): the grid cannot show that an effect is absent")
@@ -301,7 +305,7 @@ def init_reference(rows: Sequence[dict], spec: studyspec.InitReference, chance: 
         if best != 0:
             v.caveats.append(f"{spec.norm_key}={n} does best at scale {ordered[best]:g} ({means[best]:.1f}%), not at "
                              f"the reference {spec.reference:g} ({means[0]:.1f}%)")
-        if means[0] < chance + 10:
+        if means[0] < chance + TRAINS:
             v.status = NOT_TESTABLE
             v.reason = (f"here: {spec.norm_key}={n} does not train at the reference scale {spec.reference:g} "
                         f"({means[0]:.1f}%, chance {chance:g}%): its loss off the reference means nothing")
@@ -392,6 +396,13 @@ def gap_reduction(rows: Sequence[dict], spec: studyspec.GapReduction, quantum: f
         if acc.hi < 0:
             v.no_support = f"{arm}'s gap is smaller but its test accuracy is lower by {-acc.effect:.1f} points"
             v.caveats.append(v.no_support)
+        elif not acc.lo90 > -spec.smallest_effect:
+            # A gap can shrink because train accuracy falls; a regularizer like dropout must not cost test
+            # accuracy, so "supported" needs BN's test accuracy shown no worse than the margin (one-sided 5%).
+            v.no_support = (f"{arm}'s test accuracy is not shown to be within {spec.smallest_effect:g} points of "
+                            f"{ctl}'s ({acc.effect:+.1f} points, 90% interval [{acc.lo90:+.1f}, {acc.hi90:+.1f}]): "
+                            "a smaller gap bought with lower accuracy is not regularization")
+            v.caveats.append(v.no_support)
     return decide_all([v])[0]
 
 
@@ -411,7 +422,8 @@ def batch_interaction(rows: Sequence[dict], spec: studyspec.BatchInteraction, ch
               f"A linear contrast of the cell means with a Welch-Satterthwaite t-interval. {ctl} is the control: if "
               f"its mean at some batch size differs from its mean at the reference batch by more than "
               f"{spec.control_tolerance:g} points, the difference in differences is not trusted and the section "
-              "is not testable.",
+              f"is not testable. Not supported unless {arm}'s own fitted accuracy falls detectably as the batch "
+              f"shrinks (a drift of {ctl} within the tolerance alone is not a loss of {arm}'s).",
               f"fitted loss from batch {ref} to {sizes[0] if sizes else '?'}, {arm} minus {ctl}")
     if (why := _unfinished(rows)) is not None:
         v.status, v.reason = INCOMPLETE, why
@@ -425,6 +437,12 @@ def batch_interaction(rows: Sequence[dict], spec: studyspec.BatchInteraction, ch
     if any(len(s) < 2 for s in samples.values()):
         v.status, v.reason = NOT_TESTABLE, "here: a cell of the grid has fewer than 2 finished runs"
         return decide_all([v])[0]
+    untrained = [(n, _mean(samples[(n, ref)])) for n in (arm, ctl) if _mean(samples[(n, ref)]) < chance + TRAINS]
+    if untrained:  # at chance both norms "agree" at every batch size; that is no evidence about the claim
+        v.status = NOT_TESTABLE
+        v.reason = "here: " + "; ".join(f"{spec.norm_key}={n} does not train at the reference batch {ref} ({m:.1f}%, "
+                                        f"chance {chance:g}%)" for n, m in untrained) + ", so there is no accuracy to lose"
+        return decide_all([v])[0]
     floor = stats.quantum_floor(quantum)
     x = [math.log2(b) for b in sizes]
     mx = sum(x) / len(x)
@@ -433,6 +451,13 @@ def batch_interaction(rows: Sequence[dict], spec: studyspec.BatchInteraction, ch
     c = [(xi - mx) / sxx * span for xi in x]  # slope weights times the distance: the line's D(ref) - D(smallest)
     v.effect = stats.contrast([samples[(arm, b)] for b in sizes] + [samples[(ctl, b)] for b in sizes],
                               c + [-ci for ci in c], floor)
+    own = stats.contrast([samples[(arm, b)] for b in sizes], c, floor)  # the arm's own fitted loss, ref to smallest
+    v.details.append(f"{arm}'s own fitted loss from batch {ref} to {sizes[0]}: {own.effect:+.1f} points, 95% "
+                     f"interval [{own.lo:+.1f}, {own.hi:+.1f}]")
+    if not own.lo > 0:
+        v.no_support = (f"{arm}'s own accuracy does not fall detectably as the batch shrinks ({own.effect:+.1f} "
+                        f"points from batch {ref} to {sizes[0]}, 95% interval [{own.lo:+.1f}, {own.hi:+.1f}]): "
+                        f"the difference comes from {ctl} moving")
     means = {k: _mean(s) for k, s in samples.items()}
     for n in (arm, ctl):
         v.details.append(f"{spec.norm_key}={n}: mean accuracy by batch " + ", ".join(
@@ -460,7 +485,7 @@ def batch_interaction(rows: Sequence[dict], spec: studyspec.BatchInteraction, ch
 
 def notebook_eval(running: Sequence[float], batch_stats: Sequence[float], recalibrated: Sequence[float],
                   spec: studyspec.NotebookEval | None = None, quantum: float | None = None,
-                  incomplete: str | None = None) -> Verdict:
+                  incomplete: str | None = None, chance: float | None = None) -> Verdict:
     """Eval-mode minus test-batch-statistics accuracy of the same checkpoints (paired t, variance floored)."""
     spec = spec or studyspec.NotebookEval(estimand="notebook_eval", claim=(
         "The notebook's evaluation (train-mode BN on test batches) understates the network's accuracy."),
@@ -484,6 +509,11 @@ def notebook_eval(running: Sequence[float], batch_stats: Sequence[float], recali
                          f"[{recal.lo:+.2f}, {recal.hi:+.2f}] (paired t, n={recal.n[0]})")
     if v.effect is None:
         v.status, v.reason = NOT_TESTABLE, f"here: fewer than 2 evaluated checkpoints ({len(list(running))})"
+        return decide_all([v])[0]
+    if chance is not None and (m := _mean([float(a) for a in running])) < chance + TRAINS:
+        v.status = NOT_TESTABLE
+        v.reason = (f"here: the checkpoints did not train ({m:.1f}% in eval mode, chance {chance:g}%), so both "
+                    "evaluations sit at chance and their agreement says nothing about the notebook's")
         return decide_all([v])[0]
     return decide_all([v])[0]
 

@@ -212,10 +212,29 @@ def test_evaluate_matches_the_eval_command_and_keeps_its_files(trained, cli):
     assert unsaved.path is None and unsaved.result["recalibration"]["images"] == 64
 
 
+def test_evaluation_options_are_named_for_python_and_the_command_line(tmp_path):
+    """Checked before the checkpoint is read, so a missing file is enough; the messages fit both callers."""
+    from bnctl import evaluation
+
+    for options, message in (({"bn_mode": "train"}, "unknown bn_mode (--bn-mode) 'train'"),
+                             ({"batch_size": 0}, "batch_size (--batch-size) must be at least 1 (got 0)"),
+                             ({"recalibrate": -1}, "recalibrate (--recalibrate) is a number of training images"),
+                             ({"recalibrate": 8, "bn_mode": "batch"},
+                              "recalibrate (--recalibrate) recomputes BN's running statistics, which bn_mode 'batch'"),
+                             ({"recalibrate_batch_size": 1}, "recalibrate_batch_size (--recalibrate-batch-size) must")):
+        with pytest.raises(ConfigError) as err:
+            evaluation.evaluate_checkpoint(tmp_path / "missing.pt", **options)
+        assert str(err.value).startswith(message)
+
+
 def test_evaluate_raises_the_commands_errors(trained, tmp_path):
     run, _ = trained
-    with pytest.raises(ConfigError, match="unknown --bn-mode 'train'; choose one of: running, batch"):
+    with pytest.raises(ConfigError, match=r"unknown bn_mode \(--bn-mode\) 'train'; choose one of: running, batch"):
         bnctl.evaluate(run, bn_mode="train")
+    with pytest.raises(ConfigError, match=r"^batch_size \(--batch-size\) must be at least 1 \(got 0\)$"):
+        bnctl.evaluate(run, batch_size=0)  # not pydantic's ValidationError from deep inside
+    with pytest.raises(ConfigError, match=r"^recalibrate \(--recalibrate\) is a number of training images"):
+        bnctl.evaluate(run, recalibrate=-1)  # not an evaluation "recalibrated on 0 images"
     with pytest.raises(ConfigError, match="recalibrate"):
         bnctl.evaluate(run, bn_mode="batch", recalibrate=100)
     with pytest.raises(BnctlError):
@@ -352,3 +371,47 @@ def test_the_api_reporters_take_what_the_library_passes_them():
         for name, fn in inspect.getmembers(protocol, inspect.isfunction):
             if not name.startswith("_") and hasattr(mine, name):
                 assert params(getattr(mine, name)) == params(fn), (mine.__name__, name)
+
+
+def test_the_command_and_the_api_train_and_keep_evaluations_through_one_function(tmp_path, monkeypatch, cli):
+    """One implementation of what `bnctl train`/`bnctl eval` do around their library call, not two copies."""
+    from bnctl import evaluation, workflow
+
+    trained_by: list[int] = []
+
+    def fake_train_run(cfg, **options):
+        trained_by.append(cfg.train.epochs)
+        raise ConfigError("stopped here")
+
+    monkeypatch.setattr(workflow, "train_run", fake_train_run)
+    config = write_config(tmp_path / "tiny.yaml", tiny_raw())
+    with pytest.raises(ConfigError, match="stopped here"):
+        bnctl.train(config, train__epochs=3, runs_root=tmp_path / "runs", progress=False)
+    result = cli("train", "-c", config, "train.epochs=4", "--runs-root", tmp_path / "runs")
+    assert result.exit_code == 2 and "stopped here" in result.output
+    assert trained_by == [3, 4]
+
+    kept: list[tuple] = []
+    canned = {"acc": 50.0, "loss": 1.0, "bn_mode": "running", "batch_size": 8, "epoch": 1, "images": 8,
+              "per_class_acc": {}, "notes": [], "bn_layers": 1, "confusion": [[1]]}
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", lambda path, **options: dict(canned))
+    monkeypatch.setattr(workflow, "save_evaluation",
+                        lambda ckpt, result, bs=None: kept.append((ckpt, bs)) or (tmp_path / "e.json", tmp_path / "e.png"))
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"")
+    assert bnctl.evaluate(ckpt, recalibrate_batch_size=16).path == tmp_path / "e.json"
+    assert cli("eval", ckpt, "--recalibrate-batch-size", "16", "--json").exit_code == 0
+    assert kept == [(ckpt, 16), (ckpt, 16)]
+
+
+def test_a_comparison_shows_as_a_short_table_not_a_dump_of_its_rows():
+    rows = [{"name": "a", "differs": {"model.norm": "batch"}, "status": "completed", "epochs": 2,
+             "final_test_acc": 15.5, "best_test_acc": 15.5, "best_epoch": 2, "dir": "runs/a", "final_gap": None},
+            {"name": "b", "differs": {"model.norm": "none"}, "status": "diverged", "epochs": 1,
+             "final_test_acc": None, "best_test_acc": None, "best_epoch": None, "dir": "runs/b", "final_gap": None}]
+    cmp = api.Comparison([], rows, ["model.norm"])
+    assert repr(cmp).splitlines() == [
+        "run  model.norm  status     epochs  final test acc %  best test acc % (epoch)",
+        "a    batch       completed  2       15.50             15.50 (2)",
+        "b    none        diverged   1       -                 - (-)"]
+    assert cmp._repr_markdown_().splitlines()[2] == "| a | batch | completed | 2 | 15.50 | 15.50 (2) |"

@@ -161,7 +161,7 @@ def test_evaluate_checkpoint_refusals_name_the_checkpoint_and_the_reason(tmp_pat
     assert evaluation.evaluate_checkpoint(ghost, bn_mode="batch", batch_size=11)["images"] == 11
     with pytest.raises(config_mod.ConfigError) as err:
         evaluation.evaluate_checkpoint(ghost, bn_mode="batch", batch_size=9)
-    assert str(err.value).startswith("--bn-mode batch normalizes each test batch with its own statistics")
+    assert str(err.value).startswith("bn_mode 'batch' normalizes each test batch with its own statistics")
     untracked = _checkpoint(tmp_path / "untracked.pt", tiny_raw(data=small, model={"bn_track_running_stats": False}))
     with pytest.raises(config_mod.ConfigError) as err:
         evaluation.evaluate_checkpoint(untracked, batch_size=1)  # batches of one image: no statistics

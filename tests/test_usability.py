@@ -180,7 +180,7 @@ def test_eval_of_several_goes_on_past_a_broken_checkpoint_and_names_each_failure
     assert results[1] == {"checkpoint": str(missing), "error": f"checkpoint not found: {missing}", "exit_code": 2}
     # The same problem for every target is said once, as one error.
     same = cli("eval", run_copy, last, "--bn-mode", "batch", "--recalibrate", "8")
-    assert same.exit_code == 2 and same.output.count("--recalibrate recomputes") == 1
+    assert same.exit_code == 2 and same.output.count("recalibrate (--recalibrate) recomputes") == 1
     assert "failed:" not in same.output
 
 
@@ -243,7 +243,7 @@ def test_eval_resolves_a_relative_data_root_from_the_runs_folder(tmp_path, cli, 
     lost = cli("eval", run_dir)
     assert lost.exit_code == 2 and "--data-root" in lost.stderr and "data.download" not in lost.stderr
     # The root it tried is the checkpoint's own, so the message names it once.
-    assert f"data.root=./data does not exist (from {tmp_path}). Point eval at the data with --data-root PATH" \
+    assert f"data.root=./data does not exist (from {tmp_path}). Point evaluation at the data with data_root (--data-root)" \
         in lost.stderr
     wrong = cli("eval", run_dir, "--data-root", tmp_path / "nowhere")
     assert wrong.exit_code == 2 and f"(data.root=./data in the checkpoint, {tmp_path / 'nowhere'} tried)" in wrong.stderr

@@ -85,21 +85,17 @@ def eval_(
 
 def _write_eval(ckpt: Path, result: dict, recalibrate_batch_size: Optional[int]):
     """Write RUN/eval/<name>.json and its confusion figure; a failure is a warning naming the path."""
-    from bnctl import plotting, rundir
-
+    from bnctl import rundir, workflow
     from bnctl.clikit import err_console
 
-    out_dir = rundir.run_dir_of(ckpt) / rundir.EVAL_DIR
-    path = out_dir / (rundir.eval_output_name(result, recalibrate_batch_size) + ".json")
     try:
-        out_dir.mkdir(exist_ok=True)
-        rundir.write_json(path, result)
-        png = plotting.plot_confusion(path)
+        return workflow.save_evaluation(ckpt, result, recalibrate_batch_size)
     except OSError as err:
+        path = rundir.run_dir_of(ckpt) / rundir.EVAL_DIR / (rundir.eval_output_name(result, recalibrate_batch_size)
+                                                            + ".json")
         err_console.print(f"[yellow]warning:[/] could not write {escape(str(path))} and its figure "
                           f"({escape(err.strerror or str(err))}); the result above is not saved", soft_wrap=True)
         return None
-    return path, png
 
 
 def _print_eval(checkpoint: Path, result: dict) -> None:

@@ -83,37 +83,23 @@ def _train(overrides: Optional[List[str]], config: Optional[Path], run_dir: Opti
                           f"(extend it with: bnctl train --resume {resume} train.epochs=N)", soft_wrap=True)
             return
 
-    from bnctl import elastic, engine, plotting  # heavy imports only once the config is known to be valid
-    from bnctl.diagnostics import BNProbe
+    from bnctl import elastic, workflow  # heavy imports only once the config is known to be valid
 
     reporter = TrainProgress(cfg.train.epochs, clean_train=cfg.train.eval_train)
-    started: dict[str, Path] = {}
 
     def announce(path: Path) -> None:
-        started["dir"] = path
         verb = "resuming" if resume is not None else "run directory"
         restart = elastic.attempt()
         if restart is not None and restart.restart > 0:
             verb += f" (torchrun restart {restart.restart})"
         console.print(f"[dim]{verb}:[/] {escape(str(path))}", soft_wrap=True)
 
-    trained = False
     try:
-        with loading_progress(), distributed.process_group(cfg.device) as dist:
-            result = engine.fit(cfg, runs_root=runs_root, run_dir=run_dir, resume=resume, reporter=reporter,
-                                on_run_dir=announce, probe_factory=BNProbe.for_experiment, dist=dist)
-        trained = True
+        with loading_progress():
+            result = workflow.train_run(cfg, runs_root=runs_root, run_dir=run_dir, resume=resume, reporter=reporter,
+                                        on_run_dir=announce)
     finally:
         reporter.close()
-        if "dir" in started and (started["dir"] / "metrics.csv").is_file():
-            try:
-                plotting.plot_run(started["dir"])
-            except BnctlError:
-                pass  # no complete epoch yet: nothing to draw
-            except Exception:
-                if trained:
-                    raise
-                # Training failed already: its error is the one to report, not the figure's.
     best = result.summary["best"]
     # The run's time as summary.json records it (and compare, runs and sweeps show it): one definition.
     took = f"wall time {result.summary['wall_time_s']:.1f}s"
