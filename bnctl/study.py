@@ -515,14 +515,10 @@ def write_report(study_dir: Path) -> StudyResult:
                       "rerun with --resume to finish")
     results[NOTEBOOK_SECTION.key] = _undeclared("the notebook's evaluation", "notebook_eval") if spec5 is None else (
         verdicts.notebook_eval([r["running_acc"] for r in evals], [r["batch_stats_acc"] for r in evals],
-<<<<<<< HEAD
-                               [r["recalibrated_acc"] for r in evals], spec5, small_facts.quantum, incomplete))
-    if ICS_SECTION.key not in results:
-        results[ICS_SECTION.key] = _missing_section(ICS_SECTION)
-=======
                                [r["recalibrated_acc"] for r in evals], spec5, small_facts.quantum, incomplete,
                                small_facts.chance))
->>>>>>> main
+    if ICS_SECTION.key not in results:
+        results[ICS_SECTION.key] = _missing_section(ICS_SECTION)
     verdicts.decide_all(list(results.values()))  # Holm across the sections
     fig5 = _eval_figure(evals, study_dir / FIGURES_DIR / f"{NOTEBOOK_SECTION.key}.png")
     md5 = [f"## {NOTEBOOK_SECTION.title}", "", NOTEBOOK_SECTION.question, "",
