@@ -370,6 +370,9 @@ class SweepProgress:
             detail = "being run by another process; left to it"
         elif outcome == "skipped":
             detail = "finished by another process"
+        elif outcome == "interrupted":
+            detail = (f"stopped after {row['epochs'] or 0} epoch(s); resumable" if row.get("status") == "interrupted"
+                      else f"stopped before it began; left {row.get('status')}")
         console.print(f"[{style}]{outcome:>11}[/] {escape(spec.name)}  {escape(detail)}", soft_wrap=True)
         self.last_line = self.clock()
         self.epochs.pop(spec.name, None)

@@ -48,6 +48,8 @@ def read(run_dir: Path) -> dict[str, Any] | None:
 # ------------------------------------------------------------------ comparing at matched training loss
 
 MATCHED_MEASURES = ("loss_range", "grad_change_max", "beta_max")
+# What a probe's numbers mean: two runs are compared only when they probed alike.
+PROBE_KEYS = ("train.landscape.direction", "train.landscape.scales")
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -55,6 +57,29 @@ def _quantile(xs: list[float], q: float) -> float:
     pos = q * (len(xs) - 1)
     lo = int(math.floor(pos))
     return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
+
+
+def matched_window(la: dict[int, float], lb: dict[int, float], min_probes: int = 5) -> dict[str, Any]:
+    """The matched-loss window of two runs' losses by step: the overlap of their 10th-90th percentile ranges.
+
+    Returns ``window`` (lo, hi), ``steps`` (each run's probed steps inside it) and ``n``; ``reason`` says why
+    the runs are not comparable (fewer than ``min_probes`` probes in a run or in the window, or no overlap).
+    """
+    out: dict[str, Any] = {"window": None, "steps": None, "n": (0, 0), "reason": None}
+    if len(la) < min_probes or len(lb) < min_probes:
+        out["reason"] = f"fewer than {min_probes} probes in a run"
+        return out
+    lo = max(_quantile(list(la.values()), 0.1), _quantile(list(lb.values()), 0.1))
+    hi = min(_quantile(list(la.values()), 0.9), _quantile(list(lb.values()), 0.9))
+    if lo > hi:
+        out["reason"] = "the runs' training losses do not overlap (one has not reached the other's range)"
+        return out
+    steps = tuple([t for t, v in losses.items() if lo <= v <= hi] for losses in (la, lb))
+    out["window"], out["steps"], out["n"] = (lo, hi), steps, (len(steps[0]), len(steps[1]))
+    if min(out["n"]) < min_probes:
+        out["reason"] = (f"only {out['n'][0]} and {out['n'][1]} probes at losses in [{lo:.3g}, {hi:.3g}], "
+                         f"fewer than {min_probes}")
+    return out
 
 
 def matched_loss(a: dict[str, Any], b: dict[str, Any], min_probes: int = 5,
@@ -67,24 +92,12 @@ def matched_loss(a: dict[str, Any], b: dict[str, Any], min_probes: int = 5,
     probes inside it give a median per measure. With fewer than ``min_probes`` probes of either
     run in the window, the runs are not comparable and no medians are given (``reason`` says why).
     """
-    la, lb = a["summary"].get("loss_here", {}), b["summary"].get("loss_here", {})
-    out: dict[str, Any] = {"window": None, "n": (0, 0), "medians": None, "reason": None}
-    if len(la) < min_probes or len(lb) < min_probes:
-        out["reason"] = f"fewer than {min_probes} probes in a run"
+    m = matched_window(a["summary"].get("loss_here", {}), b["summary"].get("loss_here", {}), min_probes)
+    out: dict[str, Any] = {"window": m["window"], "n": m["n"], "medians": None, "reason": m["reason"]}
+    if m["reason"] is not None:
         return out
-    lo = max(_quantile(list(la.values()), 0.1), _quantile(list(lb.values()), 0.1))
-    hi = min(_quantile(list(la.values()), 0.9), _quantile(list(lb.values()), 0.9))
-    if lo > hi:
-        out["reason"] = "the runs' training losses do not overlap (one has not reached the other's range)"
-        return out
-    steps = [[t for t, v in losses.items() if lo <= v <= hi] for losses in (la, lb)]
-    out["window"], out["n"] = (lo, hi), (len(steps[0]), len(steps[1]))
-    if min(out["n"]) < min_probes:
-        out["reason"] = (f"only {out['n'][0]} and {out['n'][1]} probes at losses in [{lo:.3g}, {hi:.3g}], "
-                         f"fewer than {min_probes}")
-        return out
-    out["medians"] = {m: tuple(_quantile([d["summary"][m][t] for t in ts if t in d["summary"].get(m, {})], 0.5)
-                               for d, ts in zip((a, b), steps)) for m in measures}
+    out["medians"] = {mm: tuple(_quantile([d["summary"][mm][t] for t in ts if t in d["summary"].get(mm, {})], 0.5)
+                                for d, ts in zip((a, b), m["steps"])) for mm in measures}
     return out
 
 
@@ -224,10 +237,15 @@ def matched_summary(runs: list[dict[str, Any]]) -> list[str]:
     """For `bnctl compare` with exactly two runs that probed the landscape: the matched-loss comparison in words."""
     from bnctl.comparison import run_names
 
-    found = [(name, data) for r, name in zip(runs, run_names(runs)) if (data := read(Path(r["dir"]))) is not None]
+    found = [(name, data, r) for r, name in zip(runs, run_names(runs)) if (data := read(Path(r["dir"]))) is not None]
     if len(found) != 2:
         return []
-    (na, a), (nb, b) = found
+    (na, a, ra), (nb, b, rb) = found
+    probed = {k: (ra["config"].get(k), rb["config"].get(k)) for k in PROBE_KEYS}
+    unlike = {k: v for k, v in probed.items() if repr(v[0]) != repr(v[1])}
+    if unlike:  # a loss range along -lr*g and one along Adam's update (or at other step sizes) measure different things
+        said = "; ".join(f"{k} {va} / {vb}" for k, (va, vb) in unlike.items())
+        return [f"landscape at matched training loss: not comparable (the runs probed differently: {said})"]
     m = matched_loss(a, b)
     if m["medians"] is None:
         return [f"landscape at matched training loss: not comparable ({m['reason']})"]

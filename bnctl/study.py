@@ -50,7 +50,15 @@ SECTIONS = [
             "Does BN shrink the gap between training and test accuracy, as dropout does?"),
     Section("small_batches", "4. Small batches",
             "Does BN lose more accuracy than GroupNorm as the batch shrinks (Wu & He 2018)?"),
+    Section("landscape", "6. Loss-landscape smoothness",
+            "Is the loss landscape smoother with BN along the training trajectory, compared at the same training "
+            "loss (Santurkar et al. 2018, figure 4)?"),
 ]
+# Section 7 reads section 6's runs (their landscape.csv files); it has no sweep of its own.
+ICS_SECTION = Section("ics", "7. Internal covariate shift",
+                      "Does BN reduce internal covariate shift, as the notebook says (Santurkar et al. 2018, "
+                      "figure 5, found it does not)?")
+ICS_SWEEP = "landscape"
 NOTEBOOK_SECTION = Section("notebook_eval", "5. The notebook's evaluation",
                            "How much accuracy does evaluating with each test batch's own BN statistics "
                            f"(a model left in train mode, batches of {EVAL_BATCH}) cost, against eval mode?")
@@ -184,6 +192,8 @@ def run(study_dir: Path, *, jobs: int = 1, reporter_factory: Callable[[], Any] |
     _record(study_dir, jobs=jobs)  # a resume without --jobs reuses it
     try:
         for section in SECTIONS:
+            if section.key not in info["sweeps"]:  # a study created before the section existed
+                continue
             on_event(f"{section.title}: {info['sweeps'][section.key]}")
             reporter = reporter_factory() if reporter_factory else None
             try:
@@ -276,7 +286,41 @@ RULES: dict[str, Callable[[report.SweepData, RunFacts, dict[str, list]], verdict
                             lambda data, f, spec: verdicts.gap_reduction(data.rows, spec, f.quantum)),
     "small_batches": _rule("small_batches", "batch_interaction",
                            lambda data, f, spec: verdicts.batch_interaction(data.rows, spec, f.chance, f.quantum)),
+    "landscape": _rule("landscape", "landscape_smoothness",
+                       lambda data, f, spec: verdicts.landscape_smoothness(data.rows, landscapes(data), spec)),
 }
+ICS_RULE = _rule(ICS_SWEEP, "ics_reduction",
+                 lambda data, f, spec: verdicts.ics_reduction(data.rows, landscapes(data), spec))
+
+
+def landscapes(data: report.SweepData) -> dict[str, Any]:
+    """Run name -> its landscape.csv as series (bnctl.landscape_plot.read), None for a run without one."""
+    from bnctl import landscape_plot
+
+    return {r["run"]: landscape_plot.read(data.dir / "runs" / r["run"]) for r in data.rows}
+
+
+def _landscape_figure(data: report.SweepData, out: Path, spec) -> Path | None:
+    """The first seed's arm and control runs overlaid (bnctl.landscape_plot), labelled by norm."""
+    from bnctl import landscape_plot
+
+    if spec is None:
+        return None
+    seeds = sorted({r.get("seed") for r in data.rows if r.get("status") == "completed"}, key=str)
+    for seed in seeds:
+        pair = [(f"{spec.norm_key}={n}, seed {seed}", data.dir / "runs" / r["run"]) for n in (spec.arm, spec.control)
+                for r in data.rows if r.get("seed") == seed and r.get(spec.norm_key) == n
+                and r.get("status") == "completed"]
+        if len(pair) == 2:
+            return landscape_plot.plot_compare(pair, out)
+    return None
+
+
+def _missing_section(section: Section) -> verdicts.Verdict:
+    v = verdicts.Verdict(section.title, "(not in this study)", "(not in this study)", "", "", "", 0.0,
+                         status=verdicts.NOT_TESTABLE,
+                         reason="here: the study was created before this section existed; start a new study")
+    return verdicts.decide_all([v])[0]
 
 
 def _lr_text(data: report.SweepData) -> str:
@@ -334,6 +378,8 @@ def _section_figure(key: str, data: report.SweepData, cells: list[report.Cell], 
                     chance: float, trains_at: float | None = None) -> Path | None:
     from bnctl.plotting import pyplot, save_figure
 
+    if key not in FIGURE_KEYS:
+        return None
     x, metrics = FIGURE_KEYS[key]
     plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.4 * len(metrics), 4.2), squeeze=False)
@@ -421,6 +467,10 @@ def write_report(study_dir: Path) -> StudyResult:
     data_names = set()
     small_data = small_facts = None
     for section in SECTIONS:
+        if section.key not in info["sweeps"]:  # a study created before the section existed
+            results[section.key] = _missing_section(section)
+            parts[section.key] = [f"## {section.title}", "", section.question, "", None]
+            continue
         sweep_dir = info["sweeps"][section.key]
         rep = report.build(sweep_dir)  # the sweep's own report.md, summary.csv and figures
         data, cells = rep.data, rep.cells
@@ -431,9 +481,14 @@ def write_report(study_dir: Path) -> StudyResult:
         if section.key == "small_batches":
             small_data, small_facts = data, facts
         results[section.key] = RULES[section.key](data, facts, specs)
+        if section.key == ICS_SWEEP:
+            results[ICS_SECTION.key] = ICS_RULE(data, facts, specs)
         lr_spec = _spec(specs, "lr", "lr_tolerance") if section.key == "lr" else None
         fig = _section_figure(section.key, data, cells, study_dir / FIGURES_DIR / f"{section.key}.png", facts.chance,
                               facts.chance + lr_spec.trains_above_chance if lr_spec else None)
+        if section.key == "landscape":
+            fig = _landscape_figure(data, study_dir / FIGURES_DIR / f"{section.key}.png",
+                                    _spec(specs, "landscape", "landscape_smoothness"))
         only = ["final_test_acc", "gap"] if section.key == "regularization" else ["final_test_acc"]
         header, body = report.table_rows(data, cells, only)
         if section.key != "regularization" and any(c.count("diverged") for c in cells):
@@ -465,6 +520,8 @@ def write_report(study_dir: Path) -> StudyResult:
         verdicts.notebook_eval([r["running_acc"] for r in evals], [r["batch_stats_acc"] for r in evals],
                                [r["recalibrated_acc"] for r in evals], spec5, small_facts.quantum, incomplete,
                                small_facts.chance))
+    if ICS_SECTION.key not in results:
+        results[ICS_SECTION.key] = _missing_section(ICS_SECTION)
     verdicts.decide_all(list(results.values()))  # Holm across the sections
     fig5 = _eval_figure(evals, study_dir / FIGURES_DIR / f"{NOTEBOOK_SECTION.key}.png")
     md5 = [f"## {NOTEBOOK_SECTION.title}", "", NOTEBOOK_SECTION.question, "",
@@ -484,10 +541,16 @@ def write_report(study_dir: Path) -> StudyResult:
         md = parts[section.key]
         at = md.index(None)
         sections_md += md[:at] + _verdict_md(results[section.key]) + md[at + 1:]
-    sections_md += md5
+        if section.key == "small_batches":
+            sections_md += md5
+        if section.key == ICS_SWEEP:
+            sections_md += [f"## {ICS_SECTION.title}", "", ICS_SECTION.question, "",
+                            f"**Budget.** The runs of section {section.title.split('.')[0]} (their landscape.csv).", ""]
+            sections_md += _verdict_md(results[ICS_SECTION.key])
 
+    numbered = sorted([*SECTIONS, NOTEBOOK_SECTION, ICS_SECTION], key=lambda s: int(s.title.split(".")[0]))
     rows = [[s.title, results[s.key].verdict, effect_cell(results[s.key]), _p_cell(results[s.key]),
-             results[s.key].mde_text()] for s in [*SECTIONS, NOTEBOOK_SECTION]]
+             results[s.key].mde_text()] for s in numbered]
     head = [f"# The notebook's claims, tested ({info['profile']} profile)", "",
             f"Study directory `{study_dir}`, created {info.get('created')}; data: {', '.join(sorted(data_names))}"
             + (f"; overrides: `{' '.join(info['overrides'])}`" if info.get("overrides") else "")
@@ -551,7 +614,7 @@ def preflight(study_dir: Path, jobs: int, timed: bool = True) -> tuple[Any, str 
     from bnctl import estimate
 
     info = read(study_dir)
-    est = estimate.estimate([info["sweeps"][s.key] for s in SECTIONS], jobs, timed=timed)
+    est = estimate.estimate([info["sweeps"][s.key] for s in SECTIONS if s.key in info["sweeps"]], jobs, timed=timed)
     warning = None
     if PROFILES.get(info["profile"], {}).get("sized_for") == "gpu" and est.device == "cpu" and est.to_run:
         cpu_choice = [p for p, v in PROFILES.items() if v.get("sized_for") == "cpu"]

@@ -71,12 +71,40 @@ class NotebookEval(_Estimand):
     eval_batch: int = Field(4, ge=2)  # the notebook's test batch size
 
 
-Estimand = Annotated[Union[LrTolerance, InitReference, GapReduction, BatchInteraction, NotebookEval],
+class _Matched(_Estimand):
+    """Shared by the landscape sections: per seed, the arm's and the control's run compared at matched training loss."""
+
+    # A run's probes count only once its training loss (loss_here) is this fraction below its first probe's:
+    # a network on its initial plateau looks smooth for that reason alone (docs/landscape.md).
+    plateau_drop: float = Field(0.1, gt=0, lt=1)
+    min_probes: int = Field(3, ge=1)  # probes of each run inside the matched window, else the seed pair is not comparable
+    min_pairs: int = Field(3, ge=2)  # comparable seed pairs the test needs, else the section is not testable
+
+
+class LandscapeSmoothness(_Matched):
+    """Landscape claim: per seed, ln(control's / arm's median measure) at matched training loss; positive: the arm is smoother."""
+
+    estimand: Literal["landscape_smoothness"]
+    measure: Literal["beta_max", "loss_range", "grad_change_max"] = "beta_max"  # a landscape.csv summary measure
+
+
+class IcsReduction(_Matched):
+    """ICS claim: per seed, the mean over layers of ln(control's / arm's median ICS) at matched loss; positive: the arm has less."""
+
+    estimand: Literal["ics_reduction"]
+    # relative_l2: ||G - G'|| / ||G|| per layer and probe (scale-free: the arms' gradients differ in size); l2: ||G - G'||
+    measure: Literal["relative_l2", "l2"] = "relative_l2"
+
+
+Estimand = Annotated[Union[LrTolerance, InitReference, GapReduction, BatchInteraction, NotebookEval,
+                           LandscapeSmoothness, IcsReduction],
                      Field(discriminator="estimand")]
 ESTIMANDS = {"lr_tolerance": LrTolerance, "init_reference": InitReference, "gap_reduction": GapReduction,
-             "batch_interaction": BatchInteraction, "notebook_eval": NotebookEval}
+             "batch_interaction": BatchInteraction, "notebook_eval": NotebookEval,
+             "landscape_smoothness": LandscapeSmoothness, "ics_reduction": IcsReduction}
 UNIT = {"lr_tolerance": "decades of learning rate", "init_reference": "points", "gap_reduction": "points",
-        "batch_interaction": "points", "notebook_eval": "points"}
+        "batch_interaction": "points", "notebook_eval": "points",
+        "landscape_smoothness": "ln ratio", "ics_reduction": "ln ratio"}
 _ADAPTER = TypeAdapter(list[Estimand])
 
 

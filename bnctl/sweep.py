@@ -224,25 +224,35 @@ def execute(sweep_dir: Path, *, jobs: int = 1, shard: tuple[int, int] | None = N
     reporter.start(plan, selected, todo, jobs, partly_done=len(partly))
     tasks = [workers.Task(sweep_dir, spec, config_mod.to_dict(configs[spec.name])) for spec in todo]
     results = workers.run_tasks(tasks, jobs, reporter)
+
+    def record(result: workers.Result) -> None:
+        spec = result.spec
+        outcome.timings[spec.name] = {"seconds": result.seconds, "first_in_process": result.first_in_process}
+        if result.outcome == "completed":
+            outcome.completed.append(spec.name)
+        elif result.outcome == "skipped":  # another process finished it after this one looked
+            outcome.already_done += 1
+        elif result.outcome == "diverged":
+            outcome.diverged.append(spec.name)
+        elif result.outcome == "busy":
+            outcome.busy.append(spec.name)
+        elif result.outcome == "interrupted":
+            outcome.interrupted.append(spec.name)
+        else:
+            outcome.failed[spec.name] = result.error or "failed"
+        rows = write_results(sweep_dir, plan)
+        reporter.run_finished(spec, result.outcome, next(r for r in rows if r["run"] == spec.name))
+
     try:
         with contextlib.closing(results):  # stops the workers however the loop ends
-            for result in results:
-                spec = result.spec
-                outcome.timings[spec.name] = {"seconds": result.seconds, "first_in_process": result.first_in_process}
-                if result.outcome == "completed":
-                    outcome.completed.append(spec.name)
-                elif result.outcome == "skipped":  # another process finished it after this one looked
-                    outcome.already_done += 1
-                elif result.outcome == "diverged":
-                    outcome.diverged.append(spec.name)
-                elif result.outcome == "busy":
-                    outcome.busy.append(spec.name)
-                elif result.outcome == "interrupted":
-                    outcome.interrupted.append(spec.name)
-                else:
-                    outcome.failed[spec.name] = result.error or "failed"
-                rows = write_results(sweep_dir, plan)
-                reporter.run_finished(spec, result.outcome, next(r for r in rows if r["run"] == spec.name))
+            try:
+                for result in results:
+                    record(result)
+            except KeyboardInterrupt as stop:
+                # Each run the stop caught gets its line too (the workers report them as they stop).
+                for result in workers.results_after_stop(results, stop):
+                    record(result)
+                raise
     except KeyboardInterrupt:
         write_results(sweep_dir, plan)
         raise InterruptedRun(f"sweep interrupted; finished runs are kept and the others are resumable. "

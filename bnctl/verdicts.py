@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from bnctl import stats, studyspec
 
@@ -256,11 +256,14 @@ def lr_tolerance(rows: Sequence[dict], spec: studyspec.LrTolerance, chance: floa
     if v.effect is None:
         v.status, v.reason = NOT_TESTABLE, "here: fewer than 2 seeds per norm have a known limit"
         return decide_all([v])[0]
+    both = censored[spec.arm] and censored[spec.control]
     for norm in (spec.arm, spec.control):
         if censored[norm]:
+            bound = ("unknown in direction there, since both norms are censored" if both else
+                     f"{'a lower' if norm == spec.arm else 'an upper'} bound there")
             v.caveats.append(f"{spec.norm_key}={norm} trains at the grid's largest lr ({lrs[-1]:g}) in {censored[norm]} "
                              f"of {len(limits[norm])} seeds: its limit lies above the grid (censored), so the "
-                             f"difference is {'a lower' if norm == spec.arm else 'an upper'} bound there")
+                             f"difference is {bound}")
     if step > spec.smallest_effect:
         v.caveats.append(f"the grid's step ({step:g} decade{'' if step == 1 else 's'}) is coarser than the smallest effect that matters "
                          f"({spec.smallest_effect:g}): the grid cannot show that an effect is absent")
@@ -525,3 +528,178 @@ def _quantum_of(accuracies: Sequence[float]) -> float | None:
         if xs and all(abs(a / q - round(a / q)) < 1e-6 for a in xs):
             return q
     return None
+
+
+# ------------------------------------------------------------------ the landscape claims (Santurkar et al. 2018)
+
+def _off_plateau(losses: dict[int, float], drop: float) -> dict[int, float]:
+    """The probes after a run's loss first fell ``drop`` (a fraction) below its first probe's loss."""
+    if not losses:
+        return {}
+    steps = sorted(losses)
+    below = losses[steps[0]] * (1 - drop)
+    left = next((t for t in steps if losses[t] <= below), None)
+    return {} if left is None else {t: losses[t] for t in steps if t >= left}
+
+
+def _seed_pairs(rows: Sequence[dict], spec) -> list[tuple[Any, dict | None, dict | None]]:
+    """(seed, arm's row, control's row) for every seed of the section, in seed order."""
+    by: dict[Any, dict[str, dict]] = {}
+    for r in rows:
+        norm = r.get(spec.norm_key)
+        if norm in (spec.arm, spec.control):
+            by.setdefault(r.get("seed"), {})[norm] = r
+    return [(s, d.get(spec.arm), d.get(spec.control)) for s, d in sorted(by.items(), key=lambda t: str(t[0]))]
+
+
+def _matched_pair(arm_row: dict | None, ctl_row: dict | None, landscapes: dict[str, dict | None], spec):
+    """(arm's and control's series, their probed steps in the matched window, the window) or a reason they don't compare."""
+    from bnctl import landscape_plot
+
+    for row, name in ((arm_row, spec.arm), (ctl_row, spec.control)):
+        if row is None:
+            return f"no {name} run"
+        if row.get("status") != "completed":
+            return f"the {name} run {row.get('status')}"
+        if landscapes.get(row["run"]) is None:
+            return f"the {name} run has no landscape.csv (train.landscape.every is 0)"
+    series = (landscapes[arm_row["run"]], landscapes[ctl_row["run"]])
+    kept = []
+    for data, name in zip(series, (spec.arm, spec.control)):
+        losses = data["summary"].get("loss_here", {})
+        off = _off_plateau(losses, spec.plateau_drop)
+        if not off:
+            first = losses[min(losses)] if losses else float("nan")
+            return (f"{name} never left its plateau (its training loss never fell {spec.plateau_drop:.0%} below "
+                    f"its first probe's {first:.3g})")
+        kept.append(off)
+    m = landscape_plot.matched_window(kept[0], kept[1], spec.min_probes)
+    if m["reason"] is not None:
+        return f"not comparable at matched training loss: {m['reason']}"
+    return series, m["steps"], m["window"]
+
+
+def _log_at(points: Sequence[tuple[float, float | None]], at: float) -> float | None:
+    """ln(measure) at training loss ``at``, from the least-squares line of ln(measure) on loss through the points.
+
+    A run that passes the window quickly has its probes bunched at one end of it; a median over the window
+    would then compare the arms at different losses (the measures change with the loss). The line evaluates
+    both arms at the same loss. With one distinct loss it is the mean of ln(measure). Non-positive values: None.
+    """
+    pts = [(x, math.log(y)) for x, y in points if y is not None and math.isfinite(y) and y > 0]
+    if len(pts) < len(points) or not pts:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    if sxx <= 1e-12 * max(1.0, mx * mx):
+        return my
+    return my + sum((x - mx) * (y - my) for x, y in pts) / sxx * (at - mx)
+
+
+def _ics_points(data: dict, layer: str, steps: Sequence[int], relative: bool) -> list[tuple[float, float]]:
+    """(training loss, ICS) of one layer at the probed steps (relative: divided by the layer's gradient norm)."""
+    l2 = data["ics"].get("ics_l2", {}).get(layer, {})
+    norm = data["ics"].get("grad_norm", {}).get(layer, {})
+    loss = data["summary"]["loss_here"]
+    if not relative:
+        return [(loss[t], l2[t]) for t in steps if t in l2]
+    return [(loss[t], l2[t] / norm[t]) for t in steps if t in l2 and norm.get(t)]
+
+
+def _landscape_rule(rows: Sequence[dict], landscapes: dict[str, dict | None], spec, v: Verdict,
+                    per_seed: Callable) -> Verdict:
+    """Shared by both landscape claims: pair the runs by seed, match their losses, test the per-seed log ratios."""
+    if (why := _unfinished(rows)) is not None:
+        v.status, v.reason = INCOMPLETE, why
+        return decide_all([v])[0]
+    v.caveats += _status_caveats(rows)
+    ratios, skipped = [], []
+    for seed, arm_row, ctl_row in _seed_pairs(rows, spec):
+        pair = _matched_pair(arm_row, ctl_row, landscapes, spec)
+        if isinstance(pair, str):
+            skipped.append(f"seed {seed}: {pair}")
+            continue
+        (a, c), (sa, sc), (lo, hi) = pair
+        got = per_seed(a, c, sa, sc, (lo + hi) / 2)
+        if isinstance(got, str):
+            skipped.append(f"seed {seed}: {got}")
+            continue
+        r, text = got
+        ratios.append(r)
+        v.details.append(f"seed {seed}: training loss {lo:.3g}..{hi:.3g} (probes {len(sa)} {spec.arm} / {len(sc)} "
+                         f"{spec.control}): {text}; ln ratio {r:+.2f}")
+    if skipped:
+        v.caveats.append(f"{len(skipped)} seed pair(s) not compared: " + "; ".join(skipped))
+    if len(ratios) < spec.min_pairs:
+        v.status = NOT_TESTABLE
+        v.reason = (f"here: {len(ratios)} seed pair(s) can be compared at matched training loss, fewer than "
+                    f"{spec.min_pairs} (" + ("; ".join(skipped) or "no seeds") + ")")
+        return decide_all([v])[0]
+    v.effect = stats.paired(ratios, [0.0] * len(ratios))
+    v.details.append(f"geometric mean ratio {spec.control} / {spec.arm}: {math.exp(v.effect.effect):.2f} "
+                     f"(95% interval {math.exp(v.effect.lo):.2f} to {math.exp(v.effect.hi):.2f})")
+    return decide_all([v])[0]
+
+
+_MATCHED_RULE = ("Per seed, the {arm} and {ctl} runs of that seed are compared at matched training loss: each run's "
+                 "probes count from the first at which its training loss fell {drop:.0%} below its first probe's "
+                 "(a network on its initial plateau looks smooth for that reason alone); the window is the overlap "
+                 "of the two runs' 10th-90th percentile ranges of that loss, with at least {k} probes of each run "
+                 "inside it, else the pair is not comparable. Each run's ln(measure) is evaluated at the window's "
+                 "middle loss by a least-squares line of ln(measure) on the loss through its probes in the window "
+                 "(a median would compare a fast run's probes, bunched at the low end, with a slow run's spread "
+                 "over it). A one-sample t-test on the per-seed log ratios; not testable with fewer than {pairs} "
+                 "comparable seed pairs.")
+
+
+def landscape_smoothness(rows: Sequence[dict], landscapes: dict[str, dict | None],
+                         spec: studyspec.LandscapeSmoothness) -> Verdict:
+    """Per seed, ln(control's / arm's median landscape measure) at matched training loss; t-test across seeds."""
+    arm, ctl = spec.arm, spec.control
+    words = {"beta_max": "effective beta-smoothness (the largest gradient change per distance moved along the step)",
+             "loss_range": "loss range along the step (the variation of the loss over the probed step sizes)",
+             "grad_change_max": "largest gradient change along the step (gradient predictiveness)"}[spec.measure]
+    v = _base(spec, "landscape smoothness",
+              f"per seed, ln of {ctl}'s {words} divided by {arm}'s, both at the middle training loss of the "
+              f"matched-loss window (positive: {arm}'s landscape is smoother, as the claim predicts); the mean over seeds.",
+              _MATCHED_RULE.format(arm=arm, ctl=ctl, drop=spec.plateau_drop, k=spec.min_probes, pairs=spec.min_pairs),
+              f"ln({spec.measure} {ctl} / {arm})")
+
+    def per_seed(a, c, sa, sc, at):
+        la, lc = (_log_at([(d["summary"]["loss_here"][t], d["summary"].get(spec.measure, {}).get(t)) for t in ts], at)
+                  for d, ts in ((a, sa), (c, sc)))
+        if la is None or lc is None:
+            return f"{spec.measure} missing or not positive at a probe in the window"
+        return lc - la, f"{spec.measure} at loss {at:.3g}: {math.exp(la):.3g} {arm} / {math.exp(lc):.3g} {ctl}"
+
+    return _landscape_rule(rows, landscapes, spec, v, per_seed)
+
+
+def ics_reduction(rows: Sequence[dict], landscapes: dict[str, dict | None], spec: studyspec.IcsReduction) -> Verdict:
+    """Per seed, the mean over layers of ln(control's / arm's median ICS) at matched training loss; t-test across seeds."""
+    arm, ctl = spec.arm, spec.control
+    relative = spec.measure == "relative_l2"
+    what = "||G - G'|| / ||G||" if relative else "||G - G'||"
+    v = _base(spec, "internal covariate shift",
+              f"internal covariate shift per layer (Santurkar et al. 2018, definition 2.1: G, a layer's gradient, "
+              f"and G', the same after the layers before it took their step) as {what}; per seed, the mean over the "
+              f"layers both runs probed of ln({ctl}'s / {arm}'s) at the middle loss of the matched-loss "
+              f"window (positive: {arm} has less ICS, as the claim predicts; Santurkar et al. found it does not).",
+              _MATCHED_RULE.format(arm=arm, ctl=ctl, drop=spec.plateau_drop, k=spec.min_probes, pairs=spec.min_pairs),
+              f"mean over layers of ln(ICS {ctl} / {arm})")
+
+    def per_seed(a, c, sa, sc, at):
+        layers = [n for n in a["layers"] if n in c["layers"]]
+        logs = {}
+        for layer in layers:
+            pa, pc = _ics_points(a, layer, sa, relative), _ics_points(c, layer, sc, relative)
+            la, lc = (_log_at(p, at) if p else None for p in (pa, pc))
+            if la is not None and lc is not None:
+                logs[layer] = lc - la
+        if not logs:
+            return "no layer with ICS in the window of both runs (train.landscape.ics is off?)"
+        return (sum(logs.values()) / len(logs),
+                "ln ratio by layer " + ", ".join(f"{n} {r:+.2f}" for n, r in logs.items()))
+
+    return _landscape_rule(rows, landscapes, spec, v, per_seed)

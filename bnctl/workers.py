@@ -175,6 +175,22 @@ def run_tasks(tasks: list[Task], jobs: int, reporter) -> Iterator[Result]:
     yield from _Pool(min(jobs, len(tasks)), max(1, available_cpus() // jobs)).run(tasks, reporter)
 
 
+def results_after_stop(results: Iterator[Result], stop: BaseException) -> Iterator[Result]:
+    """The results run_tasks still gives after ``stop`` (a KeyboardInterrupt) reached its caller.
+
+    Ctrl-C lands in run_tasks (then it has stopped its workers and given their runs' results already)
+    or in the caller's loop body; there it is passed into run_tasks, which stops the workers and gives
+    how each run that was still going ended.
+    """
+    try:
+        first = results.throw(stop)  # type: ignore[attr-defined]
+    except (KeyboardInterrupt, StopIteration):
+        return
+    yield first
+    with contextlib.suppress(KeyboardInterrupt):
+        yield from results
+
+
 def _worker_main(conn, threads: int) -> None:
     """A worker process: set its share of CPU threads, then run tasks until told to stop."""
     # Slurm and Kubernetes send SIGTERM to every process of a job, the workers too: stop the run as Ctrl-C
@@ -184,9 +200,40 @@ def _worker_main(conn, threads: int) -> None:
     # shell (`nohup bnctl sweep ... &`) has SIGINT ignored, and its workers inherit that: restore Ctrl-C.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        # The process began with these signals held (see _Pool._start), so that a Ctrl-C during its start-up
+        # imports waits until here; one that came meanwhile is raised now and ends the worker quietly.
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
         _serve(conn, threads)
-    except KeyboardInterrupt:  # Ctrl-C while starting up: nothing was claimed yet
+    except KeyboardInterrupt:  # Ctrl-C while starting up (importing torch): nothing was claimed yet
         pass
+
+
+_HELD = {signal.SIGINT, signal.SIGTERM}  # held while a worker starts
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM in this thread, and so in a process started now, until the block ends.
+
+    A spawned worker imports bnctl (and with the `bnctl` script, the CLI's modules) before any code of
+    ours runs; a KeyboardInterrupt there prints an import traceback per worker. The held signal mask
+    survives fork and exec, so the worker's imports cannot be interrupted and the signal reaches it once
+    _worker_main is ready; here it is delivered when the block ends, so no signal is lost.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    # Starting a spawned process starts the resource tracker first, once, and that unblocks SIGINT and
+    # SIGTERM afterwards: let it start before they are held.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _stop_once(signum: int, frame: Any) -> None:
@@ -232,20 +279,29 @@ class _Pool:
         self.slots: list[_Slot] = []
         self.stopped_by: str | None = None  # the signal that stopped this process, passed on to busy workers
 
-    def _start(self) -> _Slot:
+    def _start(self, slot: _Slot | None = None) -> _Slot:
+        """Start a worker: a new slot (appended to self.slots), or a fresh process for ``slot``."""
         parent, child = self.ctx.Pipe()
         process = self.ctx.Process(target=_worker_main, args=(child, self.threads), daemon=True,
                                    name="bnctl-sweep-worker")
-        process.start()
-        child.close()
-        return _Slot(process, parent)
+        with _signals_held():  # a Ctrl-C now lands after the process is in self.slots, where _stop finds it
+            process.start()
+            child.close()
+            if slot is None:
+                slot = _Slot(process, parent)
+                self.slots.append(slot)
+            else:
+                slot.process, slot.conn = process, parent
+        return slot
 
     def run(self, tasks: list[Task], reporter) -> Iterator[Result]:
         from multiprocessing.connection import wait
 
         pending = collections.deque(tasks)
         try:
-            self.slots = [self._start() for _ in range(self.n)]
+            self.slots = []
+            for _ in range(self.n):
+                self._start()
             for slot in self.slots:
                 self._assign(slot, pending, reporter)
             while any(s.task for s in self.slots):
@@ -261,13 +317,15 @@ class _Pool:
                     if slot.process.is_alive():
                         self._assign(slot, pending, reporter)
                     elif pending:
-                        self.slots[self.slots.index(slot)] = slot = self._start()
-                        self._assign(slot, pending, reporter)
+                        self._assign(self._start(slot), pending, reporter)
         except KeyboardInterrupt as err:  # Ctrl-C, or the CLI's SIGTERM handler (its message names the signal)
             self.stopped_by = str(err) if str(err) in stopping.REASONS else None
+            yield from self._stop()  # how each run the stop caught ended: the caller reports each
             raise
         finally:
-            self._stop()
+            if self.slots:  # the caller stopped iterating early
+                for _ in self._stop():
+                    pass
 
     def _assign(self, slot: _Slot, pending: collections.deque, reporter) -> None:
         slot.task = pending.popleft() if pending else None
@@ -277,8 +335,7 @@ class _Pool:
                 slot.conn.send(slot.task)
             except OSError:  # the worker died while idle: start another for this task
                 slot.process.join()
-                fresh = self._start()
-                slot.process, slot.conn = fresh.process, fresh.conn
+                self._start(slot)
                 slot.conn.send(slot.task)
 
     def _poll(self, slot: _Slot, ready: list, reporter) -> Result | None:
@@ -303,19 +360,29 @@ class _Pool:
         return None
 
     @staticmethod
-    def _still_busy(slot: _Slot) -> bool:
-        """True while a worker has neither reported the end of its run nor exited."""
-        if slot.task is None or not slot.process.is_alive():
+    def _still_busy(slot: _Slot, ended: list[Result]) -> bool:
+        """True while a worker has neither reported the end of its run nor exited; a report goes to ``ended``."""
+        if slot.task is None:
             return False
         with contextlib.suppress(EOFError, OSError):
             while slot.conn.poll():
-                if slot.conn.recv()[0] == "done":
+                message = slot.conn.recv()
+                if message[0] == "done":
                     slot.task = None
+                    ended.append(message[1])
                     return False
+        if not slot.process.is_alive():  # ended without a report: stopped before its run began, or in its end
+            task, slot.task = slot.task, None
+            ended.append(_unreported(task))
+            return False
         return True
 
-    def _stop(self) -> None:
-        """Let idle workers exit; give busy ones (after Ctrl-C) time to record their runs, then end them."""
+    def _stop(self) -> Iterator[Result]:
+        """Let idle workers exit; give busy ones (after Ctrl-C) time to record their runs, then end them.
+
+        Yields how each run that was still assigned to a worker ended (interrupted, mostly).
+        """
+        ended: list[Result] = []
         for slot in self.slots:
             if slot.task is None and slot.process.is_alive():
                 with contextlib.suppress(OSError):
@@ -325,12 +392,12 @@ class _Pool:
         # Only those that stay silent (this process alone was signalled) get a SIGINT of their own,
         # so that no worker is interrupted a second time while it writes its summary.
         quiet_until = time.monotonic() + 3.0
-        while time.monotonic() < quiet_until and any(self._still_busy(s) for s in self.slots):
+        while time.monotonic() < quiet_until and any([self._still_busy(s, ended) for s in self.slots]):
             time.sleep(0.05)
         # The same signal this process got, so that each run records what stopped it (summary.json's stopped_by).
         signum = signal.SIGTERM if self.stopped_by == "SIGTERM" else signal.SIGINT
         for slot in self.slots:
-            if self._still_busy(slot):
+            if self._still_busy(slot, ended):
                 with contextlib.suppress(OSError):
                     os.kill(slot.process.pid, signum)
             elif slot.process.is_alive():  # finished its run meanwhile: let it exit
@@ -341,6 +408,17 @@ class _Pool:
             if slot.process.is_alive():
                 slot.process.terminate()
                 slot.process.join(timeout=5)
+            self._still_busy(slot, ended)  # its last report, if it sent one while ending
+            if slot.task is not None:  # killed without a word
+                ended.append(_unreported(slot.task))
+                slot.task = None
             slot.conn.close()
         self.slots = []
+        yield from ended
+
+
+def _unreported(task: Task) -> Result:
+    """How a run ended whose worker stopped without reporting: as its files say, else interrupted."""
+    status, _ = sweepdir.run_status(task.sweep_dir, task.spec)
+    return Result(task.spec, status if status in ("completed", "diverged") else "interrupted")
 

@@ -339,7 +339,7 @@ def test_study_claims_runs_a_tiny_study_and_rewrites_its_report(tmp_path):
         (folder / f"{key}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     events: list[dict] = []
     result = bnctl.study_claims(root=tmp_path / "out", studies=tmp_path / "studies", progress=events.append)
-    assert set(result.verdicts) == {s.key for s in study.SECTIONS} | {"notebook_eval"}
+    assert set(result.verdicts) == {s.key for s in study.SECTIONS} | {"notebook_eval", "ics"}
     assert result.report.is_file() and not result.failed
     assert len(events) == 6  # one row per finished run, over the four sweeps
     again = bnctl.study_claims(resume=result.dir, report_only=True)

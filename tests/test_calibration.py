@@ -26,6 +26,9 @@ BATCH = studyspec.BatchInteraction(estimand="batch_interaction", claim="BN suffe
                                    smallest_effect=3, reference_batch=64, control_tolerance=5)
 EVAL = studyspec.NotebookEval(estimand="notebook_eval", claim="eval mode beats test-batch statistics",
                               smallest_effect=1)
+SMOOTH = studyspec.LandscapeSmoothness(estimand="landscape_smoothness", claim="BN smooths the landscape",
+                                       smallest_effect=0.25)
+ICS = studyspec.IcsReduction(estimand="ics_reduction", claim="BN reduces ICS", smallest_effect=0.25)
 Q = W.QUANTUM
 N_SIMS = 300
 DECISIVE = (SUPPORTED, CONTRADICTED)
@@ -65,8 +68,23 @@ def null_eval(rng, n=4):
     return verdicts.notebook_eval(*W.eval_world(rng, n, 0.0), spec=EVAL, quantum=Q)
 
 
+def null_landscape(rng, seeds=4):
+    """BN and none equally smooth at equal loss; none learns more slowly (its matched window sits elsewhere in time)."""
+    rows, found = W.landscape_world(rng, seeds, {"batch": 3.0, "none": 3.0}, {"batch": 0.2, "none": 0.2},
+                                    {"batch": 60.0, "none": 150.0}, p_diverge=0.02)
+    return verdicts.landscape_smoothness(rows, found, SMOOTH)
+
+
+def null_ics(rng, seeds=4):
+    """Equal relative ICS; none's gradients are 3x larger (the relative measure must not see that)."""
+    rows, found = W.landscape_world(rng, seeds, {"batch": 3.0, "none": 3.0}, {"batch": 0.2, "none": 0.2},
+                                    {"batch": 60.0, "none": 150.0}, grad_norm={"batch": 1.0, "none": 3.0},
+                                    p_diverge=0.02)
+    return verdicts.ics_reduction(rows, found, ICS)
+
+
 NULLS = {"lr": null_lr, "init": null_init, "regularization": null_reg, "small_batches": null_batch,
-         "notebook_eval": null_eval}
+         "notebook_eval": null_eval, "landscape": null_landscape, "ics": null_ics}
 
 
 def rates(make, n=N_SIMS, seed=0):
@@ -293,6 +311,100 @@ def test_unfinished_runs_make_a_section_incomplete_not_inconclusive():
     assert verdicts.decide_all([v])[0].kind == INCOMPLETE and v.p_adjusted is None
 
 
+# ------------------------------------------------------------------ the landscape sections (6 and 7)
+
+def _landscape(rng, beta, ics, tau, seeds=5, grad_norm=None):
+    return W.landscape_world(rng, seeds, beta, ics, tau, grad_norm=grad_norm)
+
+
+def _unbiased(make, truth, n=150):
+    """Over n simulated studies the effect averages to the truth and the 95% interval covers it about 95% of the time.
+
+    The worlds' BN run passes the matched window 2.5x faster than none's, so a rule that compared the arms at
+    different losses inside the window (e.g. medians over it) would be biased here.
+    """
+    found = [make(np.random.default_rng([9, i])).effect for i in range(n)]
+    found = [e for e in found if e is not None]
+    assert len(found) >= 0.9 * n
+    assert abs(np.mean([e.effect for e in found]) - truth) < 0.05
+    assert np.mean([e.lo < truth < e.hi for e in found]) >= 0.95 - 2.33 * math.sqrt(0.05 * 0.95 / len(found))
+    assert all(e.n[0] <= 6 for e in found)
+
+
+def test_landscape_bn_smoother_at_matched_loss_is_supported_and_the_effect_is_the_log_ratio():
+    kinds = _kinds(lambda rng: verdicts.landscape_smoothness(
+        *_landscape(rng, {"batch": 2.0, "none": 6.0}, {"batch": 0.2, "none": 0.2}, {"batch": 60.0, "none": 150.0}),
+        SMOOTH))
+    # A few worlds leave fewer than 3 probes of the fast BN run in the window (not testable): 16 probes is few.
+    assert kinds[SUPPORTED] >= 85 and kinds[CONTRADICTED] == 0, kinds
+    _unbiased(lambda rng: verdicts.landscape_smoothness(*_landscape(
+        rng, {"batch": 2.0, "none": 6.0}, {"batch": 0.2, "none": 0.2}, {"batch": 60.0, "none": 150.0}, seeds=6),
+        SMOOTH), math.log(3.0))  # ln(6 / 2), the world's truth
+
+
+def test_landscape_rougher_bn_is_contradicted_not_supported():
+    kinds = _kinds(lambda rng: verdicts.landscape_smoothness(
+        *_landscape(rng, {"batch": 6.0, "none": 2.0}, {"batch": 0.2, "none": 0.2}, {"batch": 60.0, "none": 150.0}),
+        SMOOTH))
+    assert kinds[SUPPORTED] == 0 and kinds[CONTRADICTED] >= 85, kinds
+
+
+def test_landscape_equal_smoothness_is_not_supported_and_can_be_called_equivalent():
+    kinds = _kinds(lambda rng: verdicts.landscape_smoothness(
+        *_landscape(rng, {"batch": 3.0, "none": 3.0}, {"batch": 0.2, "none": 0.2}, {"batch": 60.0, "none": 150.0},
+                    seeds=10), SMOOTH))
+    assert kinds[SUPPORTED] <= 5, kinds
+    assert kinds[NOT_TESTABLE] == 0, kinds
+
+
+def test_landscape_a_plain_network_on_its_plateau_is_not_testable():
+    """Issue: a network that never left its plateau looks smooth for that reason alone."""
+    rows, found = _landscape(np.random.default_rng(3), {"batch": 6.0, "none": 0.5}, {"batch": 0.2, "none": 0.02},
+                             {"batch": 60.0, "none": None})
+    for rule, spec in ((verdicts.landscape_smoothness, SMOOTH), (verdicts.ics_reduction, ICS)):
+        v = rule(rows, found, spec)
+        assert v.kind == NOT_TESTABLE and "never left its plateau" in v.reason, v.reason
+        assert v.effect is None
+
+
+def test_landscape_runs_whose_losses_do_not_overlap_are_not_testable():
+    """BN is far past the window before none leaves its plateau: no overlap of the loss ranges."""
+    rows, found = _landscape(np.random.default_rng(4), {"batch": 3.0, "none": 3.0}, {"batch": 0.2, "none": 0.2},
+                             {"batch": 5.0, "none": 2000.0})
+    v = verdicts.landscape_smoothness(rows, found, SMOOTH)
+    assert v.kind == NOT_TESTABLE and "matched training loss" in v.reason, v.reason
+
+
+def test_landscape_without_probes_or_with_unfinished_runs():
+    rows, found = _landscape(np.random.default_rng(6), {"batch": 3.0, "none": 3.0}, {"batch": 0.2, "none": 0.2},
+                             {"batch": 60.0, "none": 150.0})
+    v = verdicts.landscape_smoothness(rows, {name: None for name in found}, SMOOTH)
+    assert v.kind == NOT_TESTABLE and "no landscape.csv" in v.reason
+    rows[0] = rows[0] | {"status": "running"}
+    assert verdicts.landscape_smoothness(rows, found, SMOOTH).kind == INCOMPLETE
+
+
+def test_ics_lower_with_bn_is_supported_whatever_the_gradients_size():
+    """Relative ICS 0.1 (BN) against 0.3 (none), none's gradients 5x larger: supported, effect near ln 3."""
+    world = {"beta": {"batch": 3.0, "none": 3.0}, "ics": {"batch": 0.1, "none": 0.3},
+             "tau": {"batch": 60.0, "none": 150.0}, "grad_norm": {"batch": 1.0, "none": 5.0}}
+    kinds = _kinds(lambda rng: verdicts.ics_reduction(*_landscape(rng, **world), ICS))
+    assert kinds[SUPPORTED] >= 85 and kinds[CONTRADICTED] == 0, kinds
+    _unbiased(lambda rng: verdicts.ics_reduction(*_landscape(rng, **world, seeds=6), ICS), math.log(3.0))
+
+
+def test_ics_the_papers_world_bn_does_not_reduce_it_is_never_supported():
+    """Santurkar et al.: BN's ICS is no lower (here equal in relative terms, 3x larger in absolute terms)."""
+    world = {"beta": {"batch": 2.0, "none": 6.0}, "ics": {"batch": 0.2, "none": 0.2},
+             "tau": {"batch": 60.0, "none": 150.0}, "grad_norm": {"batch": 3.0, "none": 1.0}}
+    kinds = _kinds(lambda rng: verdicts.ics_reduction(*_landscape(rng, **world), ICS))
+    assert kinds[SUPPORTED] <= 5, kinds
+    absolute = studyspec.IcsReduction(estimand="ics_reduction", claim="BN reduces ICS", smallest_effect=0.25,
+                                      measure="l2")
+    kinds = _kinds(lambda rng: verdicts.ics_reduction(*_landscape(rng, **world), absolute))
+    assert kinds[CONTRADICTED] >= 80, kinds  # in absolute terms BN's larger gradients shift more
+
+
 def test_networks_that_learned_nothing_are_not_evidence_of_no_effect():
     """Every cell at chance (a budget too small to learn anything): the norms 'agree' at every batch size.
 
@@ -311,3 +423,17 @@ def test_networks_that_learned_nothing_are_not_evidence_of_no_effect():
     v = verdicts.notebook_eval([60.0, 62.0, 61.0, 63.0], [50.0, 51.0, 52.0, 50.4], [60.0] * 4, spec=EVAL, quantum=Q,
                                chance=W.CHANCE)
     assert v.kind == SUPPORTED
+
+
+def test_lr_censoring_of_both_norms_is_not_called_a_bound():
+    """Both norms train at the top of the grid in some seeds: the difference is neither a lower nor an upper bound."""
+    rows = W.lr_world(np.random.default_rng(0), 5, {"batch": 1.0, "none": 1e-2}, {"batch": 60.0, "none": 60.0})
+    rows += [dict(r, seed=r["seed"] + 5) for r in W.lr_world(np.random.default_rng(1), 2, {"batch": 1e-2, "none": 1.0},
+                                                              {"batch": 60.0, "none": 60.0})]
+    v = verdicts.lr_tolerance(rows, LR, W.CHANCE)
+    censored = [c for c in v.caveats if "censored" in c]
+    assert len(censored) == 2 and all("bound there" not in c for c in censored)
+    assert all("unknown in direction there, since both norms are censored" in c for c in censored)
+    one = verdicts.lr_tolerance(W.lr_world(np.random.default_rng(0), 5, {"batch": 1.0, "none": 1e-2},
+                                           {"batch": 60.0, "none": 60.0}), LR, W.CHANCE)
+    assert any("a lower bound there" in c for c in one.caveats)

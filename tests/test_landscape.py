@@ -146,6 +146,24 @@ def test_finding_the_update_leaves_the_optimizer_exactly_as_it_was(make):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("ics", [True, False])
+def test_a_probe_costs_one_pass_here_one_per_step_size_and_one_per_layer_after_the_first(tmp_path, ics):
+    from bnctl import models
+    torch.manual_seed(0)
+    model = models.build_model(config_mod.ModelConfig())  # seed_cnn: conv1..conv3, fc1, fc2
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    passes = []
+    model.register_forward_hook(lambda *_: passes.append(1))
+    settings = config_mod.LandscapeConfig(every=1, scales=(0.5, 1.0, 2.0), ics=ics)
+    probe = landscape.LandscapeProbe(model, optimizer, settings, tmp_path / "l.csv")
+    probe.start_step(0, 1)
+    probe.after_backward(x, y)
+    assert len(probe.layers) == 5
+    assert len(passes) == 1 + 3 + (4 if ics else 0)  # docs/landscape.md's cost: 9 passes with the defaults
+
+
 def test_landscape_settings_are_validated():
     cfg = config_mod.validate(tiny_raw())
     assert cfg.train.landscape.every == 0  # off by default
@@ -322,6 +340,18 @@ def test_bnctl_compare_overlays_the_landscapes(tmp_path, cli):
     assert out.is_file() and (tmp_path / "figs" / "cmp-landscape.png").stat().st_size > 10_000
     assert "cmp-landscape.png" in result.output.replace("\n", "")
     assert "landscape at matched training loss: not comparable (fewer than 5 probes in a run)" in result.output
+
+
+def test_bnctl_compare_refuses_to_match_runs_that_probed_differently(tmp_path, cli):
+    bn, plain = _fake_run(tmp_path / "bn", 0.0, "batch"), _fake_run(tmp_path / "plain", 0.5, "none")
+    for run, direction in ((bn, "gradient"), (plain, "update")):
+        with open(run / rundir.CONFIG_FILE, "a") as f:
+            f.write(f"train:\n  landscape:\n    every: 10\n    direction: {direction}\n")
+    result = cli("compare", bn, plain, "--out", tmp_path / "cmp.png")
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert ("landscape at matched training loss: not comparable (the runs probed differently: "
+            "train.landscape.direction gradient / update)") in out
 
 
 def test_bnctl_plot_draws_the_landscape_without_torch(tmp_path):

@@ -4,11 +4,13 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from bnctl import study, verdicts
 from bnctl.errors import ConfigError
+from tests import worlds as W
 from tests.sweepfiles import make_sweep
 
 TINY_FIXED = {"device": "cpu", "model.width": 0.25, "model.groups": 4, "data.train_size": 96, "data.test_size": 64,
@@ -57,8 +59,21 @@ def test_a_bad_override_fails_before_any_sweep_is_created(tmp_path):
     assert not (tmp_path / "studies_out").exists() or not any((tmp_path / "studies_out").iterdir())
 
 
-def _constructed_study(tmp_path: Path, unfinished: tuple[str, ...] = ()) -> Path:
-    """A study directory whose sweeps hold constructed results with known verdicts."""
+def _write_landscape(run_dir: Path, series: dict) -> None:
+    """A landscape.csv (long format, as bnctl.landscape writes it) holding these series."""
+    lines = ["step,epoch,layer,scale,measure,value"]
+    for measure, by_step in series["summary"].items():
+        lines += [f"{t},1,,,{measure},{v!r}" for t, v in by_step.items()]
+    for measure, layers in series["ics"].items():
+        lines += [f"{t},1,{layer},,{measure},{v!r}" for layer, by_step in layers.items() for t, v in by_step.items()]
+    (run_dir / "landscape.csv").write_text("\n".join(lines) + "\n")
+
+
+def _constructed_study(tmp_path: Path, unfinished: tuple[str, ...] = (), landscape: bool = False) -> Path:
+    """A study directory whose sweeps hold constructed results with known verdicts.
+
+    Without ``landscape`` it is a study made before sections 6 and 7 existed (no landscape sweep).
+    """
     d = tmp_path / "study"
     (d / "sweeps").mkdir(parents=True)
     acc = {
@@ -71,6 +86,9 @@ def _constructed_study(tmp_path: Path, unfinished: tuple[str, ...] = ()) -> Path
              "init": {"model.norm": ["batch", "none"], "model.init_scale": [0.1, 1.0, 10.0]},
              "regularization": {"model.norm": ["none", "batch"], "model.dropout": [0.0, 0.3]},
              "small_batches": {"model.norm": ["batch", "group"], "train.batch_size": [2, 4, 64]}}
+    if landscape:
+        acc["landscape"] = lambda o, s: 60.0 + s
+        grids["landscape"] = {"model.norm": ["batch", "none"]}
     sweeps = {}
     for key, grid in grids.items():
         def result(o, s, key=key):
@@ -82,6 +100,13 @@ def _constructed_study(tmp_path: Path, unfinished: tuple[str, ...] = ()) -> Path
                     "final_clean_train_acc": clean, "curve": [a - 5, a]}
         seeds = [0, 1, 2, 3, 4] if key == "lr" else [0, 1, 2]  # the lr section's rank test needs 5 seeds per norm
         sweeps[key] = str(make_sweep(d / "sweeps", grid, seeds, result, name=key).relative_to(d))
+        if key == "landscape":  # BN 3x smoother at the same loss; the same relative ICS
+            rng = np.random.default_rng(0)
+            for norm in grid["model.norm"]:
+                for seed in seeds:
+                    run = W.landscape_run(rng, 1.0 if norm == "batch" else 3.0, 0.2, 60.0 if norm == "batch" else 150.0,
+                                          run_sd=0.1, probe_sd=0.1)
+                    _write_landscape(d / sweeps[key] / "runs" / f"norm-{norm}-seed{seed}", run)
     declared = {key: [s.model_dump() for s in study.declared_estimands(study.sweep_file("quick", key))]
                 for key in grids}
     (d / study.STUDY_FILE).write_text(json.dumps({"profile": "quick", "overrides": [], "sweeps": sweeps,
@@ -99,10 +124,11 @@ def test_report_gives_five_sections_with_figure_table_and_verdict(tmp_path):
     result = study.write_report(d)
     got = {k: v.verdict for k, v in result.verdicts.items()}
     assert got == {"lr": verdicts.SUPPORTED, "init": verdicts.SUPPORTED, "regularization": verdicts.SUPPORTED,
-                   "small_batches": verdicts.SUPPORTED, "notebook_eval": verdicts.SUPPORTED}
+                   "small_batches": verdicts.SUPPORTED, "notebook_eval": verdicts.SUPPORTED,
+                   "landscape": verdicts.NOT_TESTABLE, "ics": verdicts.NOT_TESTABLE}
     assert result.verdicts["notebook_eval"].effect.effect == pytest.approx((10 + 11 + 9) / 3)
     text = result.report.read_text()
-    for section in [*study.SECTIONS, study.NOTEBOOK_SECTION]:
+    for section in [*study.SECTIONS[:4], study.NOTEBOOK_SECTION]:
         body = text.split(f"## {section.title}")[1].split("\n## ")[0]
         assert f"![{section.title}](figures/{section.key}.png)" in body
         assert "| --- |" not in body and "|---|" in body  # a markdown table
@@ -119,7 +145,9 @@ def test_an_unfinished_study_is_incomplete_where_runs_are_missing(tmp_path):
     result = study.write_report(d)
     got = {k: v.verdict for k, v in result.verdicts.items()}
     assert got == {"lr": verdicts.SUPPORTED, "init": verdicts.SUPPORTED, "regularization": verdicts.SUPPORTED,
-                   "small_batches": verdicts.INCOMPLETE, "notebook_eval": verdicts.INCOMPLETE}
+                   "small_batches": verdicts.INCOMPLETE, "notebook_eval": verdicts.INCOMPLETE,
+                   "landscape": verdicts.NOT_TESTABLE, "ics": verdicts.NOT_TESTABLE}
+    assert "created before this section existed" in result.verdicts["ics"].reason
     text = result.report.read_text()
     assert "| 4. Small batches | incomplete | 15 of 18 runs finished; rerun with --resume to finish |" in text
     assert "2 of 3 BN checkpoints at batch 4 evaluated" in text
@@ -188,3 +216,21 @@ def test_the_budget_is_read_from_the_config_not_assumed(tmp_path):
     adam = report.SweepData(tmp_path, plan | {"config": plan["config"] | {"optimizer": {"name": "adam", "lr": 3e-4}},
                                               "lr_scaling": None}, [])
     assert "Adam, lr 0.0003, cosine schedule;" in study.budget(adam, facts)
+
+
+def test_the_landscape_sections_read_their_runs_landscape_csv_through_the_report(tmp_path):
+    """Sections 6 and 7 from one landscape sweep: BN 3x smoother at matched loss (supported), equal ICS (not supported)."""
+    d = _constructed_study(tmp_path, landscape=True)
+    result = study.write_report(d)
+    smooth, ics = result.verdicts["landscape"], result.verdicts["ics"]
+    assert smooth.kind == verdicts.SUPPORTED, smooth.sentence()
+    assert smooth.effect.n == (3,) and 0.8 < smooth.effect.effect < 1.4  # ln 3 = 1.10
+    assert smooth.p_adjusted is not None and smooth.p_adjusted >= smooth.effect.p  # in Holm's family
+    assert ics.kind != verdicts.SUPPORTED and ics.effect.n == (3,), ics.sentence()
+    text = result.report.read_text()
+    for title in ("## 6. Loss-landscape smoothness", "## 7. Internal covariate shift"):
+        assert title in text
+    body = text.split("## 6. Loss-landscape smoothness")[1].split("\n## ")[0]
+    assert "![6. Loss-landscape smoothness](figures/landscape.png)" in body and "**Verdict:** supported" in body
+    assert (d / "figures" / "landscape.png").stat().st_size > 5000
+    assert text.index("## 5. The notebook's evaluation") < text.index("## 6.") < text.index("## 7.")

@@ -343,3 +343,124 @@ def test_interrupting_a_jobs_2_sweep_then_resuming_completes_it(tmp_path, small)
 def _held(d: Path, name: str) -> bool:
     with workers.claim(d, name) as held:
         return not held
+
+
+# ------------------------------------------------------------------ stopping a --jobs 2 sweep: what the screen says
+
+def _bnctl() -> list[str]:
+    """The installed `bnctl` script (its workers import the CLI's modules as they start), else python -m bnctl."""
+    script = Path(sys.executable).with_name("bnctl")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "bnctl"]
+
+
+def _start_sweep(tmp_path: Path, cfg: Path, d: Path) -> subprocess.Popen:
+    # A session of its own (a timeout ends the sweep and its workers together) and Ctrl-C's default handling,
+    # as a terminal's foreground job has it (a shell's background jobs ignore SIGINT, and children inherit that).
+    return subprocess.Popen([*_bnctl(), "sweep", "-c", str(cfg), "model.norm=batch,none", "--seeds", "1",
+                             "--jobs", "2", "--sweep-dir", str(d)], cwd=tmp_path, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _wait_for(proc: subprocess.Popen, ready, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            with_timeout = proc.poll() is None
+            os.killpg(proc.pid, signal.SIGKILL) if with_timeout else None
+            out, err = proc.communicate(timeout=60)
+            pytest.fail(f"never saw {what}:\n{out}\n{err}")
+        time.sleep(0.01)
+
+
+def _children_importing(pid: int) -> bool:
+    """True once two child processes of pid run and each has loaded a compiled module from site-packages."""
+    found = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != pid:
+                continue
+            found += "site-packages" in (entry / "maps").read_text()
+        except (OSError, ValueError, IndexError):  # it ended meanwhile
+            continue
+    return found >= 2
+
+
+def _interrupted_lines(out: str) -> dict[str, int]:
+    import re
+
+    return {name: len(re.findall(rf"^\s*interrupted {re.escape(name)}\b", out, re.M))
+            for name in ("norm-batch-seed0", "norm-none-seed0")}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="watches the workers start in /proc (Linux)")
+def test_ctrl_c_while_jobs_2_workers_start_prints_no_tracebacks_and_names_each_run(tmp_path, small):
+    d = tmp_path / "sw"
+    proc = _start_sweep(tmp_path, small, d)
+    # Both workers exist and are importing (they load compiled modules well before they could train).
+    _wait_for(proc, lambda: _children_importing(proc.pid), "two workers importing")
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the sweep and its workers
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err, out + err
+    assert "stopped: sweep interrupted" in err and f"bnctl sweep --resume {d}" in err.replace("\n", "")
+    statuses = _statuses(d)
+    assert "running" not in statuses.values() and "failed" not in statuses.values(), statuses
+    lines = _interrupted_lines(out)
+    for name, status in statuses.items():  # a run the stop caught, begun or not, says so once
+        assert lines[name] == (status != "completed"), (name, status, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_each_run_a_stop_catches_in_a_jobs_2_sweep_gets_its_own_line(tmp_path, signum, code):
+    cfg = write_config(tmp_path / "long.yaml", {**SMALL, "data": {**SMALL["data"], "train_size": 160},
+                                               "train": {**SMALL["train"], "epochs": 40}})
+    d = tmp_path / "sw"
+    proc = _start_sweep(tmp_path, cfg, d)
+    metrics = [d / "runs" / n / "metrics.csv" for n in ("norm-batch-seed0", "norm-none-seed0")]
+    # both runs are training: each has kept an epoch (40 of them take far longer than the stop's grace)
+    _wait_for(proc, lambda: all(m.is_file() and m.read_text().count("\n") >= 2 for m in metrics), "both runs training")
+    os.killpg(proc.pid, signum)  # Ctrl-C, or a scheduler's SIGTERM to every process of the job
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == code, out + err
+    assert "Traceback" not in out + err, out + err
+    assert _statuses(d) == {"norm-batch-seed0": "interrupted", "norm-none-seed0": "interrupted"}
+    assert _interrupted_lines(out) == {"norm-batch-seed0": 1, "norm-none-seed0": 1}, out
+    assert out.count("resumable") == 2, out
+
+
+class _StopOnFirstLine(sweep.SilentSweepReporter):
+    """Records the lines a sweep would print; Ctrl-C lands while the first one is printed."""
+
+    def __init__(self):
+        self.started, self.finished = [], []
+
+    def run_started(self, spec) -> None:
+        self.started.append(spec.name)
+
+    def run_finished(self, spec, outcome, row) -> None:
+        self.finished.append((spec.name, outcome, row["status"]))
+        if len(self.finished) == 1:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_a_stop_that_lands_while_a_line_is_printed_still_gives_every_started_run_its_line(tmp_path, small):
+    cfg = write_config(tmp_path / "mixed.yaml", {**SMALL, "train": {**SMALL["train"], "epochs": 1}})
+    # one short run and two long ones: the short one ends first, and the stop lands while it is reported
+    plan = sweep.plan_inline(cfg, ["train.epochs=1,40"], seeds=1)
+    d = sweep.create(plan, tmp_path / "sw")
+    reporter = _StopOnFirstLine()
+    with pytest.raises(InterruptedRun):
+        sweep.execute(d, jobs=2, reporter=reporter)
+    names = [name for name, _, _ in reporter.finished]
+    assert sorted(names) == sorted(reporter.started) and len(names) == len(set(names)) == 2, reporter.finished
+    statuses = _statuses(d)
+    for name, outcome, status in reporter.finished:
+        assert status == statuses[name] and status != "running"
+        assert outcome == ("completed" if status == "completed" else "interrupted"), reporter.finished

@@ -106,3 +106,52 @@ def eval_world(rng, n: int, effect: float, sd_ckpt: float = 4.0, sd_pair: float 
     batch = [quantize(r - effect + rng.normal(0.0, sd_pair)) for r in running]
     recal = [quantize(r + rng.normal(1.0, 1.0)) for r in running]
     return running, batch, recal
+
+
+# ------------------------------------------------------------------ the landscape sections (landscape.csv as series)
+
+LANDSCAPE_STEPS = tuple(range(0, 320, 20))  # 16 probes, every 20 steps
+LAYERS = ("conv2", "conv3", "fc1")
+
+
+def landscape_run(rng, beta: float, ics: float, tau: float | None, run_sd: float = 0.3, probe_sd: float = 0.3,
+                  grad_norm: float = 1.0) -> dict:
+    """One run's landscape.csv as bnctl.landscape_plot.read gives it.
+
+    The training loss falls from 2.3 towards 0.8 with time constant tau steps (None: it stays on its plateau);
+    beta_max is ``beta`` times (1 + loss) (the landscape is rougher where the loss is higher, the same in both
+    arms) times a run effect and probe noise (log-normal); relative ICS per layer is ``ics`` the same way.
+    """
+    run_effect, ics_effect = rng.normal(0, run_sd), rng.normal(0, run_sd)
+    summary = {"loss_here": {}, "beta_max": {}, "loss_range": {}, "grad_change_max": {}}
+    l2, norms = {n: {} for n in LAYERS}, {n: {} for n in LAYERS}
+    for t in LANDSCAPE_STEPS:
+        loss = 2.3 + rng.normal(0, 0.01) if tau is None else 0.8 + 1.5 * np.exp(-t / tau) + rng.normal(0, 0.03)
+        summary["loss_here"][t] = float(loss)
+        b = beta * (1 + loss) * np.exp(run_effect + rng.normal(0, probe_sd))
+        summary["beta_max"][t] = summary["grad_change_max"][t] = float(b)
+        summary["loss_range"][t] = float(b / 20)
+        for n in LAYERS:
+            g = grad_norm * np.exp(rng.normal(0, 0.2))
+            norms[n][t] = float(g)
+            l2[n][t] = float(g * ics * (1 + loss) * np.exp(ics_effect + rng.normal(0, probe_sd)))
+    return {"summary": summary, "per_scale": {}, "ics": {"ics_l2": l2, "grad_norm": norms}, "layers": list(LAYERS)}
+
+
+def landscape_world(rng, seeds: int, beta: dict[str, float], ics: dict[str, float],
+                    tau: dict[str, float | None], grad_norm: dict[str, float] | None = None,
+                    p_diverge: float = 0.0) -> tuple[list[dict], dict[str, dict | None]]:
+    """Result rows and run name -> landscape series for a BN-vs-none sweep; a diverged run has no landscape."""
+    rows, found = [], {}
+    for norm in beta:
+        for seed in range(seeds):
+            name = f"norm-{norm}-seed{seed}"
+            row = {"run": name, "seed": seed, "model.norm": norm}
+            if rng.random() < p_diverge:
+                rows.append(row | {"status": "diverged", "final_test_acc": None})
+                found[name] = None
+                continue
+            rows.append(row | {"status": "completed", "final_test_acc": 60.0})
+            found[name] = landscape_run(rng, beta[norm], ics[norm], tau[norm],
+                                        grad_norm=(grad_norm or {}).get(norm, 1.0))
+    return rows, found

@@ -89,4 +89,5 @@ def _print_plan(plans: dict, resume: Optional[Path]) -> None:
     print_table(["section", "sweep", "cells", "seeds", "runs"],
                 [[key, p.name, str(len(p.cells)), str(len(p.seeds)), str(len(p.runs))] for key, p in plans.items()], 2)
     console.print(f"[bold]{sum(len(p.runs) for p in plans.values())} run(s)[/] in {len(plans)} sweeps "
-                  "(section 5 evaluates the small-batch sweep's checkpoints); nothing was created")
+                  "(section 5 evaluates the small-batch sweep's checkpoints, section 7 reads the landscape "
+                  "sweep's probes); nothing was created")
