@@ -5,6 +5,9 @@ processes working on one sweep (two resumes, or shards that overlap by mistake) 
 run the same run twice; the claim vanishes with its process. Workers are started with
 "spawn" (a fork after torch's thread pools exist can deadlock), import torch once, split
 the CPU threads between them and keep each dataset they load for the next run.
+
+Over 350 lines: claims, the worker processes and their stop handling (a Ctrl-C reaching parent and
+workers at once) depend on one another's timing and are read together.
 """
 
 from __future__ import annotations
