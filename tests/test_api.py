@@ -328,20 +328,20 @@ def test_study_claims_runs_a_tiny_study_and_rewrites_its_report(tmp_path):
     import yaml
 
     from bnctl import study
-    from tests.test_study import TINY_FIXED, TINY_GRIDS
+    from tests.test_study import TINY_EXTRA, TINY_FIXED, TINY_GRIDS
 
-    folder = tmp_path / "studies" / "quick"  # the quick profile's four sweeps, tiny, one seed each
+    folder = tmp_path / "studies" / "quick"  # the quick profile's sweeps, tiny, one seed each
     folder.mkdir(parents=True)
     fixed = {k: v for k, v in TINY_FIXED.items() if k != "model.groups"}  # no group-norm cell here
     for key, grid in TINY_GRIDS.items():
         spec = {"name": f"tiny_{key}", "base": "quickstart", "grid": grid, "seeds": 1,
-                "fixed": dict(fixed, **({"train.eval_train": True} if key == "regularization" else {}))}
+                "fixed": dict(fixed, **TINY_EXTRA.get(key, {}))}
         (folder / f"{key}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     events: list[dict] = []
     result = bnctl.study_claims(root=tmp_path / "out", studies=tmp_path / "studies", progress=events.append)
     assert set(result.verdicts) == {s.key for s in study.SECTIONS} | {"notebook_eval", "ics"}
     assert result.report.is_file() and not result.failed
-    assert len(events) == 6  # one row per finished run, over the four sweeps
+    assert len(events) == 8  # one row per finished run, over the five sweeps
     again = bnctl.study_claims(resume=result.dir, report_only=True)
     assert again.verdicts == result.verdicts and again.sentences == result.sentences
     assert "| notebook_eval |" in again._repr_markdown_()

@@ -15,20 +15,23 @@ from tests.sweepfiles import make_sweep
 
 TINY_FIXED = {"device": "cpu", "model.width": 0.25, "model.groups": 4, "data.train_size": 96, "data.test_size": 64,
               "data.augment": "none", "train.epochs": 1, "train.batch_size": 16, "train.eval_batch_size": 64}
-TINY_GRIDS = {  # 6 cells x 2 seeds: enough to exercise every step (the verdicts are then mostly inconclusive)
+TINY_GRIDS = {  # 8 cells x 2 seeds: enough to exercise every step (the verdicts are then mostly inconclusive)
     "lr": {"model.norm": ["batch", "none"], "optimizer.lr": [0.001]},
     "init": {"model.norm": ["batch", "none"], "model.init_scale": [3.0]},
     "regularization": {"model.norm": ["batch"], "model.dropout": [0.0]},
     "small_batches": {"model.norm": ["batch"], "train.batch_size": [4]},
+    "landscape": {"model.norm": ["batch", "none"]},
 }
+# Per-sweep fixed keys beyond TINY_FIXED: the regularization sweep measures the train set, the landscape sweep probes.
+TINY_EXTRA = {"regularization": {"train.eval_train": True}, "landscape": {"train.landscape.every": 2}}
 
 
 def tiny_studies(tmp_path: Path, grids=TINY_GRIDS, seeds=2) -> Path:
-    """A --studies folder whose quick profile holds tiny versions of the four sweep files."""
+    """A --studies folder whose quick profile holds tiny versions of its sweep files."""
     folder = tmp_path / "studies" / "quick"
     folder.mkdir(parents=True)
     for key, grid in grids.items():
-        fixed = dict(TINY_FIXED, **({"train.eval_train": True} if key == "regularization" else {}))
+        fixed = dict(TINY_FIXED, **TINY_EXTRA.get(key, {}))
         spec = {"name": f"tiny_{key}", "base": str(Path(__file__).parents[1] / "bnctl" / "configs" / "quickstart.yaml"),
                 "fixed": fixed, "grid": grid, "seeds": seeds}
         (folder / f"{key}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -183,14 +186,14 @@ def test_study_runs_evaluates_and_resumes_without_rerunning(tmp_path, cli):
     assert evals[0]["running_acc"] == pytest.approx(summary["final"]["test_acc"])  # last.pt is the final epoch
     assert evals[0]["recal_images"] == 96 and 0 <= evals[0]["batch_stats_acc"] <= 100
     text = (study_dir / "REPORT.md").read_text()
-    assert text.count("**Verdict:** ") == 5 and "12 of 12 runs finished" in text
+    assert text.count("**Verdict:** ") == 7 and "16 of 16 runs finished" in text
     # These tiny sweep files declare no estimand: every section says so instead of guessing one.
     assert "not testable here: the section's sweep file declares no lr_tolerance estimand" in text
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     mtimes = {p: p.stat().st_mtime_ns for p in study_dir.rglob("summary.json")}
     again = cli("study", "claims", "--resume", study_dir)
     assert again.exit_code == 0, again.output
-    assert again.output.count("0 to run") == 4 and "evaluating norm-" not in again.output
+    assert again.output.count("0 to run") == 5 and "evaluating norm-" not in again.output
     assert {p: p.stat().st_mtime_ns for p in study_dir.rglob("summary.json")} == mtimes
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest  # evaluation never writes a checkpoint
     assert study.read(study_dir)["wall_time_s"] > info["wall_time_s"]
