@@ -182,6 +182,16 @@ def _unfinished(rows: Sequence[dict]) -> str | None:
     return None if done == len(rows) else f"{done} of {len(rows)} runs finished; rerun with --resume to finish"
 
 
+def _incomplete(v: Verdict, rows: Sequence[dict]) -> Verdict | None:
+    """The section's verdict when some of its runs have not finished (nothing is decided then); otherwise
+    None, after noting failed, interrupted or diverged runs among the caveats."""
+    if (why := _unfinished(rows)) is not None:
+        v.status, v.reason = INCOMPLETE, why
+        return decide_all([v])[0]
+    v.caveats += _status_caveats(rows)
+    return None
+
+
 def _status_caveats(rows: Sequence[dict]) -> list[str]:
     out = []
     failed = sum(r.get("status") == "failed" for r in rows)
@@ -219,10 +229,8 @@ def lr_tolerance(rows: Sequence[dict], spec: studyspec.LrTolerance, chance: floa
               "a grid step for the grid's resolution. Not testable when every seed of both norms trains at the "
               "grid's largest learning rate (no limit reached) or none trains anywhere.",
               f"largest trainable lr, {spec.arm} minus {spec.control}")
-    if (why := _unfinished(rows)) is not None:
-        v.status, v.reason = INCOMPLETE, why
-        return decide_all([v])[0]
-    v.caveats += _status_caveats(rows)
+    if (early := _incomplete(v, rows)) is not None:
+        return early
     if len(lrs) < 2:
         v.status, v.reason = NOT_TESTABLE, f"at this grid: it has {len(lrs)} learning rate(s); a limit needs at least two"
         return decide_all([v])[0]
@@ -287,10 +295,8 @@ def init_reference(rows: Sequence[dict], spec: studyspec.InitReference, chance: 
               "bias) with a Welch-Satterthwaite t-interval; each cell's variance is floored at the test set's "
               "rounding.",
               f"loss off the reference scale, {spec.control} minus {spec.arm}")
-    if (why := _unfinished(rows)) is not None:
-        v.status, v.reason = INCOMPLETE, why
-        return decide_all([v])[0]
-    v.caveats += _status_caveats(rows)
+    if (early := _incomplete(v, rows)) is not None:
+        return early
     if not others or not any(_same(s, spec.reference) for s in scales):
         v.status, v.reason = NOT_TESTABLE, f"at this grid: it needs the reference scale {spec.reference:g} and at least one other"
         return decide_all([v])[0]
@@ -338,10 +344,8 @@ def gap_reduction(rows: Sequence[dict], spec: studyspec.GapReduction, quantum: f
               f"shrinks {ctl}'s gap detectably (one-sided 5%; if the positive control fails, the setup cannot show "
               f"regularization). Not supported when {arm}'s test accuracy is detectably below {ctl}'s.",
               f"gap reduction, {ctl} minus {arm} (no dropout)")
-    if (why := _unfinished(rows)) is not None:
-        v.status, v.reason = INCOMPLETE, why
-        return decide_all([v])[0]
-    v.caveats += _status_caveats(rows)
+    if (early := _incomplete(v, rows)) is not None:
+        return early
     completed = [r for r in rows if r.get("status") == "completed"]
     if completed and all(r.get("gap") is None for r in completed):
         v.status = NOT_TESTABLE
@@ -428,10 +432,8 @@ def batch_interaction(rows: Sequence[dict], spec: studyspec.BatchInteraction, ch
               f"is not testable. Not supported unless {arm}'s own fitted accuracy falls detectably as the batch "
               f"shrinks (a drift of {ctl} within the tolerance alone is not a loss of {arm}'s).",
               f"fitted loss from batch {ref} to {sizes[0] if sizes else '?'}, {arm} minus {ctl}")
-    if (why := _unfinished(rows)) is not None:
-        v.status, v.reason = INCOMPLETE, why
-        return decide_all([v])[0]
-    v.caveats += _status_caveats(rows)
+    if (early := _incomplete(v, rows)) is not None:
+        return early
     if len(sizes) < 2 or ref not in sizes or ref == sizes[0]:
         v.status, v.reason = NOT_TESTABLE, f"at this grid: it needs the reference batch {ref} and a smaller one"
         return decide_all([v])[0]
@@ -610,10 +612,8 @@ def _ics_points(data: dict, layer: str, steps: Sequence[int], relative: bool) ->
 def _landscape_rule(rows: Sequence[dict], landscapes: dict[str, dict | None], spec, v: Verdict,
                     per_seed: Callable) -> Verdict:
     """Shared by both landscape claims: pair the runs by seed, match their losses, test the per-seed log ratios."""
-    if (why := _unfinished(rows)) is not None:
-        v.status, v.reason = INCOMPLETE, why
-        return decide_all([v])[0]
-    v.caveats += _status_caveats(rows)
+    if (early := _incomplete(v, rows)) is not None:
+        return early
     ratios, skipped = [], []
     for seed, arm_row, ctl_row in _seed_pairs(rows, spec):
         pair = _matched_pair(arm_row, ctl_row, landscapes, spec)
