@@ -262,9 +262,15 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
         path = Path(claimed)
         try:
             return _fit_in(exp, path, resuming, reporter, on_run_dir, probe_factory, started)
-        except InterruptedRun as stop:
+        except (InterruptedRun, KeyboardInterrupt) as stop:
+            # A KeyboardInterrupt here landed while _fit_in prepared, before its own handler was in place.
+            by = stop.signal if isinstance(stop, InterruptedRun) else (
+                str(stop) if str(stop) in stopping.REASONS else None)
             if not dist.is_main or resuming or checkpoint.last_path(path).exists():
-                raise
+                if isinstance(stop, InterruptedRun):
+                    raise
+                raise InterruptedRun(f"interrupted while the run started; continue with: bnctl train --resume {path}",
+                                     signal=by) from None
             # Stopped before any epoch completed: the folder holds only what the run wrote at its start
             # and cannot be resumed, so it goes rather than lingering as a run that looks usable.
             try:
@@ -273,7 +279,7 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
             except OSError as err:
                 fate = f"{path} holds no checkpoint (removing it failed: {err.strerror or err})"
             raise InterruptedRun(f"interrupted in epoch 1, before any epoch completed: nothing was kept and {fate}. "
-                                 "Start again with the same command", signal=stop.signal) from None
+                                 "Start again with the same command", signal=by) from None
 
 
 def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,

@@ -197,11 +197,12 @@ def results_after_stop(results: Iterator[Result], stop: BaseException) -> Iterat
 def _worker_main(conn, threads: int) -> None:
     """A worker process: set its share of CPU threads, then run tasks until told to stop."""
     # Slurm and Kubernetes send SIGTERM to every process of a job, the workers too: stop the run as Ctrl-C
-    # does (interrupted, resumable), once; by default SIGTERM would kill the worker and leave it "running".
-    signal.signal(signal.SIGTERM, _stop_once)
+    # does (interrupted, resumable); by default SIGTERM would kill the worker and leave it "running".
     # The sweep interrupts a worker with SIGINT. A sweep started in the background by a non-interactive
     # shell (`nohup bnctl sweep ... &`) has SIGINT ignored, and its workers inherit that: restore Ctrl-C.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Either stops the worker once (see _stop_once).
+    for signum in _HELD:
+        signal.signal(signum, _stop_once)
     try:
         # The process began with these signals held (see _Pool._start), so that a Ctrl-C during its start-up
         # imports waits until here; one that came meanwhile is raised now and ends the worker quietly.
@@ -240,8 +241,15 @@ def _signals_held() -> Iterator[None]:
 
 
 def _stop_once(signum: int, frame: Any) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not break the stop in progress
-    raise KeyboardInterrupt("SIGTERM")
+    """Stop the worker's run as Ctrl-C does, and ignore every later stop signal.
+
+    A worker stops once and then exits. A second signal (the sweep passes Ctrl-C on to a worker that was
+    slow to report, and a loaded machine can make it slow) would otherwise land while the run records
+    its stop, and leave it looking as if it were still running.
+    """
+    for held in _HELD:
+        signal.signal(held, signal.SIG_IGN)
+    raise KeyboardInterrupt("SIGTERM" if signum == signal.SIGTERM else "")
 
 
 def _serve(conn, threads: int) -> None:

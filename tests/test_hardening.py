@@ -509,6 +509,32 @@ def test_11_ctrl_c_in_epoch_one_keeps_nothing_and_says_so(tmp_path, monkeypatch,
         assert list((tmp_path / "runs").iterdir()) == []
 
 
+@pytest.mark.parametrize("resumed", [False, True])
+def test_11_a_stop_while_the_run_prepares_leaves_no_run_looking_busy(tmp_path, monkeypatch, resumed):
+    """Ctrl-C after the run directory exists but before training's own handler is in place.
+
+    A sweep worker stopped there used to leave the folder without a summary: "running" to every reader.
+    """
+    raw = tiny_raw(data={"train_size": 64, "test_size": 32}, train={"epochs": 2})
+    run = tmp_path / "run"
+    if resumed:
+        cfg = config_mod.validate({**raw, "train": {**raw["train"], "epochs": 1}})
+        engine.fit(cfg, run_dir=run)
+        before = json.loads((run / "summary.json").read_text())
+
+    def stopped(self):
+        raise KeyboardInterrupt("SIGTERM")
+    monkeypatch.setattr(recorder.RunRecorder, "open", stopped)
+    with pytest.raises(InterruptedRun) as err:
+        engine.fit(config_mod.validate(raw), run_dir=None if resumed else run, resume=run if resumed else None)
+    assert err.value.signal == "SIGTERM" and err.value.exit_code == 143
+    if resumed:  # the run is as it was: still resumable from its checkpoint
+        assert json.loads((run / "summary.json").read_text()) == before
+        assert f"bnctl train --resume {run}" in str(err.value)
+    else:
+        assert not run.exists() and "nothing was kept" in str(err.value)
+
+
 # ------------------------------------------------------------------ 12. two more internal errors
 
 def test_12_yaml_key_that_is_a_list_is_a_config_error(tmp_path):

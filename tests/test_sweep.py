@@ -396,6 +396,23 @@ def _interrupted_lines(out: str) -> dict[str, int]:
             for name in ("norm-batch-seed0", "norm-none-seed0")}
 
 
+@pytest.mark.parametrize("signum, why", [(signal.SIGINT, ""), (signal.SIGTERM, "SIGTERM")])
+def test_a_worker_stops_once_and_a_second_signal_cannot_break_the_stop(signum, why):
+    """The sweep passes Ctrl-C on to a worker that was slow to report; that must not land mid-stop."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(KeyboardInterrupt) as stop:
+            workers._stop_once(signum, None)
+        assert str(stop.value) == why  # what the run records as stopped_by (SIGINT: nothing, as Ctrl-C)
+        for other in (signal.SIGINT, signal.SIGTERM):
+            assert signal.getsignal(other) == signal.SIG_IGN
+            os.kill(os.getpid(), other)  # ignored: no KeyboardInterrupt, no exit
+        time.sleep(0.05)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="watches the workers start in /proc (Linux)")
 def test_ctrl_c_while_jobs_2_workers_start_prints_no_tracebacks_and_names_each_run(tmp_path, small):
