@@ -218,3 +218,18 @@ def test_a_packed_sweep_stopped_and_resumed_finishes_every_run_once(tmp_path, cl
     assert [r["from_epoch"] for r in seed0["resumes"]] == [1]  # ... and resumed alone from its checkpoint
     seed1 = rundir.read_json(d / "runs" / "base-seed1" / "run.json")
     assert seed1["packed"]["runs"] == ["base-seed1", "base-seed2"] and "resumes" not in seed1
+
+
+@pytest.mark.slow
+def test_packs_in_worker_processes_give_the_numbers_of_packs_in_this_process(tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_raw(data={"train_size": 64, "test_size": 64}, model={"width": 0.5}))
+    plan = sweep.plan_inline(config, ["model.norm=batch,group"], seeds=2)
+    here, workers = sweep.create(plan, tmp_path / "here"), sweep.create(plan, tmp_path / "workers")
+    assert sweep.execute(here, pack=2).ok
+    outcome = sweep.execute(workers, jobs=2, pack=2)
+    assert outcome.ok and sorted(outcome.completed) == sorted(r.name for r in plan.runs)
+    for spec in plan.runs:
+        info = rundir.read_json(workers / "runs" / spec.name / "run.json")
+        assert info["packed"]["runs"] == [f"{spec.cell}-seed0", f"{spec.cell}-seed1"]
+        a, b = _rows(here / "runs" / spec.name), _rows(workers / "runs" / spec.name)
+        assert [r["test_loss"] for r in a] == [r["test_loss"] for r in b]
