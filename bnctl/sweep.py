@@ -220,7 +220,7 @@ def execute(sweep_dir: Path, *, jobs: int = 1, shard: tuple[int, int] | None = N
     statuses = {s.name: run_status(sweep_dir, s)[0] for s in selected}
     todo = [s for s in selected if statuses[s.name] not in FINISHED]
     partly = [s for s in todo if statuses[s.name] in ("interrupted", "running")
-              and (run_dir(sweep_dir, s) / rundir.CHECKPOINT_DIR / "last.pt").is_file()]
+              and rundir.last_checkpoint(run_dir(sweep_dir, s)).is_file()]
     outcome = Outcome(sweep_dir, selected=len(selected), already_done=len(selected) - len(todo),
                       partly_done=len(partly))
     reporter = reporter or SilentSweepReporter()
