@@ -194,6 +194,8 @@ def _train_epoch(live: list[_Member], step, epoch: int) -> None:
         m.sums = {"loss": torch.zeros((), device=device, dtype=torch.float64),
                   "correct": torch.zeros((), device=device, dtype=torch.int64), "seen": 0}
     streams = [iter(m.exp.train_batches) for m in live]  # each member's own order and augmentation
+    steps = len(first.train_batches)
+    lagged = _lagged(device)
     p_names = [n for n, _ in first.model.named_parameters()]
     b_names = [n for n, _ in first.model.named_buffers()]
     with cpu_threads_for(first.train_batches, first.threads):
@@ -213,11 +215,17 @@ def _train_epoch(live: list[_Member], step, epoch: int) -> None:
             if why is not None:
                 raise KeyboardInterrupt(why)
             for k, (m, (_, yb)) in enumerate(pack):
-                s = m.sums
-                s["loss"] += losses[k].detach() * len(yb)
-                total = s["loss"].item()
-                if not math.isfinite(total):  # this member diverged: its step is not taken, the others' are
-                    m.stop(DivergedError(f"loss became {losses[k].item()} at epoch {epoch}, step {i + 1}", epoch, i + 1))
+                m.sums["loss"] += losses[k].detach() * len(yb)
+            # The CPU checks every step, as an unpacked run does; a GPU every few steps and at the epoch's end,
+            # all members in one read (a diverged member's extra steps touch only its own weights, then it goes).
+            if not lagged or (i + 1) % engine.LAGGED_READ_EVERY == 0 or i + 1 == steps:
+                totals = torch.stack([m.sums["loss"] for m, _ in pack]).tolist()
+                for k, (m, _) in enumerate(pack):
+                    if not math.isfinite(totals[k]):  # this member diverged: its step is not taken, the others' are
+                        what = f"non-finite (running sum {totals[k]})" if lagged else losses[k].item()
+                        m.stop(DivergedError(f"loss became {what} at epoch {epoch}, step {i + 1}", epoch, i + 1))
+            for k, (m, (_, yb)) in enumerate(pack):
+                if m.result is not None:
                     continue
                 with torch.no_grad():
                     for j, buf in enumerate(buffers[k]):
@@ -226,8 +234,13 @@ def _train_epoch(live: list[_Member], step, epoch: int) -> None:
                     p.grad = grads[p_names[j]][k]
                 m.exp.optimizer.step()  # fp16 (the one precision with a scaler) is refused: no scaling to undo
                 m.exp.scheduler.step()
-                s["correct"] += (logits[k].argmax(1) == yb).sum()
-                s["seen"] += len(yb)
+                m.sums["correct"] += (logits[k].argmax(1) == yb).sum()
+                m.sums["seen"] += len(yb)
+
+
+def _lagged(device: torch.device) -> bool:
+    """Whether losses are read back only every few steps (a GPU: a read waits for the device), as engine's rule."""
+    return device.type == "cuda"
 
 
 def _epoch_numbers(m: _Member) -> dict[str, float]:

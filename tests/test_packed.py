@@ -132,6 +132,21 @@ def test_a_diverging_member_is_recorded_as_diverged_and_leaves_the_others_unchan
     assert packed_summary["diverged"] == alone_summary["diverged"]
 
 
+def test_a_member_diverging_between_a_gpus_lagged_checks_leaves_the_others_unchanged(tmp_path, monkeypatch):
+    """On a GPU losses are read every few steps: the diverged member's NaN steps until then touch only its own weights."""
+    monkeypatch.setattr(packed, "_lagged", lambda device: True)
+    ok = [_cfg(s, epochs=1, images=384) for s in (0, 1)]  # 12 steps: checks after steps 10 and 12
+    wild = _cfg(2, name="wild", lr=1e6, epochs=1, images=384)
+    data = load_dataset(wild.data)
+    with_wild = _pack([ok[0], wild, ok[1]], tmp_path / "with", data)
+    assert [r.outcome for r in with_wild] == ["completed", "diverged", "completed"]
+    assert rundir.read_json(tmp_path / "with" / "wild" / "summary.json")["diverged"]["step"] == 10
+    _pack(ok, tmp_path / "without", data)
+    for cfg in ok:
+        d = _differences(tmp_path / "with" / cfg.name, tmp_path / "without" / cfg.name)
+        assert all(v <= 1e-6 for v in d.values()), (cfg.name, d)
+
+
 def test_dropout_draws_differ_between_members(tmp_path):
     """Two members with the same seed are the same run; with dropout each draws its own masks."""
     for dropout in (0.0, 0.5):
