@@ -147,7 +147,7 @@ def fit_packed(cfgs: list[Config], run_dirs: list[Path], *, data: ImageData | No
 
 def _train(members: list[_Member], progress: Callable[[str, int, int], None]) -> None:
     """The epoch loop of a pack: train all, then evaluate and record each member, as engine._fit_in does for one."""
-    step = _vmapped_step(members[0].exp.model)
+    step = vmapped_step(members[0].exp.model)
     epochs = members[0].exp.cfg.train.epochs
     for epoch in range(1, epochs + 1):
         live = [m for m in members if m.result is None]
@@ -174,7 +174,7 @@ def _train(members: list[_Member], progress: Callable[[str, int, int], None]) ->
             m.result = MemberResult(m.exp.cfg.name, m.run_dir, "completed")
 
 
-def _vmapped_step(model: torch.nn.Module):
+def vmapped_step(model: torch.nn.Module):
     """f(params, buffers, x, y) -> (grads, (losses, logits)), each stacked over members; buffers updated in place."""
     structure = copy.deepcopy(model).to("meta").train()  # the layers only: weights come from the members
 
