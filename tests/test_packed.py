@@ -248,3 +248,20 @@ def test_packs_in_worker_processes_give_the_numbers_of_packs_in_this_process(tmp
         assert info["packed"]["runs"] == [f"{spec.cell}-seed0", f"{spec.cell}-seed1"]
         a, b = _rows(here / "runs" / spec.name), _rows(workers / "runs" / spec.name)
         assert [r["test_loss"] for r in a] == [r["test_loss"] for r in b]
+
+
+def test_the_api_and_a_sweep_file_pack_and_the_pack_is_kept_for_resume(tmp_path):
+    import bnctl
+    from bnctl import plan as plan_mod
+
+    raw = tiny_raw(data={"train_size": 64, "test_size": 64}, model={"width": 0.5}, train={"epochs": 1})
+    result = bnctl.run_sweep(raw, {"model.norm": ["batch"]}, seeds=2, pack=2, root=tmp_path, progress=False)
+    assert sorted(result.completed) == ["norm-batch-seed0", "norm-batch-seed1"]
+    assert sweep.read_plan(result.dir).pack == 2  # sweep.yaml keeps it: a resume packs the same way
+    info = rundir.read_json(result.dir / "runs" / "norm-batch-seed1" / "run.json")
+    assert info["packed"]["members"] == 2
+    spec = write_config(tmp_path / "s.yaml", {"base": raw, "grid": {"model.norm": ["batch"]}, "seeds": 2, "pack": 3})
+    assert sweep.plan_from_file(spec).pack == 3
+    bad = write_config(tmp_path / "bad.yaml", {"base": raw, "seeds": 2, "pack": 0})
+    with pytest.raises(ConfigError, match="at least 1"):
+        plan_mod.plan_from_file(bad)
