@@ -207,7 +207,6 @@ def test_members_must_differ_only_in_seed_optimizer_and_schedule():
     packed.check_packable([_cfg(0), _cfg(1, lr=0.1)])  # an optimizer setting may differ
 
 
-@pytest.mark.slow
 def test_a_packed_sweep_stopped_and_resumed_finishes_every_run_once(tmp_path, cli):
     """--pack 2 over 3 seeds: a pack of two and one alone. Ctrl-C at the pack's first epoch, then --resume."""
     config = write_config(tmp_path / "c.yaml", tiny_raw(data={"train_size": 64, "test_size": 64},
