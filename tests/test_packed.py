@@ -303,3 +303,13 @@ def test_sigterm_to_a_packed_jobs_2_sweep_leaves_every_member_resumable_or_unsta
             assert (folder / "checkpoints" / "last.pt").is_file()
         else:
             assert not folder.exists()
+
+
+def test_a_pack_that_cannot_claim_a_folder_leaves_no_folder_behind(tmp_path):
+    cfgs = [_cfg(s) for s in (0, 1)]
+    (tmp_path / cfgs[1].name).mkdir()
+    (tmp_path / cfgs[1].name / "note.txt").write_text("someone else's")
+    with pytest.raises(ConfigError):
+        _pack(cfgs, tmp_path)
+    assert not (tmp_path / cfgs[0].name).exists()  # member 0's folder, made first, is gone again
+    assert (tmp_path / cfgs[1].name / "note.txt").read_text() == "someone else's"  # the other is untouched
