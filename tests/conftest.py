@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -70,39 +69,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-# A BN run well above chance (two epochs of 2048 images at half width, diagnostics on), read by test_lab and
-# test_hardening: trained once per session, on one thread whichever module asks first (the thread count
-# changes a run's last bits), and handed to each module as its own copy (bn_run_copy), which it may change.
-BN_RUN = tiny_raw(name="bn", data={"train_size": 2048}, model={"width": 0.5}, optimizer={"lr": 0.002},
-                  train={"diagnostics": True, "diagnostics_every": 16})
-
-
-@pytest.fixture(scope="session")
-def bn_trained(tmp_path_factory) -> Path:
-    """The session's BN run (BN_RUN), trained through the CLI with its figures; read it, never change it."""
-    root = tmp_path_factory.mktemp("bn_trained")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = CliRunner().invoke(app, ["train", "--config", str(write_config(root / "bn.yaml", BN_RUN)),
-                                          "--run-dir", str(root / "run")], catch_exceptions=False)
-    finally:
-        torch.set_num_threads(before)
-    assert result.exit_code == 0, result.output
-    return root / "run"
-
-
-@pytest.fixture(scope="module")
-def bn_run_copy(bn_trained, tmp_path_factory) -> Path:
-    """This module's own copy of the session's BN run."""
-    return Path(shutil.copytree(bn_trained, tmp_path_factory.mktemp("bn_copy") / "run"))
-
-
 # Module fixtures that train whole runs for a file's tests: a test using one is end-to-end, and so slow.
 # With the multi-process and subprocess tests (marked @pytest.mark.slow, or a whole module with
 # pytestmark) they are left out of the quick loop, `python -m pytest -q -m "not slow"` (docs/development.md).
 SLOW_FIXTURES = {"run_copy", "trained", "trained_run", "runs", "layer_runs", "killed_and_resumed", "bn_run",
-                 "diagnostics_run", "bn_trained", "bn_run_copy"}
+                 "diagnostics_run"}
 
 
 def pytest_collection_modifyitems(items):

@@ -70,9 +70,11 @@ def rewrite_checkpoint(path: Path, change) -> None:
 
 
 @pytest.fixture(scope="module")
-def bn_run(bn_run_copy) -> Path:
-    """A trained two-epoch BN run (well above chance), shared by the evaluation tests (conftest.BN_RUN)."""
-    return bn_run_copy
+def bn_run(tmp_path_factory) -> Path:
+    """A trained two-epoch BN run (well above chance), shared by the evaluation tests."""
+    tmp = tmp_path_factory.mktemp("bn")
+    cfg = config_mod.validate(tiny_raw(data={"train_size": 2048}, model={"width": 0.5}, optimizer={"lr": 0.002}))
+    return engine.fit(cfg, run_dir=tmp / "run").run_dir
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from bnctl.diagnostics import COLUMNS
 from bnctl.errors import ConfigError
 from bnctl.models import build_model
 from bnctl.norms import GhostBatchNorm, ManualBatchNorm, is_norm, uses_batch_stats
-from conftest import BN_RUN, tiny_raw, write_config
+from conftest import tiny_raw, write_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MODELS = ["seed_cnn", "vgg", "resnet20"]
@@ -158,20 +158,26 @@ def test_norm_weight_decay_gets_its_own_param_group():
 # ---------------------------------------------------------------- runs shared by the tests below
 
 @pytest.fixture(scope="module")
-def runs(bn_run_copy, tmp_path_factory):
+def runs(tmp_path_factory):
     """A BN run trained to well above chance, and a short run without norms, both with diagnostics."""
     from typer.testing import CliRunner
 
     from bnctl.cli import app
 
-    # The BN run is the session's (conftest.BN_RUN: 2048 images, 2 epochs, diagnostics every 16 steps), copied.
     root = tmp_path_factory.mktemp("lab")
-    raw = tiny_raw(name="lab_none", data={"train_size": 256}, model={"norm": "none"},
-                   train={"epochs": 1, "diagnostics": True, "diagnostics_every": 4})
-    result = CliRunner().invoke(app, ["train", "--config", str(write_config(root / "none.yaml", raw)),
-                                      "--run-dir", str(root / "none")], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return {"bn": bn_run_copy, "none": root / "none"}
+    raws = {
+        "bn": tiny_raw(name="lab_bn", data={"train_size": 2048}, model={"width": 0.5},
+                       optimizer={"lr": 0.002}, train={"diagnostics": True, "diagnostics_every": 16}),
+        "none": tiny_raw(name="lab_none", data={"train_size": 256}, model={"norm": "none"},
+                         train={"epochs": 1, "diagnostics": True, "diagnostics_every": 4}),
+    }
+    dirs = {}
+    for key, raw in raws.items():
+        dirs[key] = root / key
+        result = CliRunner().invoke(app, ["train", "--config", str(write_config(root / f"{key}.yaml", raw)),
+                                          "--run-dir", str(dirs[key])], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    return dirs
 
 
 def _diagnostics(run_dir: Path) -> list[dict]:
@@ -301,7 +307,7 @@ def test_compare_writes_a_png_and_tabulates_the_runs(runs, cli, tmp_path):
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == PNG_SIGNATURE and out.stat().st_size > 20_000
     lines = result.output.splitlines()
-    bn_line = next(line for line in lines if line.split()[:1] == [BN_RUN["name"]])
+    bn_line = next(line for line in lines if line.split()[:1] == ["lab_bn"])
     none_line = next(line for line in lines if line.split()[:1] == ["lab_none"])
     assert " batch " in bn_line and " none " in none_line  # the differing norm, in its own column
 
@@ -313,7 +319,7 @@ def test_compare_writes_a_png_and_tabulates_the_runs(runs, cli, tmp_path):
         assert row["best_test_acc"] == max(r["test_acc"] for r in metrics)
         assert row["wall_time_s"] > 0
         assert f"{row['final_test_acc']:.2f}" in (bn_line if epochs == 2 else none_line)
-    assert table[0]["run"].startswith(f"{BN_RUN['name']} (") and "norm=batch" in table[0]["run"]
+    assert table[0]["run"].startswith("lab_bn (") and "norm=batch" in table[0]["run"]
     assert "norm=none" in table[1]["run"] and "diagnostics" not in table[1]["run"]
 
 

@@ -175,10 +175,8 @@ def test_landscape_settings_are_validated():
 # ------------------------------------------------------------------ probes change nothing
 
 def _run(tmp_path, name, every, epochs=2, resume=None, **model):
-    # A quarter-width seed_cnn: the same layers, BN, dropout and random streams as the full width, at a
-    # fraction of the probes' passes, which were most of these tests' time.
     raw = tiny_raw(data={"train_size": 192, "test_size": 32, "augment": "crop_flip"},
-                   model={"dropout": 0.3, "width": 0.25, **model}, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9},
+                   model={"dropout": 0.3, **model}, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9},
                    train={"epochs": epochs, "batch_size": 32, "landscape": {"every": every, "scales": [0.5, 2.0]}})
     cfg = config_mod.validate(raw)
     if resume is not None:
