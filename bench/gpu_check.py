@@ -18,6 +18,9 @@ Parts (each a row of the table; a failing part does not stop the others):
   e  compile  a train.compile=true run through the CLI with TORCH_LOGS=recompiles: its (compiled)
               evaluation must agree with an eager evaluation of its checkpoint; recompiles are
               counted and must stay under dynamo's cache limit (beyond it torch silently falls back)
+  f  pack     packed seeds (bnctl sweep --pack 4) against the same 4 runs one after another, at batch
+              4 and 32 on a slice of the data: runs/hour of each, and every packed member's train loss
+              near its unpacked run's (a gross check; tests/test_packed.py holds the exact ones)
 
 It prints one table and writes everything measured to --out (JSON); the exit status is 1 when a
 part failed. The default sizes are for one GPU and about 5 minutes (see bench/RESULTS.md).
@@ -49,16 +52,19 @@ sys.path.insert(0, str(REPO))
 MODES = {
     "gpu": dict(train=50_000, test=10_000, batch=512, epochs=3, floor=30.0, steps_images=512 * 5,
                 sync_images=512 * 24, check_train=10_000, check_epochs=2, check_floor=20.0, check_spread=5.0,
-                compile_images=10_000, compile_epochs=2),
+                compile_images=10_000, compile_epochs=2, pack_k=4, pack_batches=(4, 32), pack_images=2048),
     "tiny": dict(train=1_500, test=500, batch=32, epochs=2, floor=13.0, steps_images=32 * 4,
                  sync_images=32 * 24, check_train=500, check_epochs=1, check_floor=0.0, check_spread=100.0,
-                 compile_images=256, compile_epochs=1),
+                 compile_images=256, compile_epochs=1, pack_k=4, pack_batches=(4, 32), pack_images=128),
 }
 # Parts b and e: how closely two computations of the same thing must agree.
 DEVICE_WEIGHT_ATOL = 1e-4  # max |w_cpu - w_cuda| over every weight and BN buffer after the steps (SGD, fp32)
 DEVICE_LOSS_RTOL = 1e-4  # relative difference of the running train loss and the test loss
 COMPILE_ACC_TOL = 0.5  # test accuracy points between the compiled evaluation and the eager one
 COMPILE_LOSS_RTOL = 1e-3
+# Part f: a packed member's final running train loss against its unpacked run's. Rounding grows over an
+# epoch of steps (bench/RESULTS.md, packed seeds), so this only catches a member trained on the wrong thing.
+PACK_LOSS_ATOL = 0.1
 
 
 def env_with_repo() -> dict[str, str]:
@@ -302,8 +308,42 @@ def part_compile(ctx: dict) -> dict:
                                                                       if "Recompiling" in ln or "triggered by" in ln][:40]}}
 
 
+def part_pack(ctx: dict) -> dict:
+    import torch
+
+    from bnctl import rundir, sweep
+
+    m, k = ctx["mode"], ctx["mode"]["pack_k"]
+    arms, ok, shown = [], True, []
+    for batch in m["pack_batches"]:
+        cfg = write_config(ctx["tmp"] / f"f{batch}.yaml", ctx["device"], ctx["data"], epochs=1, batch_size=batch)
+        plan = sweep.plan_inline(cfg, [f"data.train_limit={m['pack_images']}"], seeds=k, name=f"pack-b{batch}")
+        losses = {}
+        for pack in (1, k):  # one by one in this process, then one pack of k
+            d = sweep.create(plan, ctx["tmp"] / "f" / f"b{batch}-pack{pack}")
+            if ctx["device"] == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            outcome = sweep.execute(d, pack=pack)
+            wall = time.perf_counter() - t0
+            done = len(outcome.completed) == len(plan.runs)
+            losses[pack] = [rundir.read_csv(d / "runs" / r.name / "metrics.csv")[-1]["train_loss"] if done else None
+                            for r in plan.runs]
+            arms.append({"batch": batch, "pack": pack, "wall_s": wall, "runs_per_hour": 3600 * len(plan.runs) / wall,
+                         "completed": len(outcome.completed), "train_loss": losses[pack]})
+            ok &= done
+        if ok:
+            gap = max(abs(a - b) for a, b in zip(losses[1], losses[k]))
+            ok &= gap <= PACK_LOSS_ATOL
+            one, packed = arms[-2]["runs_per_hour"], arms[-1]["runs_per_hour"]
+            shown.append(f"batch {batch}: {packed:.0f} vs {one:.0f} runs/h ({packed / one:.2f}x), loss gap {gap:.1e}")
+    return {"measured": "; ".join(shown) or "runs did not complete",
+            "limit": f"all complete, train loss gap <= {PACK_LOSS_ATOL:g}", "ok": bool(ok),
+            "details": {"arms": arms, "images": m["pack_images"], "members": k}}
+
+
 PARTS = {"train": ("a", part_train), "devices": ("b", part_devices), "syncs": ("c", part_syncs),
-         "precisions": ("d", part_precisions), "compile": ("e", part_compile)}
+         "precisions": ("d", part_precisions), "compile": ("e", part_compile), "pack": ("f", part_pack)}
 
 
 def main() -> int:

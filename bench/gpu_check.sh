@@ -3,6 +3,7 @@
 # bench/gpu_check.py (see its docstring and docs/speed.md). Arguments go to gpu_check.py.
 #
 #   bash bench/gpu_check.sh                           # on the GPU: ~5 minutes, writes gpu_check.json
+#                                                     (part f, packed seeds, about 1 of them; --skip pack)
 #   bash bench/gpu_check.sh --allow-cpu --tiny        # anywhere: the same checks at tiny sizes
 #
 # The GPU machine has torch, numpy, typer, rich and pyyaml but no pydantic and no network. Copy the

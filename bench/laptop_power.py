@@ -4,7 +4,7 @@
     python bench/laptop_power.py --profile quick --sd 3
 
 For each section: the smallest effect detectable with 80% power at Holm's strictest level
-(two-sided alpha = 0.05/5) and at its last step (0.05), for the profile's seeds per cell and an
+(two-sided alpha = 0.05/7, all seven sections tested) and at its last step (0.05), for the profile's seeds per cell and an
 assumed seed-to-seed standard deviation. MDE = (t(1-a/2, df) + t(0.8, df)) * sd * sqrt(sum c^2 / n)
 with df ~ cells x (n - 1); section 1's rank test instead needs enough seeds per norm for its
 smallest attainable p-value, 2 / C(2n, n), to fall below the level.
@@ -19,7 +19,7 @@ from scipy import stats
 
 from bnctl import study
 
-SECTIONS = 5
+SECTIONS = 7  # the tested sections Holm runs over: five about accuracy, the landscape and ICS sections
 POWER = 0.8
 # section -> (sum of squared contrast weights over cell means, cells the contrast uses)
 CONTRASTS = {"init": (2 * (1 + 4 * 0.25 ** 2), 10),  # (reference - mean of the 4 others), none minus BN

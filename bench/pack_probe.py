@@ -6,6 +6,8 @@ Times one training step (forward, backward, Adam) of bnctl's seed_cnn with BN fo
   sequential  K separate models stepped one after another in this process (what --jobs 1 does per run)
   vmap        the K members' weights and BN buffers stacked (torch.func.stack_module_state) and stepped
               as one: vmap(grad(functional_call)) plus one Adam over the stacked tensors
+  bnctl       what bnctl/packed.py does: K ordinary models and Adams; each step stacks their weights and
+              buffers, runs packed.vmapped_step, writes the running statistics back and steps each Adam
 and prints CPU time (user+sys of this process) and wall time per member-step, with the load average,
 all on one intra-op thread (as bnctl trains small batches on a shared machine). Each member gets its
 own batch. "runs/hour" is 3600 / (steps per run x seconds per member-step), for the notebook's 2 epochs
@@ -41,6 +43,7 @@ def main() -> int:
     import torch.nn.functional as F
     from torch.func import functional_call, grad, stack_module_state, vmap
 
+    from bnctl import packed
     from bnctl.config import ModelConfig
     from bnctl.models import build_model
 
@@ -87,7 +90,29 @@ def main() -> int:
                 leaf.grad = g[name]
             vopt.step()
 
-        for label, step in (("sequential", seq_step), ("vmap", vmap_step)):
+        # bnctl/packed.py's way: the members stay plain models with their own optimizers.
+        members = [build_model(ModelConfig(), num_classes=10, image_size=(32, 32)).to(memory_format=torch.channels_last)
+                   for _ in range(k)]
+        member_opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in members]
+        packed_step = packed.vmapped_step(members[0])
+        p_names = [n for n, _ in members[0].named_parameters()]
+        b_names = [n for n, _ in members[0].named_buffers()]
+
+        def bnctl_step():
+            ps = [list(m.parameters()) for m in members]
+            bs = [list(m.buffers()) for m in members]
+            sp = {n: torch.stack([p[j].detach() for p in ps]) for j, n in enumerate(p_names)}
+            sb = {n: torch.stack([b[j] for b in bs]) for j, n in enumerate(b_names)}
+            g, _ = packed_step(sp, sb, xs, ys)
+            for k_, (m, o) in enumerate(zip(members, member_opts)):
+                with torch.no_grad():
+                    for j, buf in enumerate(bs[k_]):
+                        buf.copy_(sb[b_names[j]][k_])
+                for j, p in enumerate(ps[k_]):
+                    p.grad = g[p_names[j]][k_]
+                o.step()
+
+        for label, step in (("sequential", seq_step), ("vmap", vmap_step), ("bnctl", bnctl_step)):
             for _ in range(5):
                 step()
             c0, w0 = cpu_s(), time.perf_counter()

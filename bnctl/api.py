@@ -507,12 +507,14 @@ def _cli_value(value: Any) -> str:
 
 def run_sweep(config: ConfigLike, grid: Mapping[str, Sequence[Any]] | None = None, /, *, seeds: int | Sequence[int] = 1,
           overrides: Overrides = None, name: str | None = None, root: PathLike = "runs/sweeps",
-          sweep_dir: PathLike | None = None, jobs: int = 1, progress: Progress = True, **keywords: Any) -> Sweep:
+          sweep_dir: PathLike | None = None, jobs: int = 1, pack: int | None = None, progress: Progress = True,
+          **keywords: Any) -> Sweep:
     """Run a grid of configs x seeds as `bnctl sweep` does and return the sweep directory's results.
 
     ``run_sweep("quickstart", {"model.norm": ["batch", "none"]}, seeds=2, train__epochs=2)``: the base config,
     the swept keys with their values, the seeds (a count or a list) and fixed overrides (as train takes them).
-    A sweep file (name, base, fixed, grid, seeds) is run as given when grid is None.
+    A sweep file (name, base, fixed, grid, seeds) is run as given when grid is None. ``pack`` trains up to
+    that many seeds of a cell in one process as one pack (`bnctl sweep --pack`; default: the sweep file's, else 1).
     Every cell is validated before anything is created; a failed run is recorded and the others go on.
     """
     from bnctl import plan as plan_mod, sweep as sweep_mod
@@ -532,6 +534,10 @@ def run_sweep(config: ConfigLike, grid: Mapping[str, Sequence[Any]] | None = Non
         _dotted(grid, {})  # each swept key's shape, checked as for an override
         raw, _, base = _raw_config(config)
         plan = plan_mod.plan_from_parts(raw, fixed, grid, seeds, name, base, _origins(fixed))
+    if pack is not None:
+        plan.pack = plan_mod.check_pack_size(pack, "pack")
+    if plan.pack > 1:  # refused before a sweep directory exists
+        sweep_mod.check_pack(sweep_mod.cell_groups(plan))
     target = sweep_mod.create(plan, Path(root), exact=None if sweep_dir is None else Path(sweep_dir))
     reporter = _SweepProgress(progress)
     if reporter.console is not None:

@@ -26,16 +26,14 @@ from bnctl.errors import CheckpointError, ConfigError, DataError
 FORMAT = "bnctl-checkpoint"
 FORMAT_VERSION = 1
 
-LAST, BEST = "last.pt", "best.pt"  # RUN/checkpoints/: the newest kept epoch (what resume trusts) and the best one
+LAST, BEST = rundir.LAST_CHECKPOINT, rundir.BEST_CHECKPOINT
 
 # What a checkpoint must hold: to be evaluated (load checks these), and to be continued as well.
 EVAL_KEYS = ("model", "config", "epoch")
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "history", "best")
 
 
-def last_path(run_dir: Path) -> Path:
-    """RUN/checkpoints/last.pt: the newest epoch kept, the one a resume continues from."""
-    return Path(run_dir) / rundir.CHECKPOINT_DIR / LAST
+last_path = rundir.last_checkpoint  # RUN/checkpoints/last.pt: what a resume continues from
 
 
 def best_path(run_dir: Path) -> Path:

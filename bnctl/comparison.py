@@ -15,8 +15,13 @@ from bnctl.normspec import BATCH_STAT_NORMS
 
 
 # Keys that never change what a run learns or measures: bookkeeping, speed, extra outputs.
+# The landscape probes measure beside the training and leave it exactly as it was (tests/test_landscape.py);
+# landscape figures and `bnctl compare`'s matched-loss lines name their settings themselves.
+PROBE_SETTINGS = ("train.landscape.every", "train.landscape.scales", "train.landscape.direction",
+                  "train.landscape.ics")
 NON_EXPERIMENT_KEYS = {"name", "device", "data.download", "train.channels_last", "train.compile",
-                       "train.diagnostics", "train.diagnostics_every", "train.tensorboard", "train.eval_train"}
+                       "train.diagnostics", "train.diagnostics_every", "train.tensorboard", "train.eval_train",
+                       *PROBE_SETTINGS}
 _synthetic = lambda c: c.get("data.name", "synthetic") == "synthetic"  # noqa: E731
 # Keys that matter only for some settings (the rest of the time any value gives the same run).
 APPLIES = {

@@ -233,20 +233,8 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
     if not dist.is_main:
         reporter, on_run_dir, probe_factory = SilentReporter(), lambda p: None, None
 
-    def prepare() -> Experiment:
-        # A resumed run may continue on a device without its precision (moved).
-        exp = setup(cfg, data, moved=resume is not None, dist=dist)
-        if len(exp.train_batches) == 0:
-            raise DataError(f"only {len(exp.data.train_y)} training images, fewer than "
-                            f"train.batch_size={cfg.train.batch_size}; lower the batch size or add data")
-        check_fits(exp)
-        if cfg.train.tensorboard:
-            tblog.check_available()  # before any run directory exists
-        if resume is not None and not checkpoint.last_path(resume).is_file():
-            raise ConfigError(f"{resume} has no checkpoint to resume from (no epoch completed); start a new run")
-        return exp
-
-    exp = dist.agree(prepare)  # a failure on any rank stops every rank here, with one message
+    # A failure on any rank stops every rank here, with one message.
+    exp = dist.agree(lambda: prepare(cfg, data, resume, dist))
     with contextlib.ExitStack() as stack:
         def claim() -> tuple[str, bool] | None:
             if not dist.is_main:
@@ -271,15 +259,37 @@ def fit(cfg: Config, *, runs_root: Path = Path("runs"), run_dir: Path | None = N
                     raise
                 raise InterruptedRun(f"interrupted while the run started; continue with: bnctl train --resume {path}",
                                      signal=by) from None
-            # Stopped before any epoch completed: the folder holds only what the run wrote at its start
-            # and cannot be resumed, so it goes rather than lingering as a run that looks usable.
-            try:
-                shutil.rmtree(path)
-                fate = f"the run directory {path} was removed"
-            except OSError as err:
-                fate = f"{path} holds no checkpoint (removing it failed: {err.strerror or err})"
-            raise InterruptedRun(f"interrupted in epoch 1, before any epoch completed: nothing was kept and {fate}. "
-                                 "Start again with the same command", signal=by) from None
+            raise discard_unstarted(path, by) from None
+
+
+def discard_unstarted(path: Path, by: str | None) -> InterruptedRun:
+    """Remove the folder of a run stopped before its first checkpoint; return the InterruptedRun to raise.
+
+    Such a folder holds only what the run wrote at its start and cannot be resumed, so it goes
+    rather than lingering as a run that looks usable.
+    """
+    try:
+        shutil.rmtree(path)
+        fate = f"the run directory {path} was removed"
+    except OSError as err:
+        fate = f"{path} holds no checkpoint (removing it failed: {err.strerror or err})"
+    return InterruptedRun(f"interrupted in epoch 1, before any epoch completed: nothing was kept and {fate}. "
+                          "Start again with the same command", signal=by)
+
+
+def prepare(cfg: Config, data: ImageData | None = None, resume: Path | None = None, dist: Dist = SINGLE) -> Experiment:
+    """setup, then every check a run passes before its run directory exists."""
+    # A resumed run may continue on a device without its precision (moved).
+    exp = setup(cfg, data, moved=resume is not None, dist=dist)
+    if len(exp.train_batches) == 0:
+        raise DataError(f"only {len(exp.data.train_y)} training images, fewer than "
+                        f"train.batch_size={cfg.train.batch_size}; lower the batch size or add data")
+    check_fits(exp)
+    if cfg.train.tensorboard:
+        tblog.check_available()  # before any run directory exists
+    if resume is not None and not checkpoint.last_path(resume).is_file():
+        raise ConfigError(f"{resume} has no checkpoint to resume from (no epoch completed); start a new run")
+    return exp
 
 
 def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
@@ -327,35 +337,45 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
             record.summary("running")
         # Inside the try: a stop that lands while the final status is written is handled below like any other.
         final = record.summary("completed")
-    except DivergedError as err:
-        record.settle()
-        record.summary("diverged", diverged={"epoch": err.epoch, "step": err.step, "message": str(err)})
-        kept = (f"the last good checkpoint (epoch {len(history)}) and its metrics are kept" if history
-                else "no epoch completed, so there is no checkpoint")
-        raise DivergedError(f"training diverged: {err}. Try a lower optimizer.lr (now {cfg.optimizer.lr:g}), "
-                            f"a warm-up schedule or normalization layers; {kept} in {run_dir}",
-                            err.epoch, err.step) from None
-    except KeyboardInterrupt as err:
-        record.settle()
-        by = str(err) if str(err) in stopping.REASONS else None  # a signal's name when the CLI's handler sent it
-        if len(history) >= cfg.train.epochs:  # the stop came as the run finished: every epoch is kept
-            record.summary("completed")
-            raise InterruptedRun(f"stopped as the run finished: all {len(history)} epochs are kept and the run "
-                                 f"is complete ({run_dir}); nothing to resume", signal=by) from None
-        # The epoch in progress is the one after the last checkpointed one (the loop may not have advanced yet).
-        record.summary("interrupted", interrupted_in_epoch=len(history) + 1, **({"stopped_by": by} if by else {}))
-        raise InterruptedRun(f"interrupted in epoch {len(history) + 1}; {len(history)} complete epoch(s) kept. "
-                             f"Continue with: bnctl train --resume {run_dir}", signal=by) from None
     except BaseException as err:
-        record.settle()
-        record.summary("failed", error=f"{type(err).__name__}: {err}")
-        raise
+        stop = record_stop(record, err)
+        if stop is None:
+            raise
+        raise stop from None
     finally:
         if probe is not None:
             probe.close()
         if tb is not None:
             tb.close()
     return RunResult(run_dir, final, final["wall_time_s"] - record.prior_wall)
+
+
+def record_stop(record: RunRecorder, err: BaseException) -> BaseException | None:
+    """Record in a run's files how ``err`` stopped it: diverged, interrupted or failed.
+
+    Returns the exception that tells the caller (a DivergedError or InterruptedRun with a message
+    saying what was kept), or None when ``err`` itself should propagate (a failure).
+    """
+    cfg, run_dir, history = record.exp.cfg, record.run_dir, record.history
+    record.settle()
+    if isinstance(err, DivergedError):
+        record.summary("diverged", diverged={"epoch": err.epoch, "step": err.step, "message": str(err)})
+        kept = (f"the last good checkpoint (epoch {len(history)}) and its metrics are kept" if history
+                else "no epoch completed, so there is no checkpoint")
+        return DivergedError(f"training diverged: {err}. Try a lower optimizer.lr (now {cfg.optimizer.lr:g}), "
+                             f"a warm-up schedule or normalization layers; {kept} in {run_dir}", err.epoch, err.step)
+    if isinstance(err, KeyboardInterrupt):
+        by = str(err) if str(err) in stopping.REASONS else None  # a signal's name when the CLI's handler sent it
+        if len(history) >= cfg.train.epochs:  # the stop came as the run finished: every epoch is kept
+            record.summary("completed")
+            return InterruptedRun(f"stopped as the run finished: all {len(history)} epochs are kept and the run "
+                                  f"is complete ({run_dir}); nothing to resume", signal=by)
+        # The epoch in progress is the one after the last checkpointed one (the loop may not have advanced yet).
+        record.summary("interrupted", interrupted_in_epoch=len(history) + 1, **({"stopped_by": by} if by else {}))
+        return InterruptedRun(f"interrupted in epoch {len(history) + 1}; {len(history)} complete epoch(s) kept. "
+                              f"Continue with: bnctl train --resume {run_dir}", signal=by)
+    record.summary("failed", error=f"{type(err).__name__}: {err}")
+    return None
 
 
 def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
@@ -369,6 +389,12 @@ def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
                             step_log=step_log, threads=exp.threads)
     # Unsynchronized BN leaves each rank its own running statistics: make them one model's (train.dist_bn).
     distributed.reconcile_running_stats(exp.model, exp.dist, exp.cfg.train.dist_bn)
+    return evaluate_epoch(exp, epoch, lr, train, time.perf_counter() - t0, clean_train)
+
+
+def evaluate_epoch(exp: Experiment, epoch: int, lr: float, train: dict[str, float], train_time_s: float,
+                   clean_train: Batches | None = None) -> dict[str, Any]:
+    """Evaluate the epoch just trained (``train``: train_one_epoch's numbers) into one metrics.csv row."""
     t1 = time.perf_counter()
     # Test metrics always come from eval mode: BN uses its running statistics (or, without them, the statistics
     # of test batches drawn in a seeded random order; see experiment.setup).
@@ -379,9 +405,9 @@ def _train_and_evaluate(exp: Experiment, epoch: int, reporter: Reporter, probe,
     if clean_train is not None:  # the running train accuracy mixes many weights; this is the final model's
         clean = evaluate(evaluator, clean_train, exp.precision, dist=exp.dist)
         row |= {"clean_train_loss": clean["loss"], "clean_train_acc": clean["acc"]}
-    t2 = time.perf_counter()
-    return row | {"epoch_time_s": t2 - t0, "train_time_s": t1 - t0, "eval_time_s": t2 - t1,
-                  "images_per_s": train["images"] / (t1 - t0)}
+    eval_time_s = time.perf_counter() - t1
+    return row | {"epoch_time_s": train_time_s + eval_time_s, "train_time_s": train_time_s, "eval_time_s": eval_time_s,
+                  "images_per_s": train["images"] / train_time_s}
 
 
 def _keep_threads(exp: Experiment, run_dir: Path) -> None:

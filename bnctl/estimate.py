@@ -169,7 +169,7 @@ def estimate(sweep_dirs: Sequence[Path], jobs: int, *, timed: bool = True) -> Es
             est.to_run += 1
             # as bnctl.sweep.execute counts them: stopped mid-way with a checkpoint to continue from
             partly = (status in ("interrupted", "running")
-                      and (sweep.run_dir(sweep_dir, spec) / rundir.CHECKPOINT_DIR / "last.pt").is_file())
+                      and rundir.last_checkpoint(sweep.run_dir(sweep_dir, spec)).is_file())
             est.partly_done += partly
             done = _epochs_done(sweep_dir, spec) if partly else 0
             w = run_work(cfg, done)

@@ -155,6 +155,7 @@ class Experiment:
     backend: dict[str, Any] = field(default_factory=dict)  # the CUDA settings in force (apply_backend_settings)
     threads: int = 1  # intra-op threads for training, chosen once per run (choose_threads)
     threads_reason: str = ""
+    packed: dict[str, Any] | None = None  # trained packed with other seeds: {"members", "index", "runs"} (packed.py)
 
     @property
     def num_classes(self) -> int:

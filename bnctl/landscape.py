@@ -245,7 +245,8 @@ class LandscapeProbe:
                 return F.cross_entropy(model(x).float(), y)
 
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            # manual_seed in loss_fn reseeds every CUDA device of the process, so every one is restored.
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if device.type == "cuda" else []):
                 loss0, g0 = loss_and_grad(loss_fn, params)
                 if self.settings.direction == "gradient":
                     lr = {id(p): group["lr"] for group in self.optimizer.param_groups for p in group["params"]}

@@ -200,6 +200,24 @@ def draw(runs: list[tuple[str, dict[str, Any]]], out: Path, title: str, legend: 
     return save_figure(fig, out)
 
 
+def probe_settings(run_dir: Path) -> str:
+    """How a run probed, in words ('probes every 25 steps along the optimizer's update, step sizes 0.5-4x').
+
+    The probe settings leave training unchanged, so run titles and compare's labels leave them out;
+    a landscape figure says them, since its numbers mean something else under other settings.
+    """
+    from bnctl import config as config_mod
+
+    path = Path(run_dir) / rundir.CONFIG_FILE
+    raw = (config_mod.read_yaml(path) or {}) if path.is_file() else {}
+    probes = {**config_mod.LandscapeConfig().model_dump(mode="json"),
+              **((raw.get("train") or {}).get("landscape") or {})}
+    along = "the optimizer's update" if probes["direction"] == "update" else "-lr x the batch gradient"
+    scales = ", ".join(f"{c:g}" for c in probes["scales"])
+    return (f"probes every {probes['every']} steps along {along}, step sizes {scales}x"
+            + ("" if probes["ics"] else ", no ICS"))
+
+
 def plot_run(run_dir: Path) -> Path | None:
     """landscape.png for one run; None when it has no landscape.csv."""
     from bnctl.comparison import run_dir_title
@@ -208,7 +226,8 @@ def plot_run(run_dir: Path) -> Path | None:
     if data is None:
         return None
     return draw([("", data)], Path(run_dir) / FIGURE,
-                f"Loss landscape and internal covariate shift (Santurkar et al. 2018)\n{run_dir_title(Path(run_dir))}")
+                f"Loss landscape and internal covariate shift (Santurkar et al. 2018)\n{run_dir_title(Path(run_dir))}"
+                f"\n{probe_settings(run_dir)}")
 
 
 def plot_compare(runs: list[tuple[str, Path]], out: Path) -> Path | None:
@@ -218,8 +237,12 @@ def plot_compare(runs: list[tuple[str, Path]], out: Path) -> Path | None:
     if not found:
         return None
     missing = tuple(label for label, data in read_all if data is None)
-    return draw(found, out, "Loss landscape and internal covariate shift, overlaid (Santurkar et al. 2018, fig. 4-5)",
-                legend=True, missing=missing)
+    probed = {label: probe_settings(d) for (label, d), (_, data) in zip(runs, read_all) if data is not None}
+    said = (next(iter(probed.values())) if len(set(probed.values())) == 1
+            else textwrap.fill("probed differently: " + "; ".join(f"{label}: {text}" for label, text in probed.items()),
+                               width=160, break_long_words=False))
+    return draw(found, out, "Loss landscape and internal covariate shift, overlaid (Santurkar et al. 2018, fig. 4-5)"
+                f"\n{said}", legend=True, missing=missing)
 
 
 def plot_compare_runs(runs: list[dict[str, Any]], out: Path) -> Path | None:

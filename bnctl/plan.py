@@ -179,6 +179,7 @@ class Plan:
     lr_scaling: dict[str, Any] | None = None
     # The sweep file's slurm: section, kept so that `sweep --resume DIR --launcher slurm` submits as the first did.
     slurm: dict[str, Any] = field(default_factory=dict)
+    pack: int = 1  # seeds of one cell trained packed in one process (bnctl/packed.py); 1 = each run on its own
 
     def __post_init__(self) -> None:
         if not self.runs:
@@ -255,6 +256,7 @@ class Plan:
                 "config": self.config, "fixed": self.fixed, "grid": self.grid, "seeds": self.seeds,
                 **({"lr_scaling": self.lr_scaling} if self.lr_scaling else {}),
                 **({"slurm": self.slurm} if self.slurm else {}),
+                **({"pack": self.pack} if self.pack != 1 else {}),
                 "runs": [r.to_dict() for r in self.runs]}
 
     @classmethod
@@ -263,7 +265,7 @@ class Plan:
         return cls(name=d["name"], config=d["config"], fixed=dict(d.get("fixed") or {}),
                    grid={k: list(v) for k, v in (d.get("grid") or {}).items()}, seeds=list(d["seeds"]),
                    base_config=d.get("base_config"), runs=runs, created=d.get("created", ""),
-                   lr_scaling=d.get("lr_scaling"), slurm=dict(d.get("slurm") or {}))
+                   lr_scaling=d.get("lr_scaling"), slurm=dict(d.get("slurm") or {}), pack=int(d.get("pack", 1)))
 
 
 def _resolve_base(raw: dict[str, Any], fixed: dict[str, Any], grid: dict[str, list[Any]],
@@ -344,9 +346,17 @@ def plan_from_parts(raw: dict[str, Any], fixed: dict[str, Any], grid: dict[str, 
     return plan.validate().refuse_unread()
 
 
-# slurm: read by bnctl.launchers; study: the claim and estimand a study section declares (bnctl.studyspec)
-SWEEP_FILE_KEYS = {"name", "base", "fixed", "grid", "seeds", "slurm", "study", "lr_scaling"}
+# slurm: read by bnctl.launchers; study: the claim and estimand a study section declares (bnctl.studyspec);
+# pack: seeds per process trained as one vectorized pack (bnctl.packed)
+SWEEP_FILE_KEYS = {"name", "base", "fixed", "grid", "seeds", "slurm", "study", "lr_scaling", "pack"}
 LR_SCALING_RULES = {"linear": 1.0, "sqrt": 0.5}  # rule -> exponent of batch / reference_batch
+
+
+def check_pack_size(value: Any, where: str) -> int:
+    """A pack size: a whole number of runs, at least 1 (1: no packing)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where} must be a whole number of runs, at least 1 (1: no packing), got {value!r}")
+    return value
 
 
 def scaled_lr(base_lr: float, batch_size: int, scaling: dict[str, Any]) -> float:
@@ -431,6 +441,7 @@ def plan_from_file(path: Path, extra_overrides: Sequence[str] = (), shared: bool
     if not isinstance(slurm, dict):
         raise ConfigError(f"sweep file {path}: slurm must be a mapping of settings (partition: ..., time_min: ...)")
     plan.slurm = dict(slurm)
+    plan.pack = check_pack_size(spec.get("pack", 1), f"sweep file {path}: pack")
     plan.validate()
     return plan if shared else plan.refuse_unread()  # shared: one of a study's sweeps
 

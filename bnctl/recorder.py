@@ -55,7 +55,7 @@ class RunRecorder:
                 "num_classes": exp.num_classes, "classes": list(exp.data.classes),
                 "train_images": len(exp.data.train_y), "steps_per_epoch": len(exp.train_batches),
                 "test_images": len(exp.data.test_y), "eval_order_seed": exp.eval_order_seed, **parallel,
-                **exp.backend,
+                **exp.backend, **({"packed": exp.packed} if exp.packed else {}),
                 **elastic.run_info()})
 
     def open(self) -> None:

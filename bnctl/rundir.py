@@ -31,7 +31,14 @@ RUN_INFO_FILE = "run.json"
 DIAGNOSTICS_FILE = "diagnostics.csv"
 LANDSCAPE_FILE = "landscape.csv"  # train.landscape: loss-landscape and ICS probes
 CHECKPOINT_DIR = "checkpoints"
+# RUN/checkpoints/: the newest kept epoch (what resume trusts) and the best one (bnctl/checkpoint.py writes them)
+LAST_CHECKPOINT, BEST_CHECKPOINT = "last.pt", "best.pt"
 LOCK_FILE = ".lock"
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """RUN/checkpoints/last.pt: the newest epoch kept, the one a resume continues from."""
+    return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import yaml
 
 from bnctl import config as config_mod, rundir
+from bnctl.config import Config
 from bnctl.errors import ConfigError, InterruptedRun
 from bnctl.plan import Plan, RunSpec, parse_seeds, parse_sweep_overrides, plan_from_file, plan_inline, split_values
 from bnctl.sweepdir import (CLAIMS_DIR, ERRORS_DIR, FINISHED, PLAN_FILE, RESULTS_FILE, RUNS_DIR, error_record,
@@ -195,12 +196,14 @@ class Outcome:
 
 
 def execute(sweep_dir: Path, *, jobs: int = 1, shard: tuple[int, int] | None = None,
-            reporter: SweepReporter | None = None) -> Outcome:
+            reporter: SweepReporter | None = None, pack: int | None = None) -> Outcome:
     """Run what is not finished: skip completed and diverged runs, resume interrupted ones, rerun failed ones.
 
     Needs only the sweep directory, so any process (a Slurm array task) can call it. A failed
     run is recorded and the others go on. Ctrl-C stops every worker, leaves the runs
-    interrupted (resumable) and raises InterruptedRun.
+    interrupted (resumable) and raises InterruptedRun. ``pack`` (default: the plan's) trains up
+    to that many seeds of a cell in one process as one pack (bnctl/packed.py); runs that stopped
+    mid-way resume one by one.
     """
     from bnctl import workers
 
@@ -217,12 +220,16 @@ def execute(sweep_dir: Path, *, jobs: int = 1, shard: tuple[int, int] | None = N
     statuses = {s.name: run_status(sweep_dir, s)[0] for s in selected}
     todo = [s for s in selected if statuses[s.name] not in FINISHED]
     partly = [s for s in todo if statuses[s.name] in ("interrupted", "running")
-              and (run_dir(sweep_dir, s) / rundir.CHECKPOINT_DIR / "last.pt").is_file()]
+              and rundir.last_checkpoint(run_dir(sweep_dir, s)).is_file()]
     outcome = Outcome(sweep_dir, selected=len(selected), already_done=len(selected) - len(todo),
                       partly_done=len(partly))
     reporter = reporter or SilentSweepReporter()
     reporter.start(plan, selected, todo, jobs, partly_done=len(partly))
     tasks = [workers.Task(sweep_dir, spec, config_mod.to_dict(configs[spec.name])) for spec in todo]
+    pack = plan.pack if pack is None else pack
+    if pack > 1:
+        tasks = _packs(tasks, pack, {s.name for s in partly})
+        check_pack([[configs[spec.name] for spec in task.specs] for task in tasks if task.pack])
     results = workers.run_tasks(tasks, jobs, reporter)
 
     def record(result: workers.Result) -> None:
@@ -247,11 +254,13 @@ def execute(sweep_dir: Path, *, jobs: int = 1, shard: tuple[int, int] | None = N
         with contextlib.closing(results):  # stops the workers however the loop ends
             try:
                 for result in results:
-                    record(result)
+                    for each in result.all:  # a packed task: each of its runs
+                        record(each)
             except KeyboardInterrupt as stop:
                 # Each run the stop caught gets its line too (the workers report them as they stop).
                 for result in workers.results_after_stop(results, stop):
-                    record(result)
+                    for each in result.all:
+                        record(each)
                 raise
     except KeyboardInterrupt:
         write_results(sweep_dir, plan)
@@ -259,3 +268,37 @@ def execute(sweep_dir: Path, *, jobs: int = 1, shard: tuple[int, int] | None = N
                              f"Continue with: bnctl sweep --resume {sweep_dir}") from None
     write_results(sweep_dir, plan)
     return outcome
+
+
+def _packs(tasks: list, pack: int, stopped: set[str]) -> list:
+    """Each cell's runs that start afresh, in packs of up to ``pack``; runs stopped mid-way stay on their own.
+
+    A stopped run resumes from its checkpoint, at its own epoch, so it cannot join a pack.
+    """
+    alone, by_cell = [], {}
+    for task in tasks:
+        if task.spec.name in stopped:
+            alone.append(task)
+        else:
+            by_cell.setdefault(task.spec.cell, []).append(task)
+    packs = [replace(group[i], pack=group[i + 1:i + pack]) for group in by_cell.values()
+             for i in range(0, len(group), pack)]
+    return packs + alone
+
+
+def cell_groups(plan: Plan) -> list[list[Config]]:
+    """Each cell's run configs: the groups a packed sweep trains together."""
+    groups: dict[str, list[Config]] = {}
+    for spec, cfg in plan.configs():
+        groups.setdefault(spec.cell, []).append(cfg)
+    return list(groups.values())
+
+
+def check_pack(groups: list[list[Config]]) -> None:
+    """Raise ConfigError unless each group of run configs can train as one pack (bnctl/packed.py)."""
+    if not groups:
+        return
+    from bnctl import packed
+
+    for cfgs in groups:
+        packed.check_packable(cfgs)

@@ -20,7 +20,7 @@ import shutil
 import signal
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -36,6 +36,11 @@ class Task:
     sweep_dir: Path
     spec: RunSpec
     config: dict[str, Any]
+    pack: list["Task"] = field(default_factory=list)  # runs of the same cell trained packed with this one (packed.py)
+
+    @property
+    def specs(self) -> list[RunSpec]:
+        return [self.spec, *(t.spec for t in self.pack)]
 
 
 @dataclass
@@ -47,6 +52,16 @@ class Result:
     error: str | None = None
     seconds: float = 0.0  # from receiving the task to its end, in the process that ran it
     first_in_process: bool = False  # the first run this process trained (it paid for imports and data)
+    others: list["Result"] = field(default_factory=list)  # a packed task's other runs, each with its own result
+
+    @property
+    def all(self) -> list["Result"]:
+        return [self, *self.others]
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether a stop (Ctrl-C, SIGTERM) ended any of the task's runs: the sweep stops too."""
+        return any(r.outcome == "interrupted" for r in self.all)
 
 
 # ------------------------------------------------------------------ claims
@@ -86,17 +101,20 @@ def cached_data(data_cfg):
     return data
 
 
+Progress = Callable[[RunSpec, int, int], None]  # (run, epochs done, epochs): the sweep's progress display
+
+
 class _EpochReporter:
     """Forwards the end of each epoch to the sweep's progress display."""
 
-    def __init__(self, progress: Callable[[int, int], None], epochs: int):
-        self.progress, self.epochs = progress, epochs
+    def __init__(self, progress: Progress, spec: RunSpec, epochs: int):
+        self.progress, self.spec, self.epochs = progress, spec, epochs
 
     def epoch_start(self, epoch: int, steps: int) -> None: ...
     def step(self, done: int, loss: float) -> None: ...
 
     def epoch_end(self, row: dict[str, Any]) -> None:
-        self.progress(int(row["epoch"]), self.epochs)
+        self.progress(self.spec, int(row["epoch"]), self.epochs)
 
 
 def _record_error(sweep_dir: Path, name: str, error: str, trace: str = "") -> None:
@@ -106,8 +124,10 @@ def _record_error(sweep_dir: Path, name: str, error: str, trace: str = "") -> No
                                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
-def run_task(task: Task, progress: Callable[[int, int], None] = lambda e, n: None) -> Result:
+def run_task(task: Task, progress: Progress = lambda spec, e, n: None) -> Result:
     """Claim the run, then start it, resume it from its checkpoint, or find it already finished."""
+    if task.pack:
+        return _run_pack(task, progress)
     start = time.perf_counter()
     spec = task.spec
     with claim(task.sweep_dir, spec.name) as held:
@@ -125,23 +145,36 @@ def run_task(task: Task, progress: Callable[[int, int], None] = lambda e, n: Non
         return Result(spec, outcome, error, time.perf_counter() - start, first)
 
 
-def _run_claimed(task: Task, status: str, progress: Callable[[int, int], None]) -> tuple[str, str | None]:
-    from bnctl import checkpoint, config as config_mod, engine
+def _resumable(task: Task, status: str) -> bool:
+    """Whether the run stopped mid-way with a checkpoint to continue from (Ctrl-C, or killed while "running")."""
+    from bnctl import checkpoint
+
+    folder = sweepdir.run_dir(task.sweep_dir, task.spec)
+    return status in ("interrupted", "running") and checkpoint.last_path(folder).is_file()
+
+
+def _clear_for_start(task: Task) -> None:
+    """Remove what a failed run, or one stopped before its first checkpoint, left: it starts again."""
+    (Path(task.sweep_dir) / sweepdir.ERRORS_DIR / f"{task.spec.name}.json").unlink(missing_ok=True)
+    folder = sweepdir.run_dir(task.sweep_dir, task.spec)
+    if folder.exists():
+        shutil.rmtree(folder)
+
+
+def _run_claimed(task: Task, status: str, progress: Progress) -> tuple[str, str | None]:
+    from bnctl import config as config_mod, engine
 
     spec, folder = task.spec, sweepdir.run_dir(task.sweep_dir, task.spec)
-    (Path(task.sweep_dir) / sweepdir.ERRORS_DIR / f"{spec.name}.json").unlink(missing_ok=True)
-    resume = None
-    if folder.exists():
-        has_checkpoint = checkpoint.last_path(folder).is_file()
-        if status in ("interrupted", "running") and has_checkpoint:
-            resume = folder  # stopped mid-way (Ctrl-C, or killed while "running"): continue from last.pt
-        else:
-            shutil.rmtree(folder)  # failed, or stopped before its first checkpoint: start again
+    resume = folder if folder.exists() and _resumable(task, status) else None
+    if resume is None:
+        _clear_for_start(task)
+    else:
+        (Path(task.sweep_dir) / sweepdir.ERRORS_DIR / f"{spec.name}.json").unlink(missing_ok=True)
     try:
         cfg = config_mod.validate(task.config, f"of run {spec.name}")
         data = cached_data(cfg.data)
         engine.fit(cfg, run_dir=None if resume else folder, resume=resume, data=data,
-                   reporter=_EpochReporter(progress, cfg.train.epochs))
+                   reporter=_EpochReporter(progress, spec, cfg.train.epochs))
         return "completed", None
     except DivergedError as err:
         return "diverged", str(err)
@@ -151,6 +184,78 @@ def _run_claimed(task: Task, status: str, progress: Callable[[int, int], None]) 
         error = f"{type(err).__name__}: {err}"
         _record_error(task.sweep_dir, spec.name, error, traceback.format_exc())
         return "failed", error
+
+
+def _run_pack(task: Task, progress: Progress) -> Result:
+    """Claim a pack's runs; train those that start afresh as one pack, then continue stopped ones one by one.
+
+    A run that stopped mid-way resumes unpacked from its checkpoint (the pack's members would not be at the
+    same epoch); one that failed or stopped before its first checkpoint starts again in the pack.
+    """
+    start = time.perf_counter()
+    members = [task, *task.pack]
+    results: dict[str, Result] = {}
+    with contextlib.ExitStack() as claims:
+        fresh, stopped = [], []
+        for t in members:
+            if not claims.enter_context(claim(t.sweep_dir, t.spec.name)):
+                results[t.spec.name] = Result(t.spec, "busy")
+                continue
+            status, _ = sweepdir.run_status(t.sweep_dir, t.spec)  # read under the claim: nobody else writes now
+            if status in sweepdir.FINISHED:
+                results[t.spec.name] = Result(t.spec, "skipped")
+            elif _resumable(t, status):
+                stopped.append((t, status))
+            else:
+                fresh.append(t)
+        _RUNS_STARTED[0] += 1
+        first = _RUNS_STARTED[0] == 1
+        if len(fresh) == 1:  # a pack of one is an ordinary run
+            stopped.insert(0, (fresh.pop(), "pending"))
+        if fresh:
+            results |= _train_pack(fresh, progress)
+        for t, status in stopped:
+            if any(r.outcome == "interrupted" for r in results.values()):  # a stop ends the task: not started
+                results[t.spec.name] = Result(t.spec, "interrupted")
+                continue
+            try:
+                outcome, error = _run_claimed(t, status, progress)
+            except KeyboardInterrupt:
+                outcome, error = "interrupted", None
+            results[t.spec.name] = Result(t.spec, outcome, error)
+    seconds = time.perf_counter() - start
+    ordered = [results[t.spec.name] for t in members]
+    for r in ordered:
+        r.seconds, r.first_in_process = seconds, first
+    return Result(**{**ordered[0].__dict__, "others": ordered[1:]})
+
+
+def _train_pack(tasks: list[Task], progress: Progress) -> dict[str, Result]:
+    """Train claimed runs as one pack (bnctl/packed.py): each run's result."""
+    from bnctl import config as config_mod, packed
+
+    specs = {t.spec.name: t.spec for t in tasks}
+    for t in tasks:
+        _clear_for_start(t)
+    try:
+        cfgs = [config_mod.validate(t.config, f"of run {t.spec.name}") for t in tasks]
+        data = cached_data(cfgs[0].data)
+        ended = packed.fit_packed(cfgs, [sweepdir.run_dir(t.sweep_dir, t.spec) for t in tasks], data=data,
+                                  progress=lambda name, e, n: progress(specs[name], e, n))
+    except KeyboardInterrupt:  # before any run began: nothing was kept
+        return {name: Result(spec, "interrupted") for name, spec in specs.items()}
+    except Exception as err:  # noqa: BLE001 - the pack could not start (e.g. it cannot be packed): each run failed
+        error = f"{type(err).__name__}: {err}"
+        for name in specs:
+            _record_error(tasks[0].sweep_dir, name, error, traceback.format_exc())
+        return {name: Result(spec, "failed", error) for name, spec in specs.items()}
+    results = {}
+    for member in ended:
+        if member.outcome == "failed":
+            _record_error(tasks[0].sweep_dir, member.name, member.error or "failed", member.trace)
+        results[member.name] = Result(specs[member.name], member.outcome,
+                                      None if member.outcome in ("completed", "interrupted") else member.error)
+    return results
 
 
 # ------------------------------------------------------------------ many runs
@@ -169,10 +274,11 @@ def run_tasks(tasks: list[Task], jobs: int, reporter) -> Iterator[Result]:
     """
     if jobs == 1 or len(tasks) <= 1:
         for task in tasks:
-            reporter.run_started(task.spec)
-            result = run_task(task, lambda e, n, spec=task.spec: reporter.run_progress(spec, e, n))
+            for spec in task.specs:
+                reporter.run_started(spec)
+            result = run_task(task, reporter.run_progress)
             yield result
-            if result.outcome == "interrupted":
+            if result.interrupted:
                 raise KeyboardInterrupt
         return
     yield from _Pool(min(jobs, len(tasks)), max(1, available_cpus() // jobs)).run(tasks, reporter)
@@ -264,11 +370,11 @@ def _serve(conn, threads: int) -> None:
         if task is None:
             return
         try:
-            result = run_task(task, lambda e, n: conn.send(("epoch", task.spec.name, e, n)))
+            result = run_task(task, lambda spec, e, n: conn.send(("epoch", spec.name, e, n)))
             conn.send(("done", result))
         except (BrokenPipeError, EOFError, OSError, KeyboardInterrupt):
             return
-        if result.outcome == "interrupted":
+        if result.interrupted:
             return
 
 
@@ -323,7 +429,7 @@ class _Pool:
                     if result is None:
                         continue
                     yield result
-                    if result.outcome == "interrupted":
+                    if result.interrupted:
                         raise KeyboardInterrupt
                     if slot.process.is_alive():
                         self._assign(slot, pending, reporter)
@@ -341,7 +447,8 @@ class _Pool:
     def _assign(self, slot: _Slot, pending: collections.deque, reporter) -> None:
         slot.task = pending.popleft() if pending else None
         if slot.task is not None:
-            reporter.run_started(slot.task.spec)
+            for spec in slot.task.specs:
+                reporter.run_started(spec)
             try:
                 slot.conn.send(slot.task)
             except OSError:  # the worker died while idle: start another for this task
@@ -358,7 +465,8 @@ class _Pool:
             except (EOFError, OSError):
                 break
             if message[0] == "epoch":
-                reporter.run_progress(slot.task.spec, message[2], message[3])
+                spec = next(s for s in slot.task.specs if s.name == message[1])
+                reporter.run_progress(spec, message[2], message[3])
                 continue
             slot.task = None
             return message[1]
@@ -366,8 +474,9 @@ class _Pool:
             slot.process.join()
             task, slot.task = slot.task, None
             error = f"worker process died (exit code {slot.process.exitcode})"
-            _record_error(task.sweep_dir, task.spec.name, error)
-            return Result(task.spec, "failed", error)
+            for spec in task.specs:
+                _record_error(task.sweep_dir, spec.name, error)
+            return Result(task.spec, "failed", error, others=[Result(spec, "failed", error) for spec in task.specs[1:]])
         return None
 
     @staticmethod
@@ -429,7 +538,10 @@ class _Pool:
 
 
 def _unreported(task: Task) -> Result:
-    """How a run ended whose worker stopped without reporting: as its files say, else interrupted."""
-    status, _ = sweepdir.run_status(task.sweep_dir, task.spec)
-    return Result(task.spec, status if status in ("completed", "diverged") else "interrupted")
+    """How a task's runs ended whose worker stopped without reporting: as their files say, else interrupted."""
+    ended = []
+    for spec in task.specs:
+        status, _ = sweepdir.run_status(task.sweep_dir, spec)
+        ended.append(Result(spec, status if status in ("completed", "diverged") else "interrupted"))
+    return Result(**{**ended[0].__dict__, "others": ended[1:]})
 

@@ -354,6 +354,24 @@ def test_bnctl_compare_refuses_to_match_runs_that_probed_differently(tmp_path, c
             "train.landscape.direction gradient / update)") in out
 
 
+def test_probe_settings_are_not_experiment_differences_but_the_landscape_figures_say_them(tmp_path, cli):
+    from bnctl import comparison, landscape_plot
+
+    a, b = _fake_run(tmp_path / "a", 0.0, "batch"), _fake_run(tmp_path / "b", 0.5, "batch")
+    with open(b / rundir.CONFIG_FILE, "a") as f:  # b probed, a did not: the training is the same
+        f.write("train:\n  landscape:\n    every: 25\n    direction: gradient\n    ics: false\n")
+    runs = [comparison.load_run(a), comparison.load_run(b)]
+    assert comparison.differing_keys(runs) == []  # compare's table lists no "every 0 / 25" difference
+    assert landscape_plot.probe_settings(a) == ("probes every 0 steps along the optimizer's update, "
+                                                "step sizes 0.5, 1, 2, 4x")
+    assert landscape_plot.probe_settings(b) == ("probes every 25 steps along -lr x the batch gradient, "
+                                                "step sizes 0.5, 1, 2, 4x, no ICS")
+    result = cli("compare", a, b, "--out", tmp_path / "cmp.png")
+    assert result.exit_code == 0, result.output
+    assert "not comparable (the runs probed differently" in " ".join(result.output.split())
+    assert (tmp_path / "cmp-landscape.png").is_file() and landscape_plot.plot_run(b).is_file()
+
+
 def test_bnctl_plot_draws_the_landscape_without_torch(tmp_path):
     import subprocess
     import sys

@@ -105,6 +105,9 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     per_step = rows["syncs"]["details"]["per_step"]
     assert sum(per_step) > 0 and per_step.count(0) >= len(per_step) - 4  # reads only at the read points
     assert rows["compile"]["ok"] is None and "| c | syncs |" in done.stdout
+    arms = rows["pack"]["details"]["arms"]  # packed seeds against the same runs one by one, at two batch sizes
+    assert rows["pack"]["ok"] and {(a["batch"], a["pack"]) for a in arms} == {(4, 1), (4, 4), (32, 1), (32, 4)}
+    assert all(a["completed"] == 4 for a in arms)
 
 
 def test_the_thread_choice_follows_free_cores_and_the_users_setting(monkeypatch):

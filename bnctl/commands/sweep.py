@@ -64,6 +64,10 @@ def sweep(
                                              help="Exact sweep directory: new, or one holding this same plan "
                                                   "(every task of a job array can run the same command)."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs at once, in worker processes sharing the CPU threads."),
+    pack: Optional[int] = typer.Option(None, "--pack", min=1,
+                                       help="Train up to K seeds of a cell in one process as one vectorized pack "
+                                            "(default: the sweep file's pack, else 1). Pays on a GPU, not on a CPU: "
+                                            "docs/studies.md#packed-seeds."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Run only slice I of N (0-based: 0/4 ... 3/4)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print the plan and the run count, and exit."),
     launcher: str = typer.Option("local", "--launcher",
@@ -107,6 +111,10 @@ def sweep(
         plan = sweep_mod.plan_from_file(sweep_file, overrides)
     else:
         plan = sweep_mod.plan_inline(config, overrides, seeds, name=name)
+    if pack is not None and resume is None:
+        plan.pack = pack  # recorded in sweep.yaml: a resume packs the same way unless told otherwise
+    if (pack or plan.pack) > 1:  # refused before a sweep directory exists
+        sweep_mod.check_pack(sweep_mod.cell_groups(plan))
 
     selected = plan.shard(part)
     if part is not None and resume is None and sweep_dir is None and not dry_run:
@@ -134,7 +142,7 @@ def sweep(
     progress = SweepProgress()
     started = time.monotonic()
     try:
-        outcome = sweep_mod.execute(target, jobs=jobs, shard=part, reporter=progress)
+        outcome = sweep_mod.execute(target, jobs=jobs, shard=part, reporter=progress, pack=pack)
     finally:
         progress.close()
     _finish(outcome, time.monotonic() - started)

@@ -1,0 +1,267 @@
+"""Packed seeds (bnctl/packed.py, `bnctl sweep --pack K`): each member is its unpacked run, and members do not leak.
+
+Tolerances. A packed member's step is its unpacked step computed by other kernels (a vmapped
+convolution is a grouped one), so the two agree to float rounding after one step. Training then
+amplifies rounding: on this network and data a perturbation of 6e-8 in the first layer's weights
+grows about as fast as the packed-vs-unpacked difference does (to ~1e-3 in the weights after
+48 SGD steps at lr 0.002, more at larger learning rates; bench/RESULTS.md). So:
+  - a few steps: weights and BN buffers within 2e-5, losses within 1e-5;
+  - three epochs (48 steps, SGD lr 0.002): losses within 0.01, accuracies within 2 points (5 of
+    256 test images), each weight tensor within 25% of its largest value. Measured here: most
+    members agree to 1e-4 in the losses and 0.3% in the weights; seed 0 with BN is the sensitive
+    one (losses 0.005, a few test images, one weight tensor 16% off). Another seed's run differs
+    by far more (weights ~200%), and the comparison must fail for it.
+Isolation is stricter: a member's numbers do not depend on which other members share its pack
+(within 1e-6; bitwise on the machine this was written on).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnctl import config as config_mod, engine, packed, rundir, sweep
+from bnctl.data import load_dataset
+from bnctl.errors import ConfigError, InterruptedRun
+from conftest import tiny_raw, write_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SGD = {"name": "sgd", "lr": 0.002, "momentum": 0.9}
+NORMS = {"batch": {}, "batch_manual": {}, "ghost": {"virtual_batch_size": 8}, "group": {"groups": 4}}
+
+
+def _cfg(seed: int, norm: str = "batch", *, name: str | None = None, lr: float = 0.002, epochs: int = 1,
+         images: int = 64, test_images: int = 64, **model):
+    raw = tiny_raw(seed=seed, name=name or f"{norm}-seed{seed}", optimizer={**SGD, "lr": lr},
+                   data={"train_size": images, "test_size": test_images},
+                   model={"norm": norm, "width": 0.5, **NORMS[norm], **model}, train={"epochs": epochs})
+    return config_mod.validate(raw, "of a test")
+
+
+def _pack(cfgs, root: Path, data=None):
+    return packed.fit_packed(cfgs, [root / c.name for c in cfgs], data=data)
+
+
+def _state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return rundir.read_csv(run_dir / "metrics.csv")
+
+
+def _differences(a: Path, b: Path) -> dict[str, float]:
+    """The largest metric and weight differences between two runs' files."""
+    ra, rb = _rows(a), _rows(b)
+    assert len(ra) == len(rb)
+    out = {k: max(abs(float(x[k]) - float(y[k])) for x, y in zip(ra, rb))
+           for k in ("train_loss", "test_loss", "train_acc", "test_acc")}
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    out["weights_abs"] = max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
+    out["weights_rel"] = max(float((sa[k].double() - sb[k].double()).abs().max() / sb[k].double().abs().max().clamp_min(1e-12))
+                             for k in sa if sa[k].is_floating_point())
+    out["batches_tracked"] = max((int((sa[k] - sb[k]).abs().max()) for k in sa if k.endswith("num_batches_tracked")),
+                                 default=0)
+    return out
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_a_packed_member_takes_its_unpacked_runs_steps(tmp_path, norm):
+    """Two steps (64 images, batch 32): weights, running statistics and losses are the unpacked runs' to rounding."""
+    cfgs = [_cfg(s, norm) for s in (0, 1, 2)]
+    data = load_dataset(cfgs[0].data)
+    results = _pack(cfgs, tmp_path / "packed", data)
+    assert [r.outcome for r in results] == ["completed"] * 3
+    for cfg in cfgs:
+        engine.fit(cfg, run_dir=tmp_path / "alone" / cfg.name, data=data)
+        d = _differences(tmp_path / "packed" / cfg.name, tmp_path / "alone" / cfg.name)
+        assert d["weights_abs"] < 2e-5 and d["train_loss"] < 1e-5 and d["test_loss"] < 1e-5, (cfg.name, d)
+        assert d["batches_tracked"] == 0  # every BN layer counted its member's batches
+    if norm != "group":  # the members' running statistics are their own: seeds differ, so do they
+        s0, s1 = _state(tmp_path / "packed" / cfgs[0].name), _state(tmp_path / "packed" / cfgs[1].name)
+        assert not torch.allclose(s0["features.1.running_mean"], s1["features.1.running_mean"])
+        assert int(s0["features.1.num_batches_tracked"]) == (2 * 32 // 8 if norm == "ghost" else 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_packed_members_match_their_unpacked_runs_over_three_epochs(tmp_path, norm):
+    cfgs = [_cfg(s, norm, epochs=3, images=512, test_images=256) for s in (0, 1)]
+    data = load_dataset(cfgs[0].data)
+    _pack(cfgs, tmp_path / "packed", data)
+    for cfg in cfgs:
+        engine.fit(cfg, run_dir=tmp_path / "alone" / cfg.name, data=data)
+
+    def agree(d: dict[str, float]) -> bool:  # the documented tolerance (module docstring)
+        return (d["train_loss"] < 0.01 and d["test_loss"] < 0.01 and d["train_acc"] <= 2.0 and d["test_acc"] <= 2.0
+                and d["weights_rel"] < 0.25)
+
+    for cfg in cfgs:
+        d = _differences(tmp_path / "packed" / cfg.name, tmp_path / "alone" / cfg.name)
+        assert agree(d), (cfg.name, d)
+    # The tolerance tells runs apart: member 0 against seed 1's run is far outside it.
+    wrong = _differences(tmp_path / "packed" / cfgs[0].name, tmp_path / "alone" / cfgs[1].name)
+    assert not agree(wrong)
+
+
+def test_a_diverging_member_is_recorded_as_diverged_and_leaves_the_others_unchanged(tmp_path):
+    """One member with a huge lr diverges as its unpacked run does; the others match a pack without it."""
+    ok = [_cfg(s, epochs=2) for s in (0, 1)]
+    wild = _cfg(2, name="wild", lr=1e6, epochs=2)
+    data = load_dataset(wild.data)
+    with_wild = _pack([ok[0], wild, ok[1]], tmp_path / "with", data)
+    assert [r.outcome for r in with_wild] == ["completed", "diverged", "completed"]
+    assert "training diverged" in with_wild[1].error
+    without = _pack(ok, tmp_path / "without", data)
+    assert [r.outcome for r in without] == ["completed", "completed"]
+    for cfg in ok:
+        d = _differences(tmp_path / "with" / cfg.name, tmp_path / "without" / cfg.name)
+        assert all(v <= 1e-6 for v in d.values()), (cfg.name, d)
+        assert len(_rows(tmp_path / "with" / cfg.name)) == 2
+    # Recorded exactly as the unpacked run records its divergence: the same status, epoch and step.
+    with pytest.raises(Exception, match="training diverged"):
+        engine.fit(wild, run_dir=tmp_path / "alone" / "wild", data=data)
+    packed_summary = rundir.read_json(tmp_path / "with" / "wild" / "summary.json")
+    alone_summary = rundir.read_json(tmp_path / "alone" / "wild" / "summary.json")
+    assert packed_summary["status"] == alone_summary["status"] == "diverged"
+    assert packed_summary["diverged"] == alone_summary["diverged"]
+
+
+def test_a_member_diverging_between_a_gpus_lagged_checks_leaves_the_others_unchanged(tmp_path, monkeypatch):
+    """On a GPU losses are read every few steps: the diverged member's NaN steps until then touch only its own weights."""
+    monkeypatch.setattr(packed, "_lagged", lambda device: True)
+    ok = [_cfg(s, epochs=1, images=384) for s in (0, 1)]  # 12 steps: checks after steps 10 and 12
+    wild = _cfg(2, name="wild", lr=1e6, epochs=1, images=384)
+    data = load_dataset(wild.data)
+    with_wild = _pack([ok[0], wild, ok[1]], tmp_path / "with", data)
+    assert [r.outcome for r in with_wild] == ["completed", "diverged", "completed"]
+    assert rundir.read_json(tmp_path / "with" / "wild" / "summary.json")["diverged"]["step"] == 10
+    _pack(ok, tmp_path / "without", data)
+    for cfg in ok:
+        d = _differences(tmp_path / "with" / cfg.name, tmp_path / "without" / cfg.name)
+        assert all(v <= 1e-6 for v in d.values()), (cfg.name, d)
+
+
+def test_dropout_draws_differ_between_members(tmp_path):
+    """Two members with the same seed are the same run; with dropout each draws its own masks."""
+    for dropout in (0.0, 0.5):
+        twins = [_cfg(0, name=f"twin{k}-{dropout}", dropout=dropout) for k in (0, 1)]
+        _pack(twins, tmp_path)
+        a, b = (_state(tmp_path / c.name) for c in twins)
+        same = all(torch.equal(a[k], b[k]) for k in a)
+        assert same == (dropout == 0.0), dropout
+
+
+def test_a_packed_checkpoint_is_a_plain_run_for_eval_and_resume(tmp_path, cli):
+    cfgs = [_cfg(s, epochs=2) for s in (0, 1)]
+    _pack(cfgs, tmp_path)
+    member = tmp_path / cfgs[1].name
+    info = rundir.read_json(member / "run.json")
+    assert info["packed"] == {"members": 2, "index": 1, "runs": [cfgs[0].name, cfgs[1].name]}
+    result = cli("eval", member / "checkpoints" / "last.pt")
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads(next((member / "eval").glob("*.json")).read_text())
+    assert evaluation["acc"] == pytest.approx(float(_rows(member)[-1]["test_acc"]))
+
+
+def test_ctrl_c_stops_every_member_consistently(tmp_path, monkeypatch):
+    """Ctrl-C after member 0 kept epoch 1, before member 1 did: 0 is resumable, 1 is removed like any unstarted run."""
+    cfgs = [_cfg(s, epochs=2) for s in (0, 1)]
+    calls = []
+
+    def progress(name, epoch, epochs):
+        calls.append(name)
+        raise KeyboardInterrupt
+
+    results = packed.fit_packed(cfgs, [tmp_path / c.name for c in cfgs], progress=progress)
+    assert calls == [cfgs[0].name]
+    assert [r.outcome for r in results] == ["interrupted", "interrupted"]
+    summary = rundir.read_json(tmp_path / cfgs[0].name / "summary.json")
+    assert summary["status"] == "interrupted" and summary["epochs_completed"] == 1
+    assert len(_rows(tmp_path / cfgs[0].name)) == 1
+    assert not (tmp_path / cfgs[1].name).exists()
+    resumed = engine.fit(cfgs[0], resume=tmp_path / cfgs[0].name)
+    assert resumed.summary["status"] == "completed" and len(_rows(tmp_path / cfgs[0].name)) == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": {"bn_momentum": None}}, "bn_momentum=null"),
+    ({"device": "cuda", "train": {"precision": "fp16"}}, "GradScaler"),  # refused before the device is looked for
+    ({"train": {"diagnostics": True}}, "train.diagnostics"),
+])
+def test_what_cannot_be_packed_is_refused_with_the_reason(tmp_path, cli, change, message):
+    config = write_config(tmp_path / "c.yaml", tiny_raw(**change))
+    result = cli("sweep", "--config", config, "--seeds", "2", "--pack", "2", "--root", tmp_path / "sw")
+    assert result.exit_code != 0 and message in result.output
+    assert not (tmp_path / "sw").exists()  # refused before any sweep directory
+
+
+def test_members_must_differ_only_in_seed_optimizer_and_schedule():
+    with pytest.raises(ConfigError, match="differ in model"):
+        packed.check_packable([_cfg(0), _cfg(1, "group")])
+    packed.check_packable([_cfg(0), _cfg(1, lr=0.1)])  # an optimizer setting may differ
+
+
+@pytest.mark.slow
+def test_a_packed_sweep_stopped_and_resumed_finishes_every_run_once(tmp_path, cli):
+    """--pack 2 over 3 seeds: a pack of two and one alone. Ctrl-C at the pack's first epoch, then --resume."""
+    config = write_config(tmp_path / "c.yaml", tiny_raw(data={"train_size": 64, "test_size": 64},
+                                                        model={"width": 0.5}, train={"epochs": 2}))
+    plan = sweep.plan_inline(config, [], seeds=3)
+    plan.pack = 2
+    d = sweep.create(plan, tmp_path / "sw")
+
+    class StopAtFirstEpoch(sweep.SilentSweepReporter):
+        def run_progress(self, spec, epoch, epochs):
+            raise KeyboardInterrupt
+
+    with pytest.raises(InterruptedRun):
+        sweep.execute(d, reporter=StopAtFirstEpoch())
+    statuses = {r["run"]: r["status"] for r in sweep.load(d)[1]}
+    assert statuses == {"base-seed0": "interrupted", "base-seed1": "pending", "base-seed2": "pending"}
+    result = cli("sweep", "--resume", d)
+    assert result.exit_code == 0, result.output
+    rows = {r["run"]: r for r in sweep.load(d)[1]}
+    assert {r["status"] for r in rows.values()} == {"completed"} and {r["epochs"] for r in rows.values()} == {2}
+    seed0 = rundir.read_json(d / "runs" / "base-seed0" / "run.json")
+    assert seed0["packed"]["runs"] == ["base-seed0", "base-seed1"]  # started packed ...
+    assert [r["from_epoch"] for r in seed0["resumes"]] == [1]  # ... and resumed alone from its checkpoint
+    seed1 = rundir.read_json(d / "runs" / "base-seed1" / "run.json")
+    assert seed1["packed"]["runs"] == ["base-seed1", "base-seed2"] and "resumes" not in seed1
+
+
+@pytest.mark.slow
+def test_packs_in_worker_processes_give_the_numbers_of_packs_in_this_process(tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_raw(data={"train_size": 64, "test_size": 64}, model={"width": 0.5}))
+    plan = sweep.plan_inline(config, ["model.norm=batch,group"], seeds=2)
+    here, workers = sweep.create(plan, tmp_path / "here"), sweep.create(plan, tmp_path / "workers")
+    assert sweep.execute(here, pack=2).ok
+    outcome = sweep.execute(workers, jobs=2, pack=2)
+    assert outcome.ok and sorted(outcome.completed) == sorted(r.name for r in plan.runs)
+    for spec in plan.runs:
+        info = rundir.read_json(workers / "runs" / spec.name / "run.json")
+        assert info["packed"]["runs"] == [f"{spec.cell}-seed0", f"{spec.cell}-seed1"]
+        a, b = _rows(here / "runs" / spec.name), _rows(workers / "runs" / spec.name)
+        assert [r["test_loss"] for r in a] == [r["test_loss"] for r in b]
+
+
+def test_the_api_and_a_sweep_file_pack_and_the_pack_is_kept_for_resume(tmp_path):
+    import bnctl
+    from bnctl import plan as plan_mod
+
+    raw = tiny_raw(data={"train_size": 64, "test_size": 64}, model={"width": 0.5}, train={"epochs": 1})
+    result = bnctl.run_sweep(raw, {"model.norm": ["batch"]}, seeds=2, pack=2, root=tmp_path, progress=False)
+    assert sorted(result.completed) == ["norm-batch-seed0", "norm-batch-seed1"]
+    assert sweep.read_plan(result.dir).pack == 2  # sweep.yaml keeps it: a resume packs the same way
+    info = rundir.read_json(result.dir / "runs" / "norm-batch-seed1" / "run.json")
+    assert info["packed"]["members"] == 2
+    spec = write_config(tmp_path / "s.yaml", {"base": raw, "grid": {"model.norm": ["batch"]}, "seeds": 2, "pack": 3})
+    assert sweep.plan_from_file(spec).pack == 3
+    bad = write_config(tmp_path / "bad.yaml", {"base": raw, "seeds": 2, "pack": 0})
+    with pytest.raises(ConfigError, match="at least 1"):
+        plan_mod.plan_from_file(bad)
