@@ -11,6 +11,7 @@ interval from collapsing to zero width when they do.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -179,17 +180,25 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return adjusted
 
 
+@functools.lru_cache(maxsize=32)
 def _splits(n_a: int, n_b: int, limit: int = 20000, seed: int = 0):
-    """Index sets of group a for every split of n_a + n_b values (all of them up to limit, else a fixed random sample)."""
+    """Index sets of group a for every split of n_a + n_b values (all of them up to limit, else a fixed random sample).
+
+    A pure function of its arguments, so it is kept per sample size (a report tests many sections at the
+    same seed counts; drawing a sample takes longer than the test) and handed out read-only.
+    """
     import itertools
 
     import numpy as np
 
     n = n_a + n_b
     if math.comb(n, n_a) <= limit:
-        return np.array(list(itertools.combinations(range(n), n_a))), True
-    rng = np.random.default_rng(seed)  # deterministic: the same data give the same p-value
-    return np.array([np.sort(rng.permutation(n)[:n_a]) for _ in range(limit)]), False
+        splits, exact = np.array(list(itertools.combinations(range(n), n_a))), True
+    else:
+        rng = np.random.default_rng(seed)  # deterministic: the same data give the same p-value
+        splits, exact = np.array([np.sort(rng.permutation(n)[:n_a]) for _ in range(limit)]), False
+    splits.setflags(write=False)
+    return splits, exact
 
 
 def _perm_p(a, b, splits, shifts):

@@ -143,6 +143,7 @@ def test_seed_config_fails_offline_with_one_clear_line(cli, tmp_path):
 
 def test_run_dir_option_names_the_directory(cli, tiny_config, tmp_path):
     target = tmp_path / "exact"
-    result = cli("train", "--config", tiny_config, "--run-dir", target, "train.epochs=1")
+    result = cli("train", "--config", tiny_config, "--run-dir", target, "train.epochs=1", "data.train_size=64",
+                 "data.test_size=32")
     assert result.exit_code == 0, result.output
     assert (target / "metrics.csv").is_file() and (target / "checkpoints" / "last.pt").is_file()

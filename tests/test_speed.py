@@ -39,7 +39,8 @@ def test_lagged_reads_give_the_same_epoch_and_report_one_update_late():
     """The GPU's way of reading the loss (LaggedRead), forced on the CPU: identical weights and metrics."""
     results, states, progress = [], [], []
     for lagged in (False, True):
-        exp = _exp(data={"train_size": 704}, train={"batch_size": 32})  # 22 steps: reads at 10 and 20
+        # 22 steps: reads at 10 and 20. A quarter-width net in batches of 8: the reads, not the arithmetic, are tested.
+        exp = _exp(data={"train_size": 176}, model={"width": 0.25}, train={"batch_size": 8})
         reporter = _Progress()
         results.append(engine.train_one_epoch(exp.forward, exp.train_batches, exp.optimizer, exp.scheduler,
                                               exp.precision, 1, reporter, lagged=lagged))
@@ -55,7 +56,8 @@ def test_lagged_reads_give_the_same_epoch_and_report_one_update_late():
 
 
 def test_a_lagged_read_stops_a_diverged_epoch_at_the_step_it_saw():
-    exp = _exp(data={"train_size": 1024}, train={"batch_size": 32}, optimizer={"name": "sgd", "lr": 1e6})
+    exp = _exp(data={"train_size": 256}, model={"width": 0.25}, train={"batch_size": 8},  # 32 steps
+               optimizer={"name": "sgd", "lr": 1e6})
     with pytest.raises(DivergedError) as err:
         engine.train_one_epoch(exp.forward, exp.train_batches, exp.optimizer, exp.scheduler, exp.precision, 1,
                                lagged=True)
@@ -79,7 +81,8 @@ def test_an_epoch_plan_draws_what_the_batches_drew_one_by_one():
 
 @pytest.mark.slow  # trains a whole run
 def test_cuda_settings_are_recorded_and_the_cpu_records_that_they_do_not_apply(tmp_path):
-    cfg = config_mod.validate(tiny_raw(train={"epochs": 1, "cudnn_benchmark": True, "tf32": True}), "test")
+    cfg = config_mod.validate(tiny_raw(data={"train_size": 64, "test_size": 32},
+                                       train={"epochs": 1, "cudnn_benchmark": True, "tf32": True}), "test")
     result = engine.fit(cfg, runs_root=tmp_path)
     info = rundir.read_json(result.run_dir / "run.json")
     assert info["cudnn_benchmark"] is None and info["tf32"] is None  # CPU: neither applies

@@ -112,3 +112,20 @@ def test_nearly_identical_values_are_data_not_errors():
     """scipy warns (precision loss) when a sample is nearly constant; the statistics stay usable."""
     assert stats.paired([50.0, 50.0, 50.000000000000014], [0.0, 0.0, 0.0]).effect == pytest.approx(50.0)
     assert stats.welch([50.0, 50.0, 50.000000000000014], [0.0, 0.0, 0.0]).effect == pytest.approx(50.0)
+
+
+def test_permutation_splits_are_drawn_once_per_sample_size_and_cannot_be_changed():
+    import numpy as np
+
+    sampled, exact = stats._splits(10, 10)  # C(20, 10) > 20000: a fixed random sample
+    assert not exact and sampled.shape == (20000, 10)
+    assert stats._splits(10, 10)[0] is sampled  # kept, not drawn again
+    fresh, _ = stats._splits.__wrapped__(10, 10)  # what a new draw gives: the same sample
+    assert np.array_equal(fresh, sampled)
+    assert all((np.diff(row) > 0).all() for row in sampled[:50]) and sampled.min() >= 0 and sampled.max() < 20
+    with pytest.raises(ValueError):
+        sampled[0, 0] = 5  # shared between calls, so read-only
+    every, exact = stats._splits(3, 3)
+    assert exact and len(every) == math.comb(6, 3) and not every.flags.writeable
+    a, b = [1.0, 2.0, 2.0, 3.0, 1.0, 2.0, 3.0, 2.0, 1.0, 2.0], [3.0, 4.0, 3.0, 3.0, 4.0, 2.0, 4.0, 3.0, 3.0, 4.0]
+    assert stats.permutation(a, b, 1.0, 4.0) == stats.permutation(a, b, 1.0, 4.0)

@@ -22,8 +22,10 @@ TINY_GRIDS = {  # 8 cells x 2 seeds: enough to exercise every step (the verdicts
     "small_batches": {"model.norm": ["batch"], "train.batch_size": [4]},
     "landscape": {"model.norm": ["batch", "none"]},
 }
-# Per-sweep fixed keys beyond TINY_FIXED: the regularization sweep measures the train set, the landscape sweep probes.
-TINY_EXTRA = {"regularization": {"train.eval_train": True}, "landscape": {"train.landscape.every": 2}}
+# Per-sweep fixed keys beyond TINY_FIXED: the regularization sweep measures the train set, the landscape sweep probes
+# (twice a run, at steps 0 and 3 of 6, at two step sizes: the probes were most of the tiny study's time).
+TINY_EXTRA = {"regularization": {"train.eval_train": True},
+              "landscape": {"train.landscape.every": 3, "train.landscape.scales": [0.5, 2.0]}}
 
 
 def tiny_studies(tmp_path: Path, grids=TINY_GRIDS, seeds=2) -> Path:
