@@ -120,19 +120,19 @@ def fit_packed(cfgs: list[Config], run_dirs: list[Path], *, data: ImageData | No
     exps = [engine.prepare(cfg, data) for cfg in cfgs]
     names = [cfg.name for cfg in cfgs]
     members: list[_Member] = []
+    created: list[Path] = []
     with contextlib.ExitStack() as stack:
         try:
             for k, (exp, path) in enumerate(zip(exps, run_dirs)):
-                path = rundir.create(Path(path).parent, exp.cfg.name, exact=Path(path))
-                members.append(_Member(exp, path, None))  # type: ignore[arg-type]  # its record follows
-                stack.enter_context(rundir.RunLock(path))
+                created.append(rundir.create(Path(path).parent, exp.cfg.name, exact=Path(path)))
+                stack.enter_context(rundir.RunLock(created[-1]))
                 exp.packed = {"members": len(exps), "index": k, "runs": names}
-                members[-1].record = RunRecorder(exp, path, [], {"test_acc": None, "epoch": None}, 1, False,
-                                                 started=started)
-                members[-1].record.open()
+                record = RunRecorder(exp, created[-1], [], {"test_acc": None, "epoch": None}, 1, False, started=started)
+                record.open()
+                members.append(_Member(exp, created[-1], record))
         except BaseException:  # no member has trained: their folders go, as an unpacked run's would
-            for m in members:
-                shutil.rmtree(m.run_dir, ignore_errors=True)
+            for path in created:
+                shutil.rmtree(path, ignore_errors=True)
             raise
         try:
             _train(members, progress)

@@ -207,7 +207,6 @@ def test_members_must_differ_only_in_seed_optimizer_and_schedule():
     packed.check_packable([_cfg(0), _cfg(1, lr=0.1)])  # an optimizer setting may differ
 
 
-@pytest.mark.slow
 def test_a_packed_sweep_stopped_and_resumed_finishes_every_run_once(tmp_path, cli):
     """--pack 2 over 3 seeds: a pack of two and one alone. Ctrl-C at the pack's first epoch, then --resume."""
     config = write_config(tmp_path / "c.yaml", tiny_raw(data={"train_size": 64, "test_size": 64},
@@ -265,3 +264,52 @@ def test_the_api_and_a_sweep_file_pack_and_the_pack_is_kept_for_resume(tmp_path)
     bad = write_config(tmp_path / "bad.yaml", {"base": raw, "seeds": 2, "pack": 0})
     with pytest.raises(ConfigError, match="at least 1"):
         plan_mod.plan_from_file(bad)
+
+
+@pytest.mark.slow  # a sweep in a subprocess with worker processes, stopped by a signal
+def test_sigterm_to_a_packed_jobs_2_sweep_leaves_every_member_resumable_or_unstarted(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(repo), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    config = write_config(tmp_path / "c.yaml", tiny_raw(data={"train_size": 256, "test_size": 64},
+                                                        model={"width": 0.5}, train={"epochs": 40}))
+    d = tmp_path / "sw"
+    proc = subprocess.Popen([sys.executable, "-m", "bnctl", "sweep", "-c", str(config), "model.norm=batch,group",
+                             "--seeds", "2", "--pack", "2", "--jobs", "2", "--sweep-dir", str(d)],
+                            text=True, env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not any(m.is_file() and m.read_text().count("\n") >= 2 for m in d.glob("runs/*/metrics.csv")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out + err
+    statuses = {spec.name: sweep.run_status(d, spec)[0] for spec in sweep.read_plan(d).runs}
+    assert "interrupted" in statuses.values(), statuses  # the stop came after a member kept an epoch
+    for spec in sweep.read_plan(d).runs:
+        status, summary = sweep.run_status(d, spec)
+        folder = d / "runs" / spec.name
+        # Each member is what an unpacked run stopped now would be: resumable from its kept epochs, or not started.
+        assert status in ("interrupted", "pending"), (spec.name, status)
+        if status == "interrupted":
+            assert summary["stopped_by"] == "SIGTERM" and summary["epochs_completed"] >= 1
+            assert len(_rows(folder)) == summary["epochs_completed"]
+            assert (folder / "checkpoints" / "last.pt").is_file()
+        else:
+            assert not folder.exists()
+
+
+def test_a_pack_that_cannot_claim_a_folder_leaves_no_folder_behind(tmp_path):
+    cfgs = [_cfg(s) for s in (0, 1)]
+    (tmp_path / cfgs[1].name).mkdir()
+    (tmp_path / cfgs[1].name / "note.txt").write_text("someone else's")
+    with pytest.raises(ConfigError):
+        _pack(cfgs, tmp_path)
+    assert not (tmp_path / cfgs[0].name).exists()  # member 0's folder, made first, is gone again
+    assert (tmp_path / cfgs[1].name / "note.txt").read_text() == "someone else's"  # the other is untouched
