@@ -66,8 +66,8 @@ def sweep(
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs at once, in worker processes sharing the CPU threads."),
     pack: Optional[int] = typer.Option(None, "--pack", min=1,
                                        help="Train up to K seeds of a cell in one process as one vectorized pack "
-                                            "(default: the sweep file's pack, else 1). Pays on a GPU, not on a CPU: "
-                                            "docs/studies.md#packed-seeds."),
+                                            "(default: the sweep file's pack, else 1). Meant for a GPU (not yet measured there); "
+                                            "slower than --jobs on a CPU: docs/studies.md#packed-seeds."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Run only slice I of N (0-based: 0/4 ... 3/4)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print the plan and the run count, and exit."),
     launcher: str = typer.Option("local", "--launcher",
