@@ -102,6 +102,7 @@ class _Member:
     exp: Experiment
     run_dir: Path
     record: RunRecorder
+    rng: dict[str, Any]  # the process-wide RNG states its unpacked run starts from (what its checkpoints keep)
     clean_train: Any = None  # train.eval_train's evaluation batches of the training set (engine.clean_train_batches)
     result: MemberResult | None = None  # set when the member stops
     sums: dict[str, Any] = field(default_factory=dict)  # the running epoch's loss sum, correct count, images
@@ -132,7 +133,10 @@ def fit_packed(cfgs: list[Config], run_dirs: list[Path], *, data: ImageData | No
     """
     started = time.time()
     check_packable(cfgs)
-    exps = [engine.prepare(cfg, data) for cfg in cfgs]
+    exps, own_rng = [], []
+    for cfg in cfgs:  # each seeds the process as its unpacked run would: keep each member's streams
+        exps.append(engine.prepare(cfg, data))
+        own_rng.append(checkpoint.capture_process_rng())
     for exp in exps:  # now that the device is resolved (device: auto)
         why = refusal(exp.cfg, exp.device)
         if why is not None:
@@ -148,7 +152,7 @@ def fit_packed(cfgs: list[Config], run_dirs: list[Path], *, data: ImageData | No
                 exp.packed = {"members": len(exps), "index": k, "runs": names}
                 record = RunRecorder(exp, created[-1], [], {"test_acc": None, "epoch": None}, 1, False, started=started)
                 record.open()
-                members.append(_Member(exp, created[-1], record, engine.clean_train_batches(exp)))
+                members.append(_Member(exp, created[-1], record, own_rng[k], engine.clean_train_batches(exp)))
         except BaseException:  # no member has trained: their folders go, as an unpacked run's would
             for path in created:
                 shutil.rmtree(path, ignore_errors=True)
@@ -184,13 +188,30 @@ def _train(members: list[_Member], progress: Callable[[str, int, int], None]) ->
                 m.stop(DivergedError(f"test loss became {row['test_loss']} after epoch {epoch}", epoch,
                                      len(m.exp.train_batches)))
                 continue
-            m.record.epoch(row)
+            with _own_rng(m):
+                m.record.epoch(row)
             m.record.summary("running")
             progress(m.exp.cfg.name, epoch, epochs)
     for m in members:
         if m.result is None:
             m.record.summary("completed")
             m.result = MemberResult(m.exp.cfg.name, m.run_dir, "completed")
+
+
+@contextlib.contextmanager
+def _own_rng(m: _Member):
+    """The member's own process-wide RNG states while its checkpoint is written, then the pack's again.
+
+    The pack's dropout and noisy-BN draws all come from one stream. Saved into every member's checkpoint,
+    that one state would make members resumed on their own draw identical masks; each keeps its own seed's
+    streams instead, so resumed members stay independent, as unpacked seeds are.
+    """
+    pack = checkpoint.capture_process_rng()
+    checkpoint.restore_process_rng(m.rng)
+    try:
+        yield
+    finally:
+        checkpoint.restore_process_rng(pack)
 
 
 def vmapped_step(model: torch.nn.Module):

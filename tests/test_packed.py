@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnctl import config as config_mod, engine, packed, rundir, sweep
+from bnctl import checkpoint, config as config_mod, engine, packed, rundir, sweep
 from bnctl.data import load_dataset
 from bnctl.errors import ConfigError, InterruptedRun
 from conftest import tiny_raw, write_config
@@ -156,6 +156,18 @@ def test_dropout_draws_differ_between_members(tmp_path):
         a, b = (_state(tmp_path / c.name) for c in twins)
         same = all(torch.equal(a[k], b[k]) for k in a)
         assert same == (dropout == 0.0), dropout
+
+
+def test_each_members_checkpoint_keeps_its_own_seeds_random_streams(tmp_path):
+    """One shared state in every member's checkpoint would give members resumed alone identical dropout masks."""
+    cfgs = [_cfg(s, dropout=0.5) for s in (3, 4)]
+    _pack(cfgs, tmp_path)
+    saved = [torch.load(tmp_path / c.name / "checkpoints" / "last.pt", weights_only=False)["rng"] for c in cfgs]
+    assert not torch.equal(saved[0]["torch"], saved[1]["torch"])
+    for cfg, rng in zip(cfgs, saved):
+        engine.prepare(cfg)  # what its unpacked run starts from
+        start = checkpoint.capture_process_rng()
+        assert torch.equal(rng["torch"], start["torch"]) and torch.equal(rng["numpy"][1], start["numpy"][1])
 
 
 def test_a_packed_checkpoint_is_a_plain_run_for_eval_and_resume(tmp_path, cli):
