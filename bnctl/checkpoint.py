@@ -252,13 +252,17 @@ def load_model_state(model: torch.nn.Module, weights: dict[str, Any], path: Path
 
 def capture_rng(data_generator: torch.Generator) -> dict[str, Any]:
     """Every RNG state a run draws from, in types the weights-only loader accepts."""
+    return {**capture_process_rng(), "data": data_generator.get_state()}
+
+
+def capture_process_rng() -> dict[str, Any]:
+    """The process-wide RNG states (Python, NumPy, torch, CUDA): what dropout and noisy BN draw from."""
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state()
     rng = {
         "python": [version, list(internal), gauss],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
-        "data": data_generator.get_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -267,11 +271,16 @@ def capture_rng(data_generator: torch.Generator) -> dict[str, Any]:
 
 def restore_rng(rng: dict[str, Any], data_generator: torch.Generator) -> None:
     """Put every RNG back where capture_rng found it."""
+    restore_process_rng(rng)
+    data_generator.set_state(rng["data"])
+
+
+def restore_process_rng(rng: dict[str, Any]) -> None:
+    """Put the process-wide RNGs back where capture_process_rng (or capture_rng) found them."""
     version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = rng["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(rng["torch"])
-    data_generator.set_state(rng["data"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

@@ -307,8 +307,7 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
         return history, best, start, probe
 
     history, best, start, probe = dist.agree(restore)
-    clean_train = exp.eval_batches(exp.data.train_x, exp.data.train_y, cfg.train.eval_batch_size) \
-        if cfg.train.eval_train else None
+    clean_train = clean_train_batches(exp)
     if resuming and exp.device.type == "cpu":
         _keep_threads(exp, run_dir)
     record = RunRecorder(exp, run_dir, history, best, start, resuming, started=started)
@@ -348,6 +347,13 @@ def _fit_in(exp: Experiment, run_dir: Path, resuming: bool, reporter: Reporter,
         if tb is not None:
             tb.close()
     return RunResult(run_dir, final, final["wall_time_s"] - record.prior_wall)
+
+
+def clean_train_batches(exp: Experiment) -> Batches | None:
+    """The training images as evaluation batches when train.eval_train asks for the final model's train metrics."""
+    if not exp.cfg.train.eval_train:
+        return None
+    return exp.eval_batches(exp.data.train_x, exp.data.train_y, exp.cfg.train.eval_batch_size)
 
 
 def record_stop(record: RunRecorder, err: BaseException) -> BaseException | None:

@@ -119,10 +119,11 @@ def executor_parameters(settings: SlurmConfig, name: str) -> dict[str, Any]:
 
 
 def task_shards(runs: int, shard: tuple[int, int] | None, tasks: int | None) -> list[tuple[int, int]]:
-    """The shard (i, n) of the whole plan each array task runs: tasks of them, or one per run.
+    """The shard (i, n) of the whole plan each array task runs: tasks of them, or one per unit.
 
-    Shard (i, n) holds runs i, i+n, i+2n ... (Plan.shard). With --shard I/N, task k gets the k-th run
-    of that shard alone, which is shard (I + k*N, N*count) of the plan.
+    ``runs`` counts the plan's units (Plan.units: runs, or with packing whole packs). Shard (i, n) holds
+    units i, i+n, i+2n ... (Plan.shard). With --shard I/N, task k gets the k-th unit of that shard alone,
+    which is shard (I + k*N, N*count) of the plan.
     """
     if shard is None:
         count = min(tasks or runs, runs)
@@ -141,7 +142,7 @@ def submit_slurm(sweep_dir: Path, settings: SlurmConfig, shard: tuple[int, int] 
     submitit = _submitit()
     sweep_dir = Path(sweep_dir).resolve()  # the tasks may start in another working directory
     plan = sweep.read_plan(sweep_dir)
-    shards = task_shards(len(plan.runs), shard, settings.tasks)
+    shards = task_shards(len(plan.units()), shard, settings.tasks)  # a packed sweep: one task per pack
     if not shards:
         raise ConfigError("no runs to submit")
     logs = sweep_dir / LOGS_DIR

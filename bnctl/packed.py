@@ -41,10 +41,24 @@ from bnctl.recorder import RunRecorder
 # else must agree (the model's shapes, the data, the batch size and the epochs run in lock step).
 MEMBER_OWN = ("seed", "name", "optimizer", "scheduler")
 
+# Norms that run torch's batch_norm kernel. Under vmap on the CPU its batching rule rejects the bf16
+# activations autocast gives it beside float32 weights and statistics ("expected scalar type BFloat16
+# but found Float", torch 2.14), so such packs are refused there; batch_manual computes in float32 and packs.
+TORCH_BATCH_NORMS = frozenset({"batch", "ghost", "noisy_batch"})
 
-def refusal(cfg: Config) -> str | None:
-    """Why runs of this config cannot be packed (a sentence), or None when they can."""
+
+def refusal(cfg: Config, device: torch.device | None = None) -> str | None:
+    """Why runs of this config cannot be packed (a sentence), or None when they can.
+
+    ``device``: where the pack will train, once resolved; without it, only a config that names the CPU
+    counts as the CPU (a sweep's check before its directory exists).
+    """
     m, t = cfg.model, cfg.train
+    on_cpu = device.type == "cpu" if device is not None else cfg.device == "cpu"
+    if t.precision == "bf16" and m.norm in TORCH_BATCH_NORMS and on_cpu:
+        return (f"train.precision=bf16 with model.norm={m.norm} on the CPU: vmap's batch-norm rule there rejects "
+                "bf16 activations beside float32 weights and statistics; use fp32, model.norm=batch_manual, "
+                "or run unpacked")
     if m.bn_momentum is None and normspec.NORMS[m.norm].batch_stats and m.bn_track_running_stats:
         return ("model.bn_momentum=null (the cumulative average) counts each BN layer's batches on the host "
                 "at every step, which a vmapped step cannot; give a momentum (e.g. 0.1) or run unpacked")
@@ -88,6 +102,8 @@ class _Member:
     exp: Experiment
     run_dir: Path
     record: RunRecorder
+    rng: dict[str, Any]  # the process-wide RNG states its unpacked run starts from (what its checkpoints keep)
+    clean_train: Any = None  # train.eval_train's evaluation batches of the training set (engine.clean_train_batches)
     result: MemberResult | None = None  # set when the member stops
     sums: dict[str, Any] = field(default_factory=dict)  # the running epoch's loss sum, correct count, images
 
@@ -117,7 +133,14 @@ def fit_packed(cfgs: list[Config], run_dirs: list[Path], *, data: ImageData | No
     """
     started = time.time()
     check_packable(cfgs)
-    exps = [engine.prepare(cfg, data) for cfg in cfgs]
+    exps, own_rng = [], []
+    for cfg in cfgs:  # each seeds the process as its unpacked run would: keep each member's streams
+        exps.append(engine.prepare(cfg, data))
+        own_rng.append(checkpoint.capture_process_rng())
+    for exp in exps:  # now that the device is resolved (device: auto)
+        why = refusal(exp.cfg, exp.device)
+        if why is not None:
+            raise ConfigError(f"cannot pack run {exp.cfg.name}: {why}")
     names = [cfg.name for cfg in cfgs]
     members: list[_Member] = []
     created: list[Path] = []
@@ -129,7 +152,7 @@ def fit_packed(cfgs: list[Config], run_dirs: list[Path], *, data: ImageData | No
                 exp.packed = {"members": len(exps), "index": k, "runs": names}
                 record = RunRecorder(exp, created[-1], [], {"test_acc": None, "epoch": None}, 1, False, started=started)
                 record.open()
-                members.append(_Member(exp, created[-1], record))
+                members.append(_Member(exp, created[-1], record, own_rng[k], engine.clean_train_batches(exp)))
         except BaseException:  # no member has trained: their folders go, as an unpacked run's would
             for path in created:
                 shutil.rmtree(path, ignore_errors=True)
@@ -160,18 +183,35 @@ def _train(members: list[_Member], progress: Callable[[str, int, int], None]) ->
         for m, lr in zip(live, lrs):
             if m.result is not None:  # diverged in this epoch
                 continue
-            row = engine.evaluate_epoch(m.exp, epoch, lr, _epoch_numbers(m), share)
+            row = engine.evaluate_epoch(m.exp, epoch, lr, _epoch_numbers(m), share, m.clean_train)
             if not math.isfinite(row["test_loss"]):  # as an unpacked run: keep the last good checkpoint
                 m.stop(DivergedError(f"test loss became {row['test_loss']} after epoch {epoch}", epoch,
                                      len(m.exp.train_batches)))
                 continue
-            m.record.epoch(row)
+            with _own_rng(m):
+                m.record.epoch(row)
             m.record.summary("running")
             progress(m.exp.cfg.name, epoch, epochs)
     for m in members:
         if m.result is None:
             m.record.summary("completed")
             m.result = MemberResult(m.exp.cfg.name, m.run_dir, "completed")
+
+
+@contextlib.contextmanager
+def _own_rng(m: _Member):
+    """The member's own process-wide RNG states while its checkpoint is written, then the pack's again.
+
+    The pack's dropout and noisy-BN draws all come from one stream. Saved into every member's checkpoint,
+    that one state would make members resumed on their own draw identical masks; each keeps its own seed's
+    streams instead, so resumed members stay independent, as unpacked seeds are.
+    """
+    pack = checkpoint.capture_process_rng()
+    checkpoint.restore_process_rng(m.rng)
+    try:
+        yield
+    finally:
+        checkpoint.restore_process_rng(pack)
 
 
 def vmapped_step(model: torch.nn.Module):

@@ -242,14 +242,28 @@ class Plan:
         self.configs()
         return self
 
-    def shard(self, shard: tuple[int, int] | None) -> list[RunSpec]:
-        """The runs of shard (i, n): every n-th run starting at i (0-based), so each shard mixes the cells."""
+    def units(self, pack: int | None = None) -> list[list[RunSpec]]:
+        """What a shard deals out: single runs, or with packing (``pack``, default the plan's) each cell's
+        runs in groups of up to ``pack``, so that a shard (a Slurm array task) holds whole packs."""
+        pack = self.pack if pack is None else pack
+        if pack <= 1:
+            return [[run] for run in self.runs]
+        cells: dict[str, list[RunSpec]] = {}
+        for run in self.runs:
+            cells.setdefault(run.cell, []).append(run)
+        return [group[i:i + pack] for group in cells.values() for i in range(0, len(group), pack)]
+
+    def shard(self, shard: tuple[int, int] | None, pack: int | None = None) -> list[RunSpec]:
+        """The runs of shard (i, n): every n-th unit starting at i (0-based), so each shard mixes the cells.
+
+        A unit is one run, or with packing one pack of a cell's runs (units).
+        """
         if shard is None:
             return list(self.runs)
         i, n = shard
         if n < 1 or not 0 <= i < n:
             raise ConfigError(f"shard {i}/{n}: I must be 0..N-1 (0-based) and N at least 1")
-        return self.runs[i::n]
+        return [run for unit in self.units(pack)[i::n] for run in unit]
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "name": self.name, "created": self.created, "base_config": self.base_config,

@@ -211,7 +211,8 @@ def execute(sweep_dir: Path, *, jobs: int = 1, shard: tuple[int, int] | None = N
     plan = read_plan(sweep_dir)
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (got {jobs})")
-    selected = plan.shard(shard)
+    pack = plan.pack if pack is None else pack
+    selected = plan.shard(shard, pack)  # with packing, a shard holds whole packs
     wanted = {spec.name for spec in selected}
     configs = {spec.name: cfg for spec, cfg in plan.configs() if spec.name in wanted}
     for sub in (RUNS_DIR, CLAIMS_DIR):
@@ -226,7 +227,6 @@ def execute(sweep_dir: Path, *, jobs: int = 1, shard: tuple[int, int] | None = N
     reporter = reporter or SilentSweepReporter()
     reporter.start(plan, selected, todo, jobs, partly_done=len(partly))
     tasks = [workers.Task(sweep_dir, spec, config_mod.to_dict(configs[spec.name])) for spec in todo]
-    pack = plan.pack if pack is None else pack
     if pack > 1:
         tasks = _packs(tasks, pack, {s.name for s in partly})
         check_pack([[configs[spec.name] for spec in task.specs] for task in tasks if task.pack])

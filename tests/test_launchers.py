@@ -67,6 +67,20 @@ def test_job_array_runs_every_shard_and_equals_a_local_sweep(sweep_file, tmp_pat
     assert len(logs) == 2
 
 
+def test_a_packed_job_array_gives_each_task_one_pack(sweep_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(launchers, "CLUSTER", "local")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    arr = invoke("sweep", "--sweep", sweep_file, "--sweep-dir", tmp_path / "arr", "--launcher", "slurm",
+                 "--pack", "2", "--parallelism", "2", "--wait")
+    assert arr.exit_code == 0, arr.output
+    assert "2 task(s) ended: 4 completed" in arr.output  # 2 cells x 2 seeds: one task per pack, not per run
+    for run in sorted((tmp_path / "arr" / sweep.RUNS_DIR).iterdir()):
+        packed = json.loads((run / "run.json").read_text())["packed"]
+        assert packed["members"] == 2 and run.name in packed["runs"], packed
+    again = invoke("sweep", "--resume", tmp_path / "arr", "--launcher", "slurm", "--pack", "3")
+    assert again.exit_code == 2 and "packs as its sweep.yaml says (pack 2)" in again.output
+
+
 def _stand_in(bin_dir: Path, name: str, body: str) -> None:
     path = bin_dir / name
     path.write_text("#!/bin/sh\n" + body)

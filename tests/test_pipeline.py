@@ -191,13 +191,14 @@ def test_small_cpu_batches_take_one_thread_per_free_core(monkeypatch, batch_size
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    exp = _experiment(train_size=64, batch_size=batch_size)
+    images = max(16, 2 * batch_size)  # a few steps, each probed (the data's least is 10 images)
+    exp = _experiment(train_size=images, batch_size=batch_size)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         probe = _ThreadProbe()
         _one_epoch(exp, probe)
-        assert set(probe.threads) == {inside}
+        assert len(probe.threads) == images // batch_size and set(probe.threads) == {inside}
         assert torch.get_num_threads() == 2  # restored afterwards
     finally:
         torch.set_num_threads(before)

@@ -140,6 +140,22 @@ def test_shipped_example_sweep_file_is_valid():
     assert len(plan.runs) == len(plan.cells) * len(plan.seeds) > 1
 
 
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_a_packed_sweeps_shards_hold_whole_packs(small, n):
+    """A shard (a Slurm array task, --shard I/N) deals out packs, so packing still happens in each."""
+    plan = sweep.plan_inline(small, ["model.norm=batch,none,group"], seeds=5)
+    plan.pack = 2
+    units = plan.units()
+    assert [[r.seed for r in u] for u in units] == [[0, 1], [2, 3], [4]] * 3  # each cell's seeds, in twos
+    assert all(len({r.cell for r in u}) == 1 for u in units)
+    shards = [plan.shard((i, n)) for i in range(n)]
+    names = [r.name for s in shards for r in s]
+    assert sorted(names) == sorted(r.name for r in plan.runs) and len(names) == len(set(names))
+    home = {r.name: i for i, s in enumerate(shards) for r in s}
+    assert all(len({home[r.name] for r in u}) == 1 for u in units)  # no pack is split between shards
+    assert plan.shard((0, 9)) == units[0] and plan.shard((0, 15), pack=1) == [plan.runs[0]]
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 def test_shards_are_disjoint_and_cover_the_plan(small, n):
     plan = sweep.plan_inline(small, ["model.norm=batch,none,group", "optimizer.lr=0.1,0.01"], seeds=2)

@@ -66,8 +66,8 @@ def sweep(
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs at once, in worker processes sharing the CPU threads."),
     pack: Optional[int] = typer.Option(None, "--pack", min=1,
                                        help="Train up to K seeds of a cell in one process as one vectorized pack "
-                                            "(default: the sweep file's pack, else 1). Slower than --jobs on a CPU; meant "
-                                            "for a GPU: docs/studies.md#packed-seeds."),
+                                            "(default: the sweep file's pack, else 1). Meant for a GPU (not yet measured there); "
+                                            "slower than --jobs on a CPU: docs/studies.md#packed-seeds."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Run only slice I of N (0-based: 0/4 ... 3/4)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print the plan and the run count, and exit."),
     launcher: str = typer.Option("local", "--launcher",
@@ -116,7 +116,7 @@ def sweep(
     if (pack or plan.pack) > 1:  # refused before a sweep directory exists
         sweep_mod.check_pack(sweep_mod.cell_groups(plan))
 
-    selected = plan.shard(part)
+    selected = plan.shard(part, pack)
     if part is not None and resume is None and sweep_dir is None and not dry_run:
         raise ConfigError("every shard must write to the same sweep directory: add --sweep-dir DIR (the same "
                           "for all shards), or create the sweep first and run bnctl sweep --resume DIR --shard I/N")
@@ -131,6 +131,9 @@ def sweep(
         if jobs != 1:
             raise ConfigError("--jobs is for --launcher local; a Slurm task trains one run at a time "
                               "(more runs at once: --parallelism)")
+        if resume is not None and pack is not None and pack != plan.pack:
+            raise ConfigError(f"a Slurm array packs as its sweep.yaml says (pack {plan.pack}); --pack {pack} "
+                              "applies to --launcher local only")
         settings = launchers.slurm_settings(plan.slurm, {
             "partition": partition, "time_min": time_min, "cpus_per_run": cpus_per_run, "gpus_per_run": gpus_per_run,
             "mem_gb": mem_gb, "parallelism": parallelism, "tasks": tasks})
