@@ -131,7 +131,7 @@ def task_shards(runs: int, shard: tuple[int, int] | None, tasks: int | None) -> 
     i, n = shard
     count = len(range(i, runs, n))
     if tasks is not None and tasks != count:
-        raise ConfigError("--shard with --launcher slurm submits one task per run of the shard; drop --tasks")
+        raise ConfigError("--shard with --launcher slurm submits one task per run (or pack) of the shard; drop --tasks")
     return [(i + k * n, n * count) for k in range(count)]
 
 

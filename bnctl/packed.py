@@ -22,6 +22,7 @@ import math
 import shutil
 import time
 import traceback
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +35,7 @@ from bnctl import checkpoint, config as config_mod, engine, normspec, rundir, st
 from bnctl.config import Config
 from bnctl.data import ImageData
 from bnctl.errors import ConfigError, DivergedError, InterruptedRun
-from bnctl.experiment import Experiment, cpu_threads_for
+from bnctl.experiment import Experiment, cpu_threads_for, seed_everything
 from bnctl.recorder import RunRecorder
 
 # Sections members may set differently: each member steps its own optimizer and schedule. Everything
@@ -137,6 +138,9 @@ def fit_packed(cfgs: list[Config], run_dirs: list[Path], *, data: ImageData | No
     for cfg in cfgs:  # each seeds the process as its unpacked run would: keep each member's streams
         exps.append(engine.prepare(cfg, data))
         own_rng.append(checkpoint.capture_process_rng())
+    # The pack's shared dropout and noisy-BN stream: one no member's own streams start from, so that a
+    # member resumed on its own (from its own streams, _own_rng) does not replay the pack's draws.
+    seed_everything(zlib.crc32(("pack of seeds " + " ".join(str(c.seed) for c in cfgs)).encode()))
     for exp in exps:  # now that the device is resolved (device: auto)
         why = refusal(exp.cfg, exp.device)
         if why is not None:

@@ -83,9 +83,21 @@ def _create_exact(plan: Plan, path: Path) -> Path:
         if [r.to_dict() for r in existing.runs] != [r.to_dict() for r in plan.runs] or existing.config != plan.config:
             raise ConfigError(f"{path} holds a different sweep; choose a new folder or run its own plan "
                               f"with: bnctl sweep --resume {path}") from None
+        check_same_pack(existing, plan.pack, path)
         return path
     _populate(path, plan)
     return path
+
+
+def check_same_pack(recorded: Plan, pack: int | None, sweep_dir: Path) -> None:
+    """Refuse a shard (or array task) that would pack differently from the sweep it joins.
+
+    Shards deal out units, runs or whole packs (Plan.units), so shards of one sweep cut with other
+    pack sizes would miss runs between them.
+    """
+    if pack is not None and pack != recorded.pack:
+        raise ConfigError(f"{sweep_dir} packs by {recorded.pack} (its sweep.yaml); its shards must too: "
+                          f"give --pack {recorded.pack} (or leave --pack out)")
 
 
 def read_plan(sweep_dir: Path) -> Plan:

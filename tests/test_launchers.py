@@ -78,7 +78,7 @@ def test_a_packed_job_array_gives_each_task_one_pack(sweep_file, tmp_path, monke
         packed = json.loads((run / "run.json").read_text())["packed"]
         assert packed["members"] == 2 and run.name in packed["runs"], packed
     again = invoke("sweep", "--resume", tmp_path / "arr", "--launcher", "slurm", "--pack", "3")
-    assert again.exit_code == 2 and "packs as its sweep.yaml says (pack 2)" in again.output
+    assert again.exit_code == 2 and "packs by 2 (its sweep.yaml)" in " ".join(again.output.split())
 
 
 def _stand_in(bin_dir: Path, name: str, body: str) -> None:

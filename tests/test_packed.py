@@ -18,6 +18,7 @@ sums' rounding). With them they do: the pack draws every member's masks from one
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -168,6 +169,26 @@ def test_each_members_checkpoint_keeps_its_own_seeds_random_streams(tmp_path):
         engine.prepare(cfg)  # what its unpacked run starts from
         start = checkpoint.capture_process_rng()
         assert torch.equal(rng["torch"], start["torch"]) and torch.equal(rng["numpy"][1], start["numpy"][1])
+
+
+def test_the_packs_shared_stream_is_no_members_own_and_checkpointing_leaves_it_alone(tmp_path, monkeypatch):
+    """A member resumed alone must not replay the pack's draws; saving its streams must not move the pack's."""
+    cfgs = [_cfg(s, dropout=0.5, epochs=2) for s in (3, 4)]
+    real_train, pack_start = packed._train, []
+
+    def train(members, progress):
+        pack_start.append(torch.get_rng_state())
+        return real_train(members, progress)
+    monkeypatch.setattr(packed, "_train", train)
+    _pack(cfgs, tmp_path / "a")
+    for c in cfgs:
+        own = torch.load(tmp_path / "a" / c.name / "checkpoints" / "last.pt", weights_only=False)["rng"]["torch"]
+        assert not torch.equal(own, pack_start[0])
+    monkeypatch.setattr(packed, "_own_rng", lambda m: contextlib.nullcontext())  # no swap at checkpoints
+    _pack(cfgs, tmp_path / "b")
+    for c in cfgs:
+        a, b = _state(tmp_path / "a" / c.name), _state(tmp_path / "b" / c.name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_packed_checkpoint_is_a_plain_run_for_eval_and_resume(tmp_path, cli):

@@ -156,6 +156,27 @@ def test_a_packed_sweeps_shards_hold_whole_packs(small, n):
     assert plan.shard((0, 9)) == units[0] and plan.shard((0, 15), pack=1) == [plan.runs[0]]
 
 
+def test_shards_of_one_sweep_must_pack_alike(small, tmp_path, cli):
+    """Shards cut with other pack sizes would deal out other units and leave runs unrun between them."""
+    d = tmp_path / "sw"
+    first = cli("sweep", "-c", small, "model.norm=batch,none", "--seeds", "3", "--pack", "2", "--shard", "0/2",
+                "--sweep-dir", d, "--dry-run")
+    assert first.exit_code == 0, first.output
+    plan = sweep.plan_inline(small, ["model.norm=batch,none"], seeds=3)
+    plan.pack = 2
+    sweep.create(plan, exact=d)
+    for args in (["-c", small, "model.norm=batch,none", "--seeds", "3", "--pack", "3", "--sweep-dir", d],
+                 ["-c", small, "model.norm=batch,none", "--seeds", "3", "--sweep-dir", d],  # pack 1 by default
+                 ["--resume", d, "--pack", "3"]):
+        result = cli("sweep", *args, "--shard", "1/2", "--dry-run")
+        assert result.exit_code == 2 and f"{d} packs by 2 (its sweep.yaml)" in " ".join(result.output.split()), args
+    plan.pack = 3
+    with pytest.raises(ConfigError, match="packs by 2"):
+        sweep.create(plan, exact=d)  # the API's join, as an array task's
+    assert cli("sweep", "--resume", d, "--shard", "1/2", "--dry-run").exit_code == 0
+    assert cli("sweep", "--resume", d, "--pack", "3", "--dry-run").exit_code == 0  # one process: any pack
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 def test_shards_are_disjoint_and_cover_the_plan(small, n):
     plan = sweep.plan_inline(small, ["model.norm=batch,none,group", "optimizer.lr=0.1,0.01"], seeds=2)

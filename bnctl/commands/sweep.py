@@ -113,6 +113,11 @@ def sweep(
         plan = sweep_mod.plan_inline(config, overrides, seeds, name=name)
     if pack is not None and resume is None:
         plan.pack = pack  # recorded in sweep.yaml: a resume packs the same way unless told otherwise
+    if part is not None or launcher == "slurm":  # shards deal out whole packs: every one must pack alike
+        joined = resume if resume is not None else (
+            sweep_dir if sweep_dir is not None and (Path(sweep_dir) / sweep_mod.PLAN_FILE).is_file() else None)
+        if joined is not None:
+            sweep_mod.check_same_pack(sweep_mod.read_plan(joined), plan.pack if resume is None else pack, joined)
     if (pack or plan.pack) > 1:  # refused before a sweep directory exists
         sweep_mod.check_pack(sweep_mod.cell_groups(plan))
 
@@ -131,9 +136,6 @@ def sweep(
         if jobs != 1:
             raise ConfigError("--jobs is for --launcher local; a Slurm task trains one run at a time "
                               "(more runs at once: --parallelism)")
-        if resume is not None and pack is not None and pack != plan.pack:
-            raise ConfigError(f"a Slurm array packs as its sweep.yaml says (pack {plan.pack}); --pack {pack} "
-                              "applies to --launcher local only")
         settings = launchers.slurm_settings(plan.slurm, {
             "partition": partition, "time_min": time_min, "cpus_per_run": cpus_per_run, "gpus_per_run": gpus_per_run,
             "mem_gb": mem_gb, "parallelism": parallelism, "tasks": tasks})
