@@ -147,10 +147,8 @@ def run_task(task: Task, progress: Progress = lambda spec, e, n: None) -> Result
 
 def _resumable(task: Task, status: str) -> bool:
     """Whether the run stopped mid-way with a checkpoint to continue from (Ctrl-C, or killed while "running")."""
-    from bnctl import checkpoint
-
     folder = sweepdir.run_dir(task.sweep_dir, task.spec)
-    return status in ("interrupted", "running") and checkpoint.last_path(folder).is_file()
+    return status in ("interrupted", "running") and rundir.last_checkpoint(folder).is_file()
 
 
 def _clear_for_start(task: Task) -> None:

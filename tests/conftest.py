@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,14 @@ def busy_machine_threads(monkeypatch):
     so small batches train on one thread in every test, as a sweep's workers do. Tests of the choice itself
     patch os.getloadavg again."""
     monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    """A child process's output once it ends; past timeout, kill its whole session (start_new_session=True)
+    and fail with what it printed, so that a stuck child cannot hang the suite."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{proc.args} still running after {timeout}s:\n{out}\n{err}") from None

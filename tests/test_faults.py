@@ -24,7 +24,7 @@ from bnctl.cli import app
 from bnctl.clikit import TEST_KILL_ENV, sigkill_test_hook
 from bnctl.config import load
 from bnctl.errors import ConfigError
-from conftest import tiny_raw, write_config
+from conftest import finish, tiny_raw, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = {"epoch_time_s", "train_time_s", "eval_time_s", "images_per_s"}
@@ -66,15 +66,6 @@ def start(cmd: list[str], **env: str) -> subprocess.Popen:
     # A session of its own, so that a timeout can end torchrun and its workers together.
     return subprocess.Popen(cmd, text=True, env={**ENV, **env}, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
-    try:
-        return proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{proc.args} still running after {timeout}s:\n{out}\n{err}") from None
 
 
 def wait_for_rows(metrics: Path, count: int, proc: subprocess.Popen, timeout: float = 120) -> int:

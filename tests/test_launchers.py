@@ -87,13 +87,20 @@ def _stand_in(bin_dir: Path, name: str, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def test_the_sbatch_script_carries_the_settings_of_the_sweep_file_and_the_options(sweep_file, tmp_path, monkeypatch):
+def _stand_in_slurm(tmp_path: Path, monkeypatch, job_id: int) -> Path:
+    """srun and sbatch stand-ins on PATH; sbatch keeps a copy of the script it is given (returned) and
+    answers with job_id."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     copy = tmp_path / "submitted.sh"
     _stand_in(bin_dir, "srun", "exit 0\n")
-    _stand_in(bin_dir, "sbatch", f'cp "$1" {copy}\necho "Submitted batch job 4242"\n')
+    _stand_in(bin_dir, "sbatch", f'cp "$1" {copy}\necho "Submitted batch job {job_id}"\n')
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return copy
+
+
+def test_the_sbatch_script_carries_the_settings_of_the_sweep_file_and_the_options(sweep_file, tmp_path, monkeypatch):
+    copy = _stand_in_slurm(tmp_path, monkeypatch, 4242)
     result = invoke("sweep", "--sweep", sweep_file, "--sweep-dir", tmp_path / "arr", "--launcher", "slurm",
                     "--time", "45", "--gpus-per-run", "1", "--cpus-per-run", "4", "--parallelism", "3",
                     "--mem-gb", "8")
@@ -110,12 +117,7 @@ def test_the_sbatch_script_carries_the_settings_of_the_sweep_file_and_the_option
 
 
 def test_a_resumed_sweep_is_submitted_with_its_sweep_files_slurm_section(sweep_file, tmp_path, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    copy = tmp_path / "submitted.sh"
-    _stand_in(bin_dir, "srun", "exit 0\n")
-    _stand_in(bin_dir, "sbatch", f'cp "$1" {copy}\necho "Submitted batch job 4243"\n')
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    copy = _stand_in_slurm(tmp_path, monkeypatch, 4243)
     first = invoke("sweep", "--sweep", sweep_file, "--sweep-dir", tmp_path / "arr", "--launcher", "slurm")
     assert first.exit_code == 0, first.output
     copy.unlink()

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from bnctl import rundir, study
+from conftest import finish
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -48,15 +49,6 @@ def start(args: list, cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[str, str]:
-    try:
-        return proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"still running after {timeout}s:\n{out}\n{err}") from None
-
-
 def wait_for_epochs(root: Path, count: int, proc: subprocess.Popen, timeout: float = 180) -> Path:
     """The first run folder under root whose metrics.csv holds `count` epochs."""
     deadline = time.monotonic() + timeout
@@ -81,7 +73,7 @@ def test_sigterm_stops_a_study_like_ctrl_c(tmp_path, jobs):
     proc = start(["study", "claims", "--studies", folder, "--root", tmp_path / "out", "--jobs", jobs], tmp_path)
     run = wait_for_epochs(tmp_path / "out", 2, proc)
     proc.send_signal(signal.SIGTERM)
-    out, err = finish(proc)
+    out, err = finish(proc, timeout=180)
     (study_dir,) = (tmp_path / "out").iterdir()
     assert proc.returncode == 143, out + err
     assert "Traceback" not in out + err
